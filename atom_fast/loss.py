@@ -1,0 +1,330 @@
+"""Public loss API: argument checks, then dispatch to a backend (reference, Triton; native to come)."""
+
+import math
+import numbers
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from atom_fast import reference
+from atom_fast.layout import ClassLayout
+
+BACKENDS = ("auto", "triton", "native", "reference")
+BACKEND_ENV = "ATOM_FAST_BACKEND"
+
+Layers = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_layers(real, syn):
+    """Both arguments as equal-length tuples of 4-D floating tensors with matching C, H, W."""
+    reals = _as_layers(real, "real")
+    syns = _as_layers(syn, "syn")
+    if len(reals) != len(syns):
+        raise ValueError(f"real has {len(reals)} layers but syn has {len(syns)}; pass one tensor "
+                         "per layer on both sides")
+    first = reals[0]
+    for i, (r, s) in enumerate(zip(reals, syns)):
+        rn, sn = _layer_name("real", i, len(reals)), _layer_name("syn", i, len(syns))
+        for t, name in ((r, rn), (s, sn)):
+            if t.ndim != 4:
+                raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            if t.dtype != first.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but real has {first.dtype}; "
+                                "all features must share one dtype")
+            if t.device != first.device:
+                raise ValueError(f"{name} is on {t.device} but real is on {first.device}")
+        if r.shape[1:] != s.shape[1:]:
+            raise ValueError(f"{sn} has (C, H, W) = {tuple(s.shape[1:])} but {rn} has "
+                             f"{tuple(r.shape[1:])}")
+        for t, name, ref in ((r, rn, reals[0]), (s, sn, syns[0])):
+            if t.shape[0] == 0:
+                raise ValueError(f"{name} has no samples")
+            if t.shape[0] != ref.shape[0]:
+                raise ValueError(f"{name} has {t.shape[0]} samples but layer 0 has {ref.shape[0]}; "
+                                 "every layer must come from the same batch")
+    return reals, syns
+
+
+def _as_layers(x, name):
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, (list, tuple)):
+        if len(x) == 0:
+            raise ValueError(f"{name} is an empty sequence; pass at least one (N, C, H, W) tensor")
+        for i, t in enumerate(x):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        return tuple(x)
+    raise TypeError(f"{name} must be a torch.Tensor or a sequence of them, got {type(x).__name__}")
+
+
+def _layer_name(name, i, count):
+    return name if count == 1 else f"{name}[{i}]"
+
+
+def _check_scalar(value, name, allow_zero):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value
+
+
+def check_power(value, name):
+    """A finite positive power, as a float."""
+    return _check_scalar(value, name, allow_zero=False)
+
+
+def check_weight(value, name):
+    """A finite non-negative weight, as a float."""
+    return _check_scalar(value, name, allow_zero=True)
+
+
+def _check_num_classes(num_classes):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    return int(num_classes)
+
+
+def class_layout(num_real, num_syn, num_classes, real_labels, syn_labels, device):
+    """Validate the class arguments and build the ClassLayout.
+
+    With labels this reads them on the host (range and per-class counts), one synchronization.
+    """
+    if real_labels is None and syn_labels is None:
+        if num_classes is None:
+            raise ValueError("num_classes is required unless real_labels and syn_labels are given")
+        K = _check_num_classes(num_classes)
+        for n, name in ((num_real, "real"), (num_syn, "syn")):
+            if n % K:
+                raise ValueError(f"{name} has {n} samples, not divisible by num_classes={K}; "
+                                 "samples must come in equal contiguous blocks per class "
+                                 "(or pass real_labels/syn_labels)")
+        return ClassLayout(K, real_per_class=num_real // K, syn_per_class=num_syn // K)
+    if real_labels is None or syn_labels is None:
+        missing = "real_labels" if real_labels is None else "syn_labels"
+        raise ValueError(f"{missing} is missing: pass real_labels and syn_labels together")
+    K = None if num_classes is None else _check_num_classes(num_classes)
+    for labels, n, name in ((real_labels, num_real, "real_labels"), (syn_labels, num_syn, "syn_labels")):
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64 (torch.long), got {labels.dtype}")
+        if labels.ndim != 1 or labels.shape[0] != n:
+            raise ValueError(f"{name} must have shape ({n},) to match the features, "
+                             f"got {tuple(labels.shape)}")
+        if labels.device != device:
+            raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+    highest = -1
+    for labels, name in ((real_labels, "real_labels"), (syn_labels, "syn_labels")):
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0:
+            raise ValueError(f"{name} holds {lo}: labels must be non-negative")
+        if K is not None and hi >= K:
+            raise ValueError(f"{name} holds {hi}, out of range for num_classes={K}")
+        highest = max(highest, hi)
+    K = highest + 1 if K is None else K
+    real_counts = torch.bincount(real_labels, minlength=K)
+    syn_counts = torch.bincount(syn_labels, minlength=K)
+    only_real = (real_counts > 0) & (syn_counts == 0)
+    only_syn = (syn_counts > 0) & (real_counts == 0)
+    if only_real.any():
+        k = int(only_real.nonzero()[0])
+        raise ValueError(f"syn_labels has no sample of class {k}, which has real samples; "
+                         "every class needs samples on both sides")
+    if only_syn.any():
+        k = int(only_syn.nonzero()[0])
+        raise ValueError(f"real_labels has no sample of class {k}, which has synthetic samples; "
+                         "every class needs samples on both sides")
+    return ClassLayout(K, real_labels=real_labels, syn_labels=syn_labels,
+                       real_counts=real_counts, syn_counts=syn_counts)
+
+
+# --------------------------------------------------------------------------------------------------
+# backend choice
+# --------------------------------------------------------------------------------------------------
+
+
+def triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_interpreted():
+    from atom_fast.kernels import attention
+    return type(attention._attention_stats_kernel).__name__ == "InterpretedFunction"
+
+
+def native_available():
+    """The native C++ op (csrc/) is not part of this version yet."""
+    return False
+
+
+def resolve_backend(backend, device):
+    """The concrete backend ("triton", "native" or "reference") for ``backend`` on ``device``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get(BACKEND_ENV, "").strip()
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"environment variable {BACKEND_ENV} must be one of {BACKENDS}, "
+                                 f"got {env!r}")
+            backend = env
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "native" if native_available() else "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not _triton_interpreted():
+            raise RuntimeError(f"backend='triton' runs on CUDA tensors, got {device}; on CPU set "
+                               "TRITON_INTERPRET=1 before triton is imported (slow: for tests)")
+    if backend == "native" and not native_available():
+        raise RuntimeError("backend='native': the native C++ op is not built in this version; "
+                           "use backend='reference' or 'triton'")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_loss(real: Layers, syn: Layers, num_classes: Optional[int] = None, *,
+                   real_labels: Optional[torch.Tensor] = None,
+                   syn_labels: Optional[torch.Tensor] = None,
+                   spatial_power: float = 4.0, channel_power: float = 4.0,
+                   spatial_weight: float = 1.0, channel_weight: float = 1.0,
+                   backend: str = "auto") -> torch.Tensor:
+    """Attention-matching loss between real and synthetic features of one or many layers.
+
+    ``loss = sum_layers sum_k [ws ||mean_real_k(s) - mean_syn_k(s)||^2 + wc ||mean_real_k(t) - mean_syn_k(t)||^2]``
+    with s, t the L2-normalized spatial (H*W) and channel (C) attention of each sample.
+
+    Args:
+        real, syn: ``(N, C, H, W)`` tensors, or equal-length sequences of them (one per layer).
+        num_classes: K, with samples in equal contiguous blocks per class (real ``(K*B, ...)``,
+            syn ``(K*IPC, ...)``). Optional when labels are given (then K = max label + 1).
+        real_labels, syn_labels: int64 ``(N,)`` class of each sample, in any order.
+        spatial_power, channel_power: ps, pc > 0 (integers are fastest).
+        spatial_weight, channel_weight: ws, wc >= 0; 0 skips that term.
+        backend: "auto", "triton", "native" or "reference"; ``ATOM_FAST_BACKEND`` overrides "auto".
+
+    Returns:
+        A 0-dim tensor: float32, or float64 for float64 features.
+    """
+    reals, syns = _check_layers(real, syn)
+    ps = check_power(spatial_power, "spatial_power")
+    pc = check_power(channel_power, "channel_power")
+    ws = check_weight(spatial_weight, "spatial_weight")
+    wc = check_weight(channel_weight, "channel_weight")
+    device = reals[0].device
+    layout = class_layout(reals[0].shape[0], syns[0].shape[0], num_classes, real_labels,
+                          syn_labels, device)
+    chosen = resolve_backend(backend, device)
+    if chosen == "triton":
+        from atom_fast._triton import FusedAttentionLoss
+        return FusedAttentionLoss.apply(layout, ps, pc, ws, wc, *reals, *syns)
+    return reference.attention_loss(reals, syns, layout, ps, pc, ws, wc)
+
+
+def mmd_loss(real_embedding: torch.Tensor, syn_embedding: torch.Tensor,
+             num_classes: Optional[int] = None, *, real_labels: Optional[torch.Tensor] = None,
+             syn_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Output feature matching of DM/DataDAM: ``sum_k ||mean_real_k(e) - mean_syn_k(e)||^2``.
+
+    Args:
+        real_embedding, syn_embedding: ``(N, ...)`` embeddings, flattened per sample.
+        num_classes, real_labels, syn_labels: the class layout, as in :func:`attention_loss`.
+    """
+    for t, name in ((real_embedding, "real_embedding"), (syn_embedding, "syn_embedding")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim < 2 or t.shape[0] == 0:
+            raise ValueError(f"{name} must be (N, ...) with N >= 1, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if syn_embedding.dtype != real_embedding.dtype:
+        raise TypeError(f"syn_embedding has dtype {syn_embedding.dtype} but real_embedding has "
+                        f"{real_embedding.dtype}")
+    if syn_embedding.device != real_embedding.device:
+        raise ValueError(f"syn_embedding is on {syn_embedding.device} but real_embedding is on "
+                         f"{real_embedding.device}")
+    if real_embedding.shape[1:] != syn_embedding.shape[1:]:
+        raise ValueError(f"syn_embedding has per-sample shape {tuple(syn_embedding.shape[1:])} but "
+                         f"real_embedding has {tuple(real_embedding.shape[1:])}")
+    layout = class_layout(real_embedding.shape[0], syn_embedding.shape[0], num_classes,
+                          real_labels, syn_labels, real_embedding.device)
+    return reference.mmd_loss(real_embedding, syn_embedding, layout)
+
+
+def _check_features(features):
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.ndim != 4:
+        raise ValueError(f"features must be 4-D (N, C, H, W), got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+
+
+def spatial_attention(features: torch.Tensor, p: float = 4.0) -> torch.Tensor:
+    """L2-normalized ``sum_c |F|^p`` per sample: ``(N, C, H, W) -> (N, H*W)`` (float32 for half inputs)."""
+    _check_features(features)
+    return reference.spatial_attention(features, check_power(p, "p"))
+
+
+def channel_attention(features: torch.Tensor, p: float = 4.0) -> torch.Tensor:
+    """L2-normalized ``sum_hw |F|^p`` per sample: ``(N, C, H, W) -> (N, C)`` (float32 for half inputs)."""
+    _check_features(features)
+    return reference.channel_attention(features, check_power(p, "p"))
+
+
+class AttentionLoss(nn.Module):
+    """``nn.Module`` form of :func:`attention_loss`; arguments are checked when it is built."""
+
+    def __init__(self, num_classes: Optional[int] = None, *, spatial_power: float = 4.0,
+                 channel_power: float = 4.0, spatial_weight: float = 1.0,
+                 channel_weight: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        self.num_classes = None if num_classes is None else _check_num_classes(num_classes)
+        self.spatial_power = check_power(spatial_power, "spatial_power")
+        self.channel_power = check_power(channel_power, "channel_power")
+        self.spatial_weight = check_weight(spatial_weight, "spatial_weight")
+        self.channel_weight = check_weight(channel_weight, "channel_weight")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def forward(self, real: Layers, syn: Layers, real_labels: Optional[torch.Tensor] = None,
+                syn_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return attention_loss(real, syn, self.num_classes, real_labels=real_labels,
+                              syn_labels=syn_labels, spatial_power=self.spatial_power,
+                              channel_power=self.channel_power, spatial_weight=self.spatial_weight,
+                              channel_weight=self.channel_weight, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, spatial_power={self.spatial_power}, "
+                f"channel_power={self.channel_power}, spatial_weight={self.spatial_weight}, "
+                f"channel_weight={self.channel_weight}, backend={self.backend!r}")

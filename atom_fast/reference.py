@@ -1,0 +1,88 @@
+"""Plain-PyTorch ground truth for the attention-matching loss (SPEC section 1).
+
+Every fast backend is tested against these functions. They take already-validated arguments; the
+public entry points in ``atom_fast.loss`` check them first. float16/bfloat16 features are upcast to
+float32 before anything is summed; float64 stays float64.
+"""
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's floor on the norm
+
+
+def _accumulation_dtype(x):
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def abs_pow(x, p):
+    """|x|^p elementwise, with derivative 0 at x == 0 for every p > 0.
+
+    For p >= 1 this is ``x.abs().pow(p)``; below 1 torch's derivative at 0 would be 0 * inf = NaN,
+    which post-ReLU features (full of exact zeros) would hit, so zeros are routed around ``pow``.
+    """
+    a = x.abs()
+    if p >= 1:
+        return a.pow(p)
+    nonzero = a != 0
+    return torch.where(nonzero, torch.where(nonzero, a, 1.0).pow(p), 0.0)
+
+
+def spatial_attention(features, p):
+    """s_n[hw] = sum_c |F[n, c, hw]|^p, L2-normalized per sample: (N, C, H, W) -> (N, H*W)."""
+    f = features.to(_accumulation_dtype(features))
+    s = abs_pow(f, p).sum(dim=1).flatten(1)
+    return F.normalize(s, p=2.0, dim=1, eps=NORM_EPS)
+
+
+def channel_attention(features, p):
+    """t_n[c] = sum_hw |F[n, c, hw]|^p, L2-normalized per sample: (N, C, H, W) -> (N, C)."""
+    f = features.to(_accumulation_dtype(features))
+    t = abs_pow(f, p).flatten(2).sum(dim=2)
+    return F.normalize(t, p=2.0, dim=1, eps=NORM_EPS)
+
+
+def class_means(x, layout, side):
+    """Mean of each class's rows of x (N, L) -> (K, L); ``side`` is "real" or "syn".
+
+    A class with no samples on this side (allowed only when it has none on the other side either)
+    gets a zero row, so it adds nothing to the loss.
+    """
+    K = layout.num_classes
+    labels = layout.labels(side)
+    if labels is None:
+        return x.reshape(K, layout.per_class(side), x.shape[1]).mean(dim=1)
+    sums = x.new_zeros((K, x.shape[1])).index_add_(0, labels, x)
+    counts = torch.bincount(labels, minlength=K).clamp_min(1).to(x.dtype)
+    return sums / counts[:, None]
+
+
+def matching_error(real_vectors, syn_vectors, layout):
+    """sum_k || mean_real_k - mean_syn_k ||^2: DataDAM's "MSE_B" error, no other 1/N factors."""
+    diff = class_means(real_vectors, layout, "real") - class_means(syn_vectors, layout, "syn")
+    return diff.pow(2).sum()
+
+
+def attention_loss(real_layers, syn_layers, layout, spatial_power, channel_power,
+                   spatial_weight, channel_weight):
+    """sum_layers [ws * err(spatial attention) + wc * err(channel attention)]; zero-weight terms are skipped."""
+    terms = []
+    for real, syn in zip(real_layers, syn_layers):
+        if spatial_weight != 0:
+            err = matching_error(spatial_attention(real, spatial_power),
+                                 spatial_attention(syn, spatial_power), layout)
+            terms.append(spatial_weight * err)
+        if channel_weight != 0:
+            err = matching_error(channel_attention(real, channel_power),
+                                 channel_attention(syn, channel_power), layout)
+            terms.append(channel_weight * err)
+    if not terms:
+        return torch.zeros((), dtype=_accumulation_dtype(real_layers[0]), device=real_layers[0].device)
+    return torch.stack(terms).sum()
+
+
+def mmd_loss(real_embedding, syn_embedding, layout):
+    """sum_k || mean_real_k(e) - mean_syn_k(e) ||^2 on the flattened embeddings (N, ...) -> 0-dim."""
+    real = real_embedding.flatten(1).to(_accumulation_dtype(real_embedding))
+    syn = syn_embedding.flatten(1).to(_accumulation_dtype(syn_embedding))
+    return matching_error(real, syn, layout)

@@ -1,0 +1,482 @@
+"""Fused Triton kernels for the attention-matching loss (installed as ``atom_fast.kernels.attention``).
+
+For one layer with features ``F`` of shape ``(N, C, H*W)`` (post-ReLU, pre-pool) and powers ``ps, pc``:
+
+    s_n[hw] = sum_c  |F[n, c, hw]|^ps        spatial attention, length H*W
+    t_n[c]  = sum_hw |F[n, c, hw]|^pc        channel attention, length C
+    x_hat   = x / max(||x||_2, eps)          per sample, eps = 1e-12 (torch.nn.functional.normalize)
+    D_k     = mean_{n in real_k} x_hat_n - mean_{n in syn_k} x_hat_n
+    loss    = ws * sum_k ||D_k(s)||^2 + wc * sum_k ||D_k(t)||^2
+
+Forward, per side (real, syn):
+    ``_attention_stats_kernel``  one pass over F -> raw s_n, t_n and their norms (N*(H*W + C) floats)
+then once per layer:
+    ``_class_diff_kernel``       per class: D_k for s and t, and the weighted per-class loss terms
+
+Backward, per side that needs a gradient, with g the upstream gradient of the loss:
+    ``_vector_grad_kernel``      per sample: dL/ds_n and dL/dt_n through the normalization,
+                                 dL/dx = (G - x_hat (x_hat . G)) / ||x||  with G = +-2 w g D_k / count_k
+                                 (G / eps when ||x|| < eps, as torch does), premultiplied by the power
+    ``_attention_bwd_kernel``    one pass: dF = ps |F|^(ps-1) sgn(F) dL/ds[hw] + pc |F|^(pc-1) sgn(F) dL/dt[c]
+
+Nothing full-size is saved between forward and backward: only the per-sample vectors, norms and D_k.
+Every reduction runs in a fixed order inside one program, so results are bitwise reproducible.
+Integer powers are constexpr and unrolled into multiplications; other powers use exp2(p * log2|x|).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Normalization floor of torch.nn.functional.normalize.
+NORM_EPS = 1e-12
+# Largest integer power unrolled into multiplications; larger or fractional powers use exp2/log2.
+MAX_UNROLLED_POWER = 16
+# Tile sizes. HW <= MAX_BLOCK_HW keeps a sample's whole spatial vector in registers (one block covers
+# the 64x64 TinyImageNet layer 1); TILE_ELEMENTS bounds the registers a (BLOCK_C, BLOCK_HW) tile uses.
+# These are first guesses for a 4-warp program, not yet tuned on a GPU (see the GPU issue).
+MAX_BLOCK_HW = 4096
+TILE_ELEMENTS = 8192
+# Members of one class summed per step in the class kernel, and vector block of the small kernels.
+BLOCK_MEMBERS = 16
+MAX_BLOCK_VEC = 1024
+
+
+def integer_power(p):
+    """The constexpr for power ``p``: ``p`` itself when it is a small integer, else 0 (general path)."""
+    p = float(p)
+    return int(p) if p.is_integer() and 1 <= p <= MAX_UNROLLED_POWER else 0
+
+
+def _next_pow2(x):
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _num_warps(elements):
+    # One warp per 1024 tile elements, between 1 and 8.
+    return max(1, min(8, elements // 1024))
+
+
+def feature_launch_config(C, HW):
+    """Tile (BLOCK_C, BLOCK_HW) and warps for the kernels that stream over F."""
+    block_hw = min(_next_pow2(HW), MAX_BLOCK_HW)
+    block_c = max(1, min(_next_pow2(C), TILE_ELEMENTS // block_hw))
+    return block_c, block_hw, _num_warps(block_c * block_hw)
+
+
+# --------------------------------------------------------------------------------------------------
+# elementwise helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _abs_pow(a, P_INT: tl.constexpr, p):
+    """|x|^p for ``a = |x|``: unrolled multiplications for integer P_INT > 0, else exp2(p log2 a)."""
+    if P_INT == 0:
+        # a == 0 is masked so log2 never sees 0; NaN stays NaN.
+        r = tl.where(a == 0, 0.0, tl.exp2(p * tl.log2(tl.where(a == 0, 1.0, a))))
+    else:
+        r = a
+        for _ in tl.static_range(P_INT - 1):
+            r = r * a
+    return r
+
+
+@triton.jit
+def _abs_pow_grad(x, P_INT: tl.constexpr, p):
+    """|x|^(p-1) sgn(x), the derivative of |x|^p divided by p; 0 at x == 0 for every p > 0."""
+    if P_INT == 1:
+        r = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+    elif P_INT >= 2:
+        r = x
+        for _ in tl.static_range(P_INT - 2):
+            r = r * tl.abs(x)
+    else:
+        a = tl.abs(x)
+        mag = tl.exp2((p - 1.0) * tl.log2(tl.where(a == 0, 1.0, a)))
+        r = tl.where(x > 0, mag, tl.where(x < 0, -mag, tl.where(a == 0, 0.0, x)))
+    return r
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_stats_kernel(
+    # pointers
+    F_ptr, S_ptr, T_ptr, NS_ptr, NT_ptr,
+    # shapes
+    C, HW,
+    # strides (a sample's C*H*W block is contiguous)
+    F_stride_n,
+    # powers
+    ps, pc,
+    PS_INT: tl.constexpr, PC_INT: tl.constexpr, SAME_POWER: tl.constexpr,
+    HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr, SINGLE_HW_BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """One program per sample n: S[n, :] = s_n, T[n, :] = t_n (raw), NS[n] = ||s_n||, NT[n] = ||t_n||.
+
+    F: (N, C, HW) with stride F_stride_n between samples; S: (N, HW), T: (N, C) zero-initialized,
+    in the accumulation dtype (float32, or float64 for float64 features). SINGLE_HW_BLOCK: HW <= BLOCK_HW,
+    so t_n is complete after each channel block and T is written once (else it is accumulated in place).
+    """
+    n = tl.program_id(0).to(tl.int64)
+    acc_dtype = S_ptr.dtype.element_ty
+    f_base = F_ptr + n * F_stride_n
+    s_base = S_ptr + n * HW
+    t_base = T_ptr + n * C
+    c_offs = tl.arange(0, BLOCK_C)
+    hw_offs = tl.arange(0, BLOCK_HW)
+
+    s_sq = tl.zeros([BLOCK_HW], dtype=acc_dtype)
+    t_sq = tl.zeros([BLOCK_C], dtype=acc_dtype)
+    for hw0 in range(0, HW, BLOCK_HW):
+        hw = hw0 + hw_offs
+        hw_mask = hw < HW
+        s = tl.zeros([BLOCK_HW], dtype=acc_dtype)
+        if not SINGLE_HW_BLOCK:
+            # T is read back and added to below: make the previous block's stores visible.
+            tl.debug_barrier()
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + c_offs
+            c_mask = c < C
+            mask = c_mask[:, None] & hw_mask[None, :]
+            x = tl.load(f_base + c[:, None] * HW + hw[None, :], mask=mask, other=0.0)
+            a = tl.abs(x.to(acc_dtype))
+            if HAS_SPATIAL:
+                s += tl.sum(_abs_pow(a, PS_INT, ps), axis=0)
+            if HAS_CHANNEL:
+                if HAS_SPATIAL and SAME_POWER:
+                    t_part = tl.sum(_abs_pow(a, PS_INT, ps), axis=1)
+                else:
+                    t_part = tl.sum(_abs_pow(a, PC_INT, pc), axis=1)
+                if SINGLE_HW_BLOCK:
+                    # t for these channels is complete: store it and fold it into the norm now.
+                    tl.store(t_base + c, t_part, mask=c_mask)
+                    t_sq += t_part * t_part
+                else:
+                    t_prev = tl.load(t_base + c, mask=c_mask, other=0.0)
+                    tl.store(t_base + c, t_prev + t_part, mask=c_mask)
+        if HAS_SPATIAL:
+            tl.store(s_base + hw, s, mask=hw_mask)
+            s_sq += s * s
+    if HAS_SPATIAL:
+        tl.store(NS_ptr + n, tl.sqrt(tl.sum(s_sq, axis=0)))
+    if HAS_CHANNEL:
+        if not SINGLE_HW_BLOCK:
+            # t is complete only after every spatial block: read it back for the norm.
+            tl.debug_barrier()
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + c_offs
+                t = tl.load(t_base + c, mask=c < C, other=0.0)
+                t_sq += t * t
+        tl.store(NT_ptr + n, tl.sqrt(tl.sum(t_sq, axis=0)))
+
+
+@triton.jit
+def _class_sum(X_ptr, NX_ptr, ORDER_ptr, start, stop, offs, mask, L,
+               HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, eps):
+    """sum over members i in [start, stop) of X[row_i, offs] / max(NX[row_i], eps); row_i = ORDER[i]."""
+    acc = tl.zeros([BLOCK_L], dtype=X_ptr.dtype.element_ty)
+    m_offs = tl.arange(0, BLOCK_M)
+    for m0 in range(start, stop, BLOCK_M):
+        m = m0 + m_offs
+        m_mask = m < stop
+        if HAS_ORDER:
+            rows = tl.load(ORDER_ptr + m, mask=m_mask, other=0)
+        else:
+            rows = m
+        rows = rows.to(tl.int64)
+        nrm = tl.load(NX_ptr + rows, mask=m_mask, other=1.0)
+        inv = 1.0 / tl.maximum(nrm, eps, propagate_nan=tl.PropagateNan.ALL)
+        x = tl.load(X_ptr + rows[:, None] * L + offs[None, :], mask=m_mask[:, None] & mask[None, :],
+                    other=0.0)
+        acc += tl.sum(x * inv[:, None], axis=0)
+    return acc
+
+
+@triton.jit
+def _class_diff(XR_ptr, NR_ptr, XS_ptr, NS_ptr, D_ptr, ROrder_ptr, SOrder_ptr,
+                k, r0, r1, s0, s1, L,
+                HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, eps):
+    """D[k, :] = mean real_k(x_hat) - mean syn_k(x_hat); returns ||D[k, :]||^2."""
+    offs0 = tl.arange(0, BLOCK_L)
+    inv_r = 1.0 / tl.maximum(r1 - r0, 1).to(XR_ptr.dtype.element_ty)
+    inv_s = 1.0 / tl.maximum(s1 - s0, 1).to(XR_ptr.dtype.element_ty)
+    sq = tl.zeros([BLOCK_L], dtype=XR_ptr.dtype.element_ty)
+    for l0 in range(0, L, BLOCK_L):
+        offs = l0 + offs0
+        mask = offs < L
+        mean_r = _class_sum(XR_ptr, NR_ptr, ROrder_ptr, r0, r1, offs, mask, L,
+                            HAS_ORDER, BLOCK_M, BLOCK_L, eps) * inv_r
+        mean_s = _class_sum(XS_ptr, NS_ptr, SOrder_ptr, s0, s1, offs, mask, L,
+                            HAS_ORDER, BLOCK_M, BLOCK_L, eps) * inv_s
+        d = tl.where(mask, mean_r - mean_s, 0.0)
+        tl.store(D_ptr + k * L + offs, d, mask=mask)
+        sq += d * d
+    return tl.sum(sq, axis=0)
+
+
+@triton.jit(do_not_specialize=["real_per_class", "syn_per_class"])
+def _class_diff_kernel(
+    # per-sample statistics (raw vectors and their norms), real then synthetic
+    SR_ptr, NSR_ptr, TR_ptr, NTR_ptr,
+    SS_ptr, NSS_ptr, TS_ptr, NTS_ptr,
+    # outputs: class differences (K, HW) and (K, C), weighted loss terms (K, 2)
+    DS_ptr, DT_ptr, P_ptr,
+    # class layout: sample order sorted by class and class offsets (HAS_ORDER), else equal blocks
+    ROrder_ptr, ROffs_ptr, SOrder_ptr, SOffs_ptr, real_per_class, syn_per_class,
+    # shapes and weights
+    C, HW, ws, wc, eps,
+    HAS_ORDER: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per class k: D_k for spatial and channel attention and ws ||D_k(s)||^2, wc ||D_k(t)||^2."""
+    k = tl.program_id(0).to(tl.int64)
+    if HAS_ORDER:
+        r0 = tl.load(ROffs_ptr + k)
+        r1 = tl.load(ROffs_ptr + k + 1)
+        s0 = tl.load(SOffs_ptr + k)
+        s1 = tl.load(SOffs_ptr + k + 1)
+    else:
+        r0 = k * real_per_class
+        r1 = r0 + real_per_class
+        s0 = k * syn_per_class
+        s1 = s0 + syn_per_class
+    if HAS_SPATIAL:
+        sq = _class_diff(SR_ptr, NSR_ptr, SS_ptr, NSS_ptr, DS_ptr, ROrder_ptr, SOrder_ptr,
+                         k, r0, r1, s0, s1, HW, HAS_ORDER, BLOCK_M, BLOCK_HW, eps)
+        tl.store(P_ptr + 2 * k, ws * sq)
+    if HAS_CHANNEL:
+        sq = _class_diff(TR_ptr, NTR_ptr, TS_ptr, NTS_ptr, DT_ptr, ROrder_ptr, SOrder_ptr,
+                         k, r0, r1, s0, s1, C, HAS_ORDER, BLOCK_M, BLOCK_C, eps)
+        tl.store(P_ptr + 2 * k + 1, wc * sq)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _normalize_grad(X_ptr, NX_ptr, D_ptr, G_ptr, n, k, L, coef, power, eps,
+                    BLOCK_L: tl.constexpr):
+    """G[n, :] = power * d loss / d x_n, where loss depends on x_hat_n through coef * D[k, :]."""
+    offs0 = tl.arange(0, BLOCK_L)
+    nrm = tl.load(NX_ptr + n)
+    # x_hat . g, accumulated from raw x and divided once.
+    dot_acc = tl.zeros([BLOCK_L], dtype=X_ptr.dtype.element_ty)
+    for l0 in range(0, L, BLOCK_L):
+        offs = l0 + offs0
+        mask = offs < L
+        x = tl.load(X_ptr + n * L + offs, mask=mask, other=0.0)
+        g = coef * tl.load(D_ptr + k * L + offs, mask=mask, other=0.0)
+        dot_acc += x * g
+    # torch: x / clamp_min(||x||, eps); below eps the denominator is a constant.
+    above = nrm >= eps
+    inv = 1.0 / tl.where(above, nrm, eps)
+    proj = tl.where(above, tl.sum(dot_acc, axis=0) * inv * inv * inv, 0.0)
+    for l0 in range(0, L, BLOCK_L):
+        offs = l0 + offs0
+        mask = offs < L
+        x = tl.load(X_ptr + n * L + offs, mask=mask, other=0.0)
+        g = coef * tl.load(D_ptr + k * L + offs, mask=mask, other=0.0)
+        tl.store(G_ptr + n * L + offs, power * (g * inv - x * proj), mask=mask)
+
+
+@triton.jit(do_not_specialize=["per_class"])
+def _vector_grad_kernel(
+    # per-sample statistics of this side, class differences, upstream gradient
+    S_ptr, NS_ptr, T_ptr, NT_ptr, DS_ptr, DT_ptr, GO_ptr,
+    # outputs: per-sample gradients (N, HW) and (N, C), premultiplied by the power
+    GS_ptr, GT_ptr,
+    # class layout: labels and class counts (HAS_ORDER), else equal blocks of per_class samples
+    Labels_ptr, Counts_ptr, per_class,
+    # shapes, scalars
+    C, HW, side_sign, ws, wc, ps, pc, eps,
+    HAS_ORDER: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per sample: side_sign is +1 for real samples and -1 for synthetic ones."""
+    n = tl.program_id(0).to(tl.int64)
+    if HAS_ORDER:
+        k = tl.load(Labels_ptr + n).to(tl.int64)
+        count = tl.load(Counts_ptr + k)
+    else:
+        k = n // per_class
+        count = per_class
+    go = tl.load(GO_ptr).to(S_ptr.dtype.element_ty)
+    # d/d mean_k of ||D_k||^2 is 2 D_k; each member contributes 1/count of its side's mean.
+    coef = side_sign * 2.0 * go / count.to(S_ptr.dtype.element_ty)
+    if HAS_SPATIAL:
+        _normalize_grad(S_ptr, NS_ptr, DS_ptr, GS_ptr, n, k, HW, coef * ws, ps, eps, BLOCK_HW)
+    if HAS_CHANNEL:
+        _normalize_grad(T_ptr, NT_ptr, DT_ptr, GT_ptr, n, k, C, coef * wc, pc, eps, BLOCK_C)
+
+
+@triton.jit
+def _attention_bwd_kernel(
+    # pointers
+    F_ptr, GS_ptr, GT_ptr, DF_ptr,
+    # shapes
+    C, HW,
+    # strides (F as in the forward; DF is contiguous)
+    F_stride_n,
+    # powers
+    ps, pc,
+    PS_INT: tl.constexpr, PC_INT: tl.constexpr, SAME_POWER: tl.constexpr,
+    HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Program (n, c-block): DF[n, c, hw] = |F|^(ps-1) sgn(F) GS[n, hw] + |F|^(pc-1) sgn(F) GT[n, c].
+
+    GS/GT already hold the power factor; reads F once and writes DF once.
+    """
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    acc_dtype = GS_ptr.dtype.element_ty
+    f_base = F_ptr + n * F_stride_n
+    df_base = DF_ptr + n * C * HW
+    hw_offs = tl.arange(0, BLOCK_HW)
+    if HAS_CHANNEL:
+        gt = tl.load(GT_ptr + n * C + c, mask=c_mask, other=0.0)
+    for hw0 in range(0, HW, BLOCK_HW):
+        hw = hw0 + hw_offs
+        hw_mask = hw < HW
+        mask = c_mask[:, None] & hw_mask[None, :]
+        offs = c[:, None] * HW + hw[None, :]
+        x = tl.load(f_base + offs, mask=mask, other=0.0).to(acc_dtype)
+        if HAS_SPATIAL:
+            gs = tl.load(GS_ptr + n * HW + hw, mask=hw_mask, other=0.0)
+            ds = _abs_pow_grad(x, PS_INT, ps)
+            if HAS_CHANNEL:
+                if SAME_POWER:
+                    df = ds * (gs[None, :] + gt[:, None])
+                else:
+                    df = ds * gs[None, :] + _abs_pow_grad(x, PC_INT, pc) * gt[:, None]
+            else:
+                df = ds * gs[None, :]
+        else:
+            df = _abs_pow_grad(x, PC_INT, pc) * gt[:, None]
+        tl.store(df_base + offs, df.to(DF_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _sample_contiguous(F):
+    """F with each sample's (C, H, W) block contiguous (a batch slice stays a view; else a copy)."""
+    _, C, H, W = F.shape
+    if F.stride(3) == 1 and F.stride(2) == W and F.stride(1) == H * W:
+        return F
+    return F.contiguous()
+
+
+def _vector_block(L):
+    return min(_next_pow2(L), MAX_BLOCK_VEC)
+
+
+def attention_stats(F, ps, pc, has_spatial, has_channel, acc_dtype):
+    """Per-sample raw attention vectors and norms of F (N, C, H, W).
+
+    Returns S (N, H*W), T (N, C), NS (N,), NT (N,) in ``acc_dtype``; a disabled side is left unwritten.
+    """
+    F = _sample_contiguous(F)
+    N, C, H, W = F.shape
+    HW = H * W
+    block_c, block_hw, num_warps = feature_launch_config(C, HW)
+    single = HW <= block_hw
+    S = torch.empty((N, HW), dtype=acc_dtype, device=F.device)
+    # T is accumulated in place over spatial blocks when one block does not cover H*W.
+    T = (torch.empty if single else torch.zeros)((N, C), dtype=acc_dtype, device=F.device)
+    NS = torch.empty((N,), dtype=acc_dtype, device=F.device)
+    NT = torch.empty((N,), dtype=acc_dtype, device=F.device)
+    ps_int, pc_int = integer_power(ps), integer_power(pc)
+    _attention_stats_kernel[(N,)](
+        F, S, T, NS, NT,
+        C, HW, F.stride(0),
+        float(ps), float(pc),
+        PS_INT=ps_int, PC_INT=pc_int, SAME_POWER=float(ps) == float(pc),
+        HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel, SINGLE_HW_BLOCK=single,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+    )
+    return S, T, NS, NT
+
+
+def class_differences(real_stats, syn_stats, layout, ws, wc, partials):
+    """Per-class mean differences D_s (K, H*W), D_t (K, C) of the normalized vectors.
+
+    ``layout`` is a dict with ``num_classes`` and either ``real_order/real_offsets/syn_order/syn_offsets``
+    (labels sorted by class) or ``real_per_class/syn_per_class`` (equal contiguous blocks).
+    Writes ``ws ||D_k(s)||^2`` and ``wc ||D_k(t)||^2`` into ``partials`` (K, 2).
+    """
+    SR, TR, NSR, NTR = real_stats
+    SS, TS, NSS, NTS = syn_stats
+    K = layout["num_classes"]
+    HW, C = SR.shape[1], TR.shape[1]
+    has_spatial, has_channel = ws != 0, wc != 0
+    DS = torch.empty((K, HW), dtype=SR.dtype, device=SR.device)
+    DT = torch.empty((K, C), dtype=SR.dtype, device=SR.device)
+    has_order = "real_order" in layout
+    block_hw, block_c = _vector_block(HW), _vector_block(C)
+    _class_diff_kernel[(K,)](
+        SR, NSR, TR, NTR, SS, NSS, TS, NTS,
+        DS, DT, partials,
+        layout.get("real_order"), layout.get("real_offsets"),
+        layout.get("syn_order"), layout.get("syn_offsets"),
+        layout.get("real_per_class", 0), layout.get("syn_per_class", 0),
+        C, HW, float(ws), float(wc), NORM_EPS,
+        HAS_ORDER=has_order, HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel,
+        BLOCK_M=BLOCK_MEMBERS, BLOCK_HW=block_hw, BLOCK_C=block_c,
+        num_warps=_num_warps(BLOCK_MEMBERS * max(block_hw, block_c)),
+    )
+    return DS, DT
+
+
+def vector_grad(stats, DS, DT, grad_output, side_layout, side_sign, ws, wc, ps, pc):
+    """Per-sample gradients w.r.t. the raw attention vectors, premultiplied by the powers.
+
+    ``side_layout``: dict with ``labels`` and ``counts`` (int64, on the device) or ``per_class``.
+    Returns GS (N, H*W), GT (N, C).
+    """
+    S, T, NS, NT = stats
+    N, HW = S.shape
+    C = T.shape[1]
+    GS = torch.empty_like(S)
+    GT = torch.empty_like(T)
+    block_hw, block_c = _vector_block(HW), _vector_block(C)
+    _vector_grad_kernel[(N,)](
+        S, NS, T, NT, DS, DT, grad_output,
+        GS, GT,
+        side_layout.get("labels"), side_layout.get("counts"), side_layout.get("per_class", 0),
+        C, HW, float(side_sign), float(ws), float(wc), float(ps), float(pc), NORM_EPS,
+        HAS_ORDER="labels" in side_layout, HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
+        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=_num_warps(max(block_hw, block_c)),
+    )
+    return GS, GT
+
+
+def attention_backward(F, GS, GT, ps, pc, has_spatial, has_channel):
+    """dF (same shape and dtype as F, contiguous) from the per-sample gradients GS, GT."""
+    F = _sample_contiguous(F)
+    N, C, H, W = F.shape
+    HW = H * W
+    dF = torch.empty((N, C, H, W), dtype=F.dtype, device=F.device)
+    if not (has_spatial or has_channel):
+        return dF.zero_()
+    block_c, block_hw, num_warps = feature_launch_config(C, HW)
+    _attention_bwd_kernel[(N, triton.cdiv(C, block_c))](
+        F, GS, GT, dF,
+        C, HW, F.stride(0),
+        float(ps), float(pc),
+        PS_INT=integer_power(ps), PC_INT=integer_power(pc), SAME_POWER=float(ps) == float(pc),
+        HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+    )
+    return dF

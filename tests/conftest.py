@@ -1,0 +1,29 @@
+"""Test setup: Triton runs interpreted on machines without CUDA.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is decided here, at collection.
+With a CUDA device the suite runs real compiled Triton unless TRITON_INTERPRET is set by the caller.
+"""
+
+import os
+import sys
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,236 @@
+"""Public API: argument checks (every bad input of SPEC 2), backend choice, dtypes, the module."""
+
+import pytest
+import torch
+
+import atom_fast
+from atom_fast.loss import BACKEND_ENV, resolve_backend
+from _data import make_layers
+from conftest import DEVICE
+
+
+def _batch(K=3, B=4, IPC=2, C=5, H=4, W=3, dtype=torch.float32, device="cpu"):
+    reals, syns = make_layers([(C, H, W)], K * B, K * IPC, dtype, device)
+    return reals[0], syns[0]
+
+
+def _raises(exc, match, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        atom_fast.attention_loss(*args, backend="reference", **kwargs)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def test_wrong_ndim():
+    r, s = _batch()
+    _raises(ValueError, r"^real must be 4-D", r[0], s, 3)
+    _raises(ValueError, r"^syn must be 4-D", r, s.flatten(2), 3)
+    _raises(ValueError, r"^syn\[1\] must be 4-D", [r, r], [s, s[0]], 3)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_chw_differ_between_real_and_syn(dim):
+    r, s = _batch()
+    s = s.narrow(dim, 0, s.shape[dim] - 1)
+    _raises(ValueError, r"^syn has \(C, H, W\)", r, s, 3)
+
+
+def test_n_not_divisible_by_num_classes():
+    r, s = _batch(K=3, B=4, IPC=2)
+    _raises(ValueError, r"^real has 11 samples, not divisible by num_classes=3", r[:11], s, 3)
+    _raises(ValueError, r"^syn has 5 samples, not divisible by num_classes=3", r, s[:5], 3)
+
+
+def test_num_classes_missing_or_wrong_type():
+    r, s = _batch()
+    _raises(ValueError, r"^num_classes is required", r, s)
+    _raises(TypeError, r"^num_classes must be an int", r, s, 3.0)
+    _raises(TypeError, r"^num_classes must be an int", r, s, True)
+    _raises(ValueError, r"^num_classes must be at least 1", r, s, 0)
+
+
+def _labels(K=3, B=4, IPC=2):
+    return torch.arange(K).repeat_interleave(B), torch.arange(K).repeat_interleave(IPC)
+
+
+def test_labels_out_of_range():
+    r, s = _batch()
+    rl, sl = _labels()
+    _raises(ValueError, r"^real_labels holds -1", r, s, real_labels=rl - 1, syn_labels=sl)
+    _raises(ValueError, r"^syn_labels holds 3, out of range for num_classes=3", r, s, 3,
+            real_labels=rl, syn_labels=sl + 1)
+
+
+def test_labels_wrong_length_dtype_or_type():
+    r, s = _batch()
+    rl, sl = _labels()
+    _raises(ValueError, r"^real_labels must have shape \(12,\)", r, s, real_labels=rl[:-1], syn_labels=sl)
+    _raises(ValueError, r"^syn_labels must have shape \(6,\)", r, s, real_labels=rl, syn_labels=sl[None])
+    _raises(TypeError, r"^syn_labels must be int64", r, s, real_labels=rl, syn_labels=sl.int())
+    _raises(TypeError, r"^real_labels must be int64", r, s, real_labels=rl.float(), syn_labels=sl)
+    _raises(TypeError, r"^real_labels must be a torch.Tensor", r, s, real_labels=rl.tolist(),
+            syn_labels=sl)
+    _raises(ValueError, r"^syn_labels is missing", r, s, real_labels=rl)
+    _raises(ValueError, r"^real_labels is missing", r, s, 3, syn_labels=sl)
+
+
+def test_class_present_on_one_side_only():
+    r, s = _batch()
+    rl, sl = _labels()
+    _raises(ValueError, r"^syn_labels has no sample of class 2", r, s, real_labels=rl,
+            syn_labels=sl.clamp(max=1))
+    _raises(ValueError, r"^real_labels has no sample of class 0", r, s, real_labels=rl.clamp(min=1),
+            syn_labels=sl)
+
+
+@pytest.mark.parametrize("name", ["spatial_power", "channel_power"])
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), -float("inf")])
+def test_non_finite_or_non_positive_powers(name, value):
+    r, s = _batch()
+    _raises(ValueError, rf"^{name} must be finite and positive", r, s, 3, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["spatial_power", "channel_weight"])
+@pytest.mark.parametrize("value", ["4", None, True, torch.tensor(4.0)])
+def test_powers_and_weights_must_be_numbers(name, value):
+    r, s = _batch()
+    _raises(TypeError, rf"^{name} must be a real number", r, s, 3, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["spatial_weight", "channel_weight"])
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
+def test_bad_weights(name, value):
+    r, s = _batch()
+    _raises(ValueError, rf"^{name} must be finite and non-negative", r, s, 3, **{name: value})
+
+
+def test_devices_differ():
+    r, s = _batch()
+    _raises(ValueError, r"^syn is on meta but real is on cpu", r, s.to("meta"), 3)
+    rl, sl = _labels()
+    _raises(ValueError, r"^syn_labels is on meta", r, s, real_labels=rl, syn_labels=sl.to("meta"))
+
+
+def test_layer_counts_differ_or_empty():
+    r, s = _batch()
+    _raises(ValueError, r"^real has 2 layers but syn has 1", [r, r], [s], 3)
+    _raises(ValueError, r"^real has 1 layers but syn has 2", r, (s, s), 3)
+    _raises(ValueError, r"^real is an empty sequence", [], [], 3)
+    _raises(ValueError, r"^syn\[1\] has 3 samples but layer 0 has 6", [r, r], [s, s[:3]], 3)
+    _raises(ValueError, r"^real has no samples", r[:0], s, 3)
+
+
+def test_wrong_types_and_dtypes():
+    r, s = _batch()
+    _raises(TypeError, r"^real must be a torch.Tensor or a sequence", r.numpy(), s, 3)
+    _raises(TypeError, r"^syn\[0\] must be a torch.Tensor", [r], [s.numpy()], 3)
+    _raises(TypeError, r"^real must be a floating-point tensor", r.long(), s.long(), 3)
+    _raises(TypeError, r"^syn has dtype torch.float64 but real has torch.float32", r, s.double(), 3)
+
+
+def test_bad_backend_and_environment(monkeypatch):
+    r, s = _batch()
+    with pytest.raises(ValueError, match=r"^backend must be one of"):
+        atom_fast.attention_loss(r, s, 3, backend="cuda")
+    with pytest.raises(TypeError, match=r"^backend must be a str"):
+        atom_fast.attention_loss(r, s, 3, backend=None)
+    monkeypatch.setenv(BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match=rf"^environment variable {BACKEND_ENV} must be one of"):
+        atom_fast.attention_loss(r, s, 3)
+    with pytest.raises(RuntimeError, match=r"^backend='native'"):
+        atom_fast.attention_loss(r, s, 3, backend="native")
+
+
+def test_mmd_and_attention_vector_checks():
+    e = torch.randn(6, 8)
+    with pytest.raises(ValueError, match=r"^syn_embedding has per-sample shape"):
+        atom_fast.mmd_loss(e, torch.randn(3, 7), 3)
+    with pytest.raises(ValueError, match=r"^real_embedding must be \(N, ...\)"):
+        atom_fast.mmd_loss(e[0], e, 3)
+    with pytest.raises(TypeError, match=r"^syn_embedding must be a torch.Tensor"):
+        atom_fast.mmd_loss(e, [1.0], 3)
+    with pytest.raises(ValueError, match=r"^real has 6 samples, not divisible by num_classes=4"):
+        atom_fast.mmd_loss(e, e, 4)
+    with pytest.raises(ValueError, match=r"^features must be 4-D"):
+        atom_fast.spatial_attention(e)
+    with pytest.raises(ValueError, match=r"^p must be finite and positive"):
+        atom_fast.channel_attention(torch.randn(2, 3, 4, 4), -2)
+
+
+def test_module_checks_arguments_when_built():
+    with pytest.raises(ValueError, match=r"^channel_power"):
+        atom_fast.AttentionLoss(10, channel_power=0)
+    with pytest.raises(ValueError, match=r"^backend must be one of"):
+        atom_fast.AttentionLoss(10, backend="gpu")
+    with pytest.raises(TypeError, match=r"^num_classes must be an int"):
+        atom_fast.AttentionLoss("10")
+
+
+# ---- behaviour ------------------------------------------------------------------------------------
+
+
+def test_nan_and_inf_features_give_nan_loss():
+    for bad in (float("nan"), float("inf")):
+        r, s = _batch()
+        r[0, 0, 0, 0] = bad
+        assert torch.isnan(atom_fast.attention_loss(r, s, 3, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                            (torch.float32, torch.float32), (torch.float64, torch.float64)])
+def test_output_dtype(dtype, expected):
+    r, s = _batch(dtype=dtype)
+    s.requires_grad_()
+    loss = atom_fast.attention_loss(r, s, 3, backend="reference")
+    assert loss.dtype == expected and loss.ndim == 0
+    loss.backward()
+    assert s.grad.dtype == dtype
+    assert atom_fast.mmd_loss(r.flatten(1), s.flatten(1), 3).dtype == expected
+
+
+def test_auto_on_cpu_uses_the_reference(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert resolve_backend("auto", torch.device("cpu")) == "reference"
+    monkeypatch.setenv(BACKEND_ENV, "reference")
+    assert resolve_backend("auto", torch.device("cuda")) == "reference"
+    # an explicit backend wins over the environment
+    assert resolve_backend("reference", torch.device("cpu")) == "reference"
+
+
+def test_environment_variable_selects_the_fused_backend(monkeypatch):
+    r, s = _batch(device=DEVICE)
+    s.requires_grad_()
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    fused = atom_fast.attention_loss(r, s, 3)
+    assert type(fused.grad_fn).__name__ == "FusedAttentionLossBackward"
+    monkeypatch.delenv(BACKEND_ENV)
+    ref = atom_fast.attention_loss(r, s, 3)
+    assert type(ref.grad_fn).__name__ != "FusedAttentionLossBackward"
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=0)
+
+
+def test_module_matches_function():
+    r, s = _batch()
+    module = atom_fast.AttentionLoss(3, spatial_power=2, channel_power=8, channel_weight=0.5,
+                                     backend="reference")
+    assert "channel_power=8.0" in repr(module)
+    expected = atom_fast.attention_loss(r, s, 3, spatial_power=2, channel_power=8, channel_weight=0.5)
+    torch.testing.assert_close(module(r, s), expected, rtol=0, atol=0)
+    rl, sl = _labels()
+    labelled = atom_fast.AttentionLoss(spatial_power=2, channel_power=8, channel_weight=0.5)
+    torch.testing.assert_close(labelled(r, s, rl, sl), expected, rtol=1e-6, atol=0)
+
+
+def test_both_weights_zero_gives_zero():
+    r, s = _batch(device=DEVICE)
+    for backend in ("reference", "triton"):
+        loss = atom_fast.attention_loss(r, s, 3, spatial_weight=0, channel_weight=0, backend=backend)
+        assert loss.item() == 0.0
+
+
+def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    import atom_fast.loss
+    monkeypatch.setattr(atom_fast.loss, "_triton_interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match=r"^backend='triton' runs on CUDA tensors, got cpu"):
+        resolve_backend("triton", torch.device("cpu"))

@@ -1,0 +1,231 @@
+"""Fused Triton kernels against the float64 reference: values and gradients.
+
+On a machine without CUDA these run under TRITON_INTERPRET=1 (see conftest.py), so shapes stay small;
+the realistic cases use 10 classes x 128 real samples at a small channel count.
+"""
+
+import pytest
+import torch
+
+import atom_fast
+import atom_fast.kernels.attention as kernels
+from _data import class_labels, make_layers
+from conftest import DEVICE
+
+# (loss rtol, gradient rtol) against the float64 reference computed from the same (rounded) inputs.
+# fp32 accumulates in fp32; half types also accumulate in fp32 but round the gradient to their format.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-5, 2e-3),
+    torch.bfloat16: (2e-5, 1e-2),
+}
+
+
+def _loss(reals, syns, layout, backend, **kw):
+    K, rl, sl = layout
+    if rl is None:
+        return atom_fast.attention_loss(reals, syns, K, backend=backend, **kw)
+    return atom_fast.attention_loss(reals, syns, real_labels=rl, syn_labels=sl, backend=backend, **kw)
+
+
+def _check_once(shapes, K, B, IPC, ps=4.0, pc=4.0, ws=1.0, wc=1.0, dtype=torch.float32,
+                labels=False, real_grad=False, upstream=None):
+    """Triton loss and gradients equal the float64 reference on the same inputs, within dtype tolerance."""
+    reals, syns = make_layers(shapes, K * B, K * IPC, dtype, DEVICE)
+    layout = (K, None, None)
+    if labels:
+        layout = (None, class_labels(K, B, True).to(DEVICE), class_labels(K, IPC, True).to(DEVICE))
+    kw = dict(spatial_power=ps, channel_power=pc, spatial_weight=ws, channel_weight=wc)
+
+    reals = [r.requires_grad_(real_grad) for r in reals]
+    syns = [s.requires_grad_() for s in syns]
+    loss = _loss(reals, syns, layout, "triton", **kw)
+    grad_out = torch.tensor(1.0 if upstream is None else upstream, device=DEVICE, dtype=loss.dtype)
+    inputs = syns + (reals if real_grad else [])
+    grads = torch.autograd.grad(loss, inputs, grad_out)
+
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref_reals = ref_inputs[len(syns):] if real_grad else [r.detach().double() for r in reals]
+    ref_loss = _loss(ref_reals, ref_inputs[:len(syns)], layout, "reference", **kw)
+    ref_grads = torch.autograd.grad(ref_loss, ref_inputs, grad_out.double())
+
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert ref_loss.item() > 1e-4, "degenerate case: the loss is ~0"
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol, atol=0)
+    for g, ref in zip(grads, ref_grads):
+        assert g.dtype == dtype and g.shape == ref.shape
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(g.double(), ref, rtol=grad_tol, atol=grad_tol * ref.abs().max().item())
+    return loss, grads
+
+
+# ---- realistic: 10 classes x 128 real images, IPC 1/10/50, small channel count -----------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_realistic_class_layout(ipc):
+    _check_once([(4, 8, 8)], K=10, B=128, IPC=ipc)
+
+
+@pytest.mark.slow
+def test_realistic_with_real_grad_and_labels():
+    _check_once([(3, 6, 6)], K=10, B=128, IPC=10, labels=True, real_grad=True, upstream=0.37)
+
+
+# ---- odd shapes and the parameter matrix ---------------------------------------------------------
+
+ODD = [(7, 5, 3)]  # C not a power of two, H != W
+
+
+@pytest.mark.parametrize("ps,pc", [(4, 4), (1, 1), (2, 2), (8, 8), (2.5, 2.5), (1, 8), (8, 2.5), (2.5, 1),
+                                   (2, 4)])
+def test_powers(ps, pc):
+    _check_once(ODD, K=3, B=4, IPC=2, ps=ps, pc=pc)
+
+
+@pytest.mark.parametrize("ws,wc", [(1, 1), (0, 1), (1, 0), (0.3, 2.5)])
+def test_weights(ws, wc):
+    _check_once(ODD, K=3, B=4, IPC=2, ps=2, pc=4, ws=ws, wc=wc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ps,pc", [(4, 4), (1, 8), (2.5, 2)])
+def test_dtypes(dtype, ps, pc):
+    _check_once(ODD, K=3, B=4, IPC=2, ps=ps, pc=pc, dtype=dtype)
+
+
+def test_ipc1_unsorted_scattered_labels_real_grad_upstream():
+    _check_once(ODD, K=4, B=5, IPC=1, ps=4, pc=8, labels=True, real_grad=True, upstream=-2.5)
+
+
+def test_multiple_layers():
+    # ConvNet-like depth 3 at small width: each block halves H and W.
+    _check_once([(6, 8, 8), (6, 4, 4), (6, 2, 2)], K=3, B=4, IPC=2, ps=1, pc=8, real_grad=True)
+
+
+def test_single_pixel_and_single_channel():
+    _check_once([(1, 3, 2), (5, 1, 1)], K=2, B=3, IPC=2, ps=2, pc=3, real_grad=True)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Shrink every block so that each kernel's loops run several times on a small shape."""
+    monkeypatch.setattr(kernels, "MAX_BLOCK_HW", 4)
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 8)
+    monkeypatch.setattr(kernels, "MAX_BLOCK_VEC", 4)
+    monkeypatch.setattr(kernels, "BLOCK_MEMBERS", 2)
+
+
+@pytest.mark.parametrize("ps,pc,labels", [(4, 4, False), (2.5, 8, True), (1, 2, False)])
+def test_block_loops_run_more_than_once(small_blocks, ps, pc, labels):
+    C, H, W = ODD[0]
+    block_c, block_hw, _ = kernels.feature_launch_config(C, H * W)
+    assert block_hw < H * W and block_c < C  # several spatial and channel blocks per sample
+    assert kernels._vector_block(H * W) < H * W
+    _check_once(ODD, K=3, B=5, IPC=3, ps=ps, pc=pc, labels=labels, real_grad=True, upstream=0.5)
+
+
+def test_tiny_norm_takes_the_eps_branch():
+    # |F| ~ 1e-5 with p = 4: ||s|| ~ 1e-19 < eps, where normalize divides by eps, not by the norm.
+    K, B, IPC = 2, 3, 2
+    reals, syns = make_layers([(3, 2, 2)], K * B, K * IPC, torch.float64, DEVICE)
+    syns[0][0] *= 1e-5
+    s = syns[0].requires_grad_()
+    loss = atom_fast.attention_loss(reals, [s], K, backend="triton")
+    (g,) = torch.autograd.grad(loss, s)
+    s_ref = syns[0].detach().clone().requires_grad_()
+    ref = atom_fast.attention_loss(reals, [s_ref], K, backend="reference")
+    (g_ref,) = torch.autograd.grad(ref, s_ref)
+    assert atom_fast.spatial_attention(syns[0][:1].detach(), 4).abs().max() < 1  # really below eps
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10 * g_ref.abs().max().item())
+
+
+# ---- autograd behaviour ---------------------------------------------------------------------------
+
+
+def test_deterministic_bitwise():
+    reals, syns = make_layers([(5, 4, 4), (5, 2, 2)], 12, 6, torch.float32, DEVICE)
+    runs = []
+    for _ in range(2):
+        r = [t.detach().clone().requires_grad_() for t in reals]
+        s = [t.detach().clone().requires_grad_() for t in syns]
+        loss = atom_fast.attention_loss(r, s, 3, spatial_power=2.5, channel_power=8, backend="triton")
+        runs.append((loss, torch.autograd.grad(loss, r + s)))
+    (l0, g0), (l1, g1) = runs
+    assert torch.equal(l0, l1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+def test_no_grad_forward_only():
+    reals, syns = make_layers(ODD, 6, 3, torch.float32, DEVICE)
+    syn = syns[0].requires_grad_()
+    with torch.no_grad():
+        loss = atom_fast.attention_loss(reals, [syn], 3, backend="triton")
+    assert not loss.requires_grad
+    ref = atom_fast.attention_loss(reals, [syn.detach()], 3, backend="reference")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+
+
+def test_no_gradient_work_for_the_real_side(monkeypatch):
+    calls = []
+    original = kernels.attention_backward
+    monkeypatch.setattr(kernels, "attention_backward",
+                        lambda F, *a, **k: calls.append(F.shape[0]) or original(F, *a, **k))
+    reals, syns = make_layers(ODD, 9, 3, torch.float32, DEVICE)
+    syn = syns[0].requires_grad_()
+    atom_fast.attention_loss(reals, [syn], 3, backend="triton").backward()
+    assert calls == [3]  # only the synthetic batch went through the backward pass
+    assert reals[0].grad is None and syn.grad is not None
+
+
+def test_nan_and_inf_features_give_nan_loss():
+    for bad in (float("nan"), float("inf")):
+        reals, syns = make_layers(ODD, 6, 3, torch.float32, DEVICE)
+        syns[0][1, 2, 0, 0] = bad
+        s = syns[0].requires_grad_()
+        loss = atom_fast.attention_loss(reals, [s], 3, backend="triton")
+        loss.backward()
+        assert torch.isnan(loss)
+        assert torch.isnan(atom_fast.attention_loss(reals, [s.detach()], 3, backend="reference"))
+
+
+def test_float64_gradcheck_of_the_fused_backward():
+    K, B, IPC = 2, 2, 1
+    reals, syns = make_layers([(2, 2, 3)], K * B, K * IPC, torch.float64, DEVICE, real_relu=False)
+    r, s = reals[0].requires_grad_(), syns[0].requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda r, s: atom_fast.attention_loss(r, s, K, spatial_power=3, channel_power=2.5,
+                                              spatial_weight=0.5, backend="triton"), (r, s))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU with > 4 GiB free")
+def test_int64_offsets_beyond_2_31_elements():
+    # 2^31 + one sample of fp16 features: the last sample starts past 2^31 elements.
+    C, H, W = 64, 32, 32
+    n_real = (2**31) // (C * H * W) + 2
+    real = torch.rand(n_real, C, H, W, device=DEVICE, dtype=torch.float16)
+    syn = torch.rand(2, C, H, W, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    loss = atom_fast.attention_loss(real, syn, 2, backend="triton")
+    ref = atom_fast.attention_loss(real, syn, 2, backend="reference")
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=0)
+
+
+def test_saves_only_small_per_sample_statistics():
+    # Everything saved for backward besides the input features themselves must be per-sample vectors
+    # (N*(H*W + C)), norms and class differences: no full-size |F|^p temporaries.
+    K, B, IPC, (C, H, W) = 3, 4, 2, (8, 4, 4)
+    reals, syns = make_layers([(C, H, W)], K * B, K * IPC, torch.float32, DEVICE)
+    syn = syns[0].requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = atom_fast.attention_loss(reals, [syn], K, backend="triton")
+    inputs = {reals[0].data_ptr(), syn.data_ptr()}
+    extra = sum(t.numel() for t in saved if t.data_ptr() not in inputs)
+    per_side = lambda n: n * (H * W + C + 2)  # noqa: E731
+    assert extra <= per_side(K * B) + per_side(K * IPC) + 2 * K * (H * W + C)
+    assert len([t for t in saved if t.data_ptr() in inputs]) == 2 and len(saved) > 2
+    loss.backward()

@@ -182,6 +182,7 @@ def test_no_gradient_work_for_the_real_side(monkeypatch):
     assert reals[0].grad is None and syn.grad is not None
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy, inside the interpreter
 def test_nan_and_inf_features_give_nan_loss():
     for bad in (float("nan"), float("inf")):
         reals, syns = make_layers(ODD, 6, 3, torch.float32, DEVICE)

@@ -33,12 +33,17 @@ NORM_EPS = 1e-12
 # Largest integer power unrolled into multiplications; larger or fractional powers use exp2/log2.
 MAX_UNROLLED_POWER = 16
 # Tile sizes. HW <= MAX_BLOCK_HW keeps a sample's whole spatial vector in registers (one block covers
-# the 64x64 TinyImageNet layer 1); TILE_ELEMENTS bounds the registers a (BLOCK_C, BLOCK_HW) tile uses.
-# These are first guesses for a 4-warp program, not yet tuned on a GPU (see the GPU issue).
+# the 64x64 TinyImageNet layer 1); TILE_ELEMENTS bounds a (BLOCK_C, BLOCK_HW) tile of the F-streaming
+# kernels. 4096 elements on 4 warps is 32 per thread (eight 16-byte loads in flight): the sm_90
+# ahead-of-time compile (bench/compile_sm90.py) shows 8192 spilling for bf16 with a fractional power.
+# Not yet tuned on a GPU (see the GPU issue).
 MAX_BLOCK_HW = 4096
-TILE_ELEMENTS = 8192
-# Members of one class summed per step in the class kernel, and vector block of the small kernels.
+TILE_ELEMENTS = 4096
+# Class kernel: members of one class summed per step, bounded so a (BLOCK_MEMBERS, BLOCK_L) tile stays
+# within CLASS_TILE_BYTES (16 x 1024 fp32 needed 243 registers; fp64 tiles of 4096 spilled).
 BLOCK_MEMBERS = 16
+CLASS_TILE_BYTES = 8192
+# Vector block of the small per-sample / per-class kernels.
 MAX_BLOCK_VEC = 1024
 
 
@@ -52,16 +57,21 @@ def _next_pow2(x):
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _num_warps(elements):
-    # One warp per 1024 tile elements, between 1 and 8.
-    return max(1, min(8, elements // 1024))
+def _num_warps(elements, per_warp=1024):
+    # One warp per ``per_warp`` elements, rounded down to a power of two, between 1 and 8.
+    return 1 << min(3, max(0, (elements // per_warp).bit_length() - 1))
 
 
-def feature_launch_config(C, HW):
-    """Tile (BLOCK_C, BLOCK_HW) and warps for the kernels that stream over F."""
+def feature_launch_config(C, HW, acc_bytes=4):
+    """Tile (BLOCK_C, BLOCK_HW) and warps for the kernels that stream over F.
+
+    Warps follow the live registers: the tile plus the running spatial vector, in 32-bit words
+    (float64 accumulation doubles them), one warp per 1024 words.
+    """
     block_hw = min(_next_pow2(HW), MAX_BLOCK_HW)
     block_c = max(1, min(_next_pow2(C), TILE_ELEMENTS // block_hw))
-    return block_c, block_hw, _num_warps(block_c * block_hw)
+    words = (block_c * block_hw + block_hw) * acc_bytes // 4
+    return block_c, block_hw, _num_warps(words)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,7 +141,7 @@ def _attention_stats_kernel(
     c_offs = tl.arange(0, BLOCK_C)
     hw_offs = tl.arange(0, BLOCK_HW)
 
-    s_sq = tl.zeros([BLOCK_HW], dtype=acc_dtype)
+    s_sq = tl.zeros([1], dtype=acc_dtype)  # ||s||^2, one partial sum per spatial block
     t_sq = tl.zeros([BLOCK_C], dtype=acc_dtype)
     for hw0 in range(0, HW, BLOCK_HW):
         hw = hw0 + hw_offs
@@ -162,7 +172,7 @@ def _attention_stats_kernel(
                     tl.store(t_base + c, t_prev + t_part, mask=c_mask)
         if HAS_SPATIAL:
             tl.store(s_base + hw, s, mask=hw_mask)
-            s_sq += s * s
+            s_sq += tl.sum(s * s, axis=0)
     if HAS_SPATIAL:
         tl.store(NS_ptr + n, tl.sqrt(tl.sum(s_sq, axis=0)))
     if HAS_CHANNEL:
@@ -390,7 +400,8 @@ def attention_stats(F, ps, pc, has_spatial, has_channel, acc_dtype):
     F = _sample_contiguous(F)
     N, C, H, W = F.shape
     HW = H * W
-    block_c, block_hw, num_warps = feature_launch_config(C, HW)
+    acc_bytes = torch.empty((), dtype=acc_dtype).element_size()
+    block_c, block_hw, num_warps = feature_launch_config(C, HW, acc_bytes)
     single = HW <= block_hw
     S = torch.empty((N, HW), dtype=acc_dtype, device=F.device)
     # T is accumulated in place over spatial blocks when one block does not cover H*W.
@@ -425,6 +436,8 @@ def class_differences(real_stats, syn_stats, layout, ws, wc, partials):
     DT = torch.empty((K, C), dtype=SR.dtype, device=SR.device)
     has_order = "real_order" in layout
     block_hw, block_c = _vector_block(HW), _vector_block(C)
+    tile = CLASS_TILE_BYTES // SR.element_size()
+    block_m = max(1, min(BLOCK_MEMBERS, tile // max(block_hw, block_c)))
     _class_diff_kernel[(K,)](
         SR, NSR, TR, NTR, SS, NSS, TS, NTS,
         DS, DT, partials,
@@ -433,8 +446,8 @@ def class_differences(real_stats, syn_stats, layout, ws, wc, partials):
         layout.get("real_per_class", 0), layout.get("syn_per_class", 0),
         C, HW, float(ws), float(wc), NORM_EPS,
         HAS_ORDER=has_order, HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel,
-        BLOCK_M=BLOCK_MEMBERS, BLOCK_HW=block_hw, BLOCK_C=block_c,
-        num_warps=_num_warps(BLOCK_MEMBERS * max(block_hw, block_c)),
+        BLOCK_M=block_m, BLOCK_HW=block_hw, BLOCK_C=block_c,
+        num_warps=_num_warps(block_m * max(block_hw, block_c) * SR.element_size() // 4),
     )
     return DS, DT
 
@@ -457,7 +470,7 @@ def vector_grad(stats, DS, DT, grad_output, side_layout, side_sign, ws, wc, ps, 
         side_layout.get("labels"), side_layout.get("counts"), side_layout.get("per_class", 0),
         C, HW, float(side_sign), float(ws), float(wc), float(ps), float(pc), NORM_EPS,
         HAS_ORDER="labels" in side_layout, HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
-        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=_num_warps(max(block_hw, block_c)),
+        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=_num_warps(max(block_hw, block_c), per_warp=256),
     )
     return GS, GT
 
@@ -470,7 +483,7 @@ def attention_backward(F, GS, GT, ps, pc, has_spatial, has_channel):
     dF = torch.empty((N, C, H, W), dtype=F.dtype, device=F.device)
     if not (has_spatial or has_channel):
         return dF.zero_()
-    block_c, block_hw, num_warps = feature_launch_config(C, HW)
+    block_c, block_hw, num_warps = feature_launch_config(C, HW, GS.element_size())
     _attention_bwd_kernel[(N, triton.cdiv(C, block_c))](
         F, GS, GT, dF,
         C, HW, F.stride(0),

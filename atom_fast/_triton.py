@@ -57,6 +57,9 @@ class FusedAttentionLoss(torch.autograd.Function):
         features, stats = saved[:2 * num_layers], saved[2 * num_layers:]
         needs = ctx.needs_input_grad[5:]
         grads = [None] * (2 * num_layers)
+        if not (has_spatial or has_channel):  # both weights 0: nothing was computed or saved
+            return (None,) * 5 + tuple(torch.zeros_like(f) if need else None
+                                       for f, need in zip(features, needs))
         for i in range(num_layers):
             layer = stats[10 * i:10 * (i + 1)]
             DS, DT = layer[8], layer[9]
@@ -65,9 +68,6 @@ class FusedAttentionLoss(torch.autograd.Function):
                 if not needs[idx]:
                     continue  # no work for a side that needs no gradient
                 F = features[idx]
-                if not (has_spatial or has_channel):
-                    grads[idx] = torch.zeros_like(F)
-                    continue
                 go = grad_output.reshape(1).to(side_stats[0].dtype)
                 GS, GT = kernels.vector_grad(side_stats, DS, DT, go, ctx.layout.side(side), sign,
                                              ws, wc, ps, pc)

@@ -35,8 +35,7 @@ def _check_layers(real, syn):
         for t, name in ((r, rn), (s, sn)):
             if t.ndim != 4:
                 raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
-            if not t.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            _check_dtype_and_layout(t, name)
             if t.dtype != first.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype} but real has {first.dtype}; "
                                 "all features must share one dtype")
@@ -45,6 +44,8 @@ def _check_layers(real, syn):
         if r.shape[1:] != s.shape[1:]:
             raise ValueError(f"{sn} has (C, H, W) = {tuple(s.shape[1:])} but {rn} has "
                              f"{tuple(r.shape[1:])}")
+        if 0 in r.shape[1:]:
+            raise ValueError(f"{rn} has an empty (C, H, W) = {tuple(r.shape[1:])}")
         for t, name, ref in ((r, rn, reals[0]), (s, sn, syns[0])):
             if t.shape[0] == 0:
                 raise ValueError(f"{name} has no samples")
@@ -65,6 +66,16 @@ def _as_layers(x, name):
                 raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
         return tuple(x)
     raise TypeError(f"{name} must be a torch.Tensor or a sequence of them, got {type(x).__name__}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_dtype_and_layout(t, name):
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
 
 def _layer_name(name, i, count):
@@ -99,16 +110,20 @@ def _check_num_classes(num_classes):
     return int(num_classes)
 
 
-def class_layout(num_real, num_syn, num_classes, real_labels, syn_labels, device):
+def class_layout(num_real, num_syn, num_classes, real_labels, syn_labels, device,
+                 names=("real", "syn")):
     """Validate the class arguments and build the ClassLayout.
 
     With labels this reads them on the host (range and per-class counts), one synchronization.
+    Without ``num_classes`` the labels are renumbered 0..K-1 over the classes that occur: a class
+    absent from both sides adds nothing to the loss, so only the present ones are kept.
+    ``names`` are the feature arguments' names, for messages.
     """
     if real_labels is None and syn_labels is None:
         if num_classes is None:
             raise ValueError("num_classes is required unless real_labels and syn_labels are given")
         K = _check_num_classes(num_classes)
-        for n, name in ((num_real, "real"), (num_syn, "syn")):
+        for n, name in zip((num_real, num_syn), names):
             if n % K:
                 raise ValueError(f"{name} has {n} samples, not divisible by num_classes={K}; "
                                  "samples must come in equal contiguous blocks per class "
@@ -128,15 +143,18 @@ def class_layout(num_real, num_syn, num_classes, real_labels, syn_labels, device
                              f"got {tuple(labels.shape)}")
         if labels.device != device:
             raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
-    highest = -1
     for labels, name in ((real_labels, "real_labels"), (syn_labels, "syn_labels")):
         lo, hi = (int(v) for v in torch.aminmax(labels))
         if lo < 0:
             raise ValueError(f"{name} holds {lo}: labels must be non-negative")
         if K is not None and hi >= K:
             raise ValueError(f"{name} holds {hi}, out of range for num_classes={K}")
-        highest = max(highest, hi)
-    K = highest + 1 if K is None else K
+    # The kernels index labels with unit stride.
+    real_labels, syn_labels = real_labels.contiguous(), syn_labels.contiguous()
+    if K is None:
+        classes, compact = torch.unique(torch.cat([real_labels, syn_labels]), return_inverse=True)
+        K = classes.numel()
+        real_labels, syn_labels = compact[:num_real], compact[num_real:]
     real_counts = torch.bincount(real_labels, minlength=K)
     syn_counts = torch.bincount(syn_labels, minlength=K)
     only_real = (real_counts > 0) & (syn_counts == 0)
@@ -248,55 +266,51 @@ def attention_loss(real: Layers, syn: Layers, num_classes: Optional[int] = None,
     return reference.attention_loss(reals, syns, layout, ps, pc, ws, wc)
 
 
-def mmd_loss(real_embedding: torch.Tensor, syn_embedding: torch.Tensor,
-             num_classes: Optional[int] = None, *, real_labels: Optional[torch.Tensor] = None,
+def mmd_loss(real_emb: torch.Tensor, syn_emb: torch.Tensor, num_classes: Optional[int] = None, *,
+             real_labels: Optional[torch.Tensor] = None,
              syn_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Output feature matching of DM/DataDAM: ``sum_k ||mean_real_k(e) - mean_syn_k(e)||^2``.
 
     Args:
-        real_embedding, syn_embedding: ``(N, ...)`` embeddings, flattened per sample.
+        real_emb, syn_emb: ``(N, ...)`` embeddings, flattened per sample.
         num_classes, real_labels, syn_labels: the class layout, as in :func:`attention_loss`.
     """
-    for t, name in ((real_embedding, "real_embedding"), (syn_embedding, "syn_embedding")):
+    for t, name in ((real_emb, "real_emb"), (syn_emb, "syn_emb")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_dtype_and_layout(t, name)
         if t.ndim < 2 or t.shape[0] == 0:
             raise ValueError(f"{name} must be (N, ...) with N >= 1, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if syn_embedding.dtype != real_embedding.dtype:
-        raise TypeError(f"syn_embedding has dtype {syn_embedding.dtype} but real_embedding has "
-                        f"{real_embedding.dtype}")
-    if syn_embedding.device != real_embedding.device:
-        raise ValueError(f"syn_embedding is on {syn_embedding.device} but real_embedding is on "
-                         f"{real_embedding.device}")
-    if real_embedding.shape[1:] != syn_embedding.shape[1:]:
-        raise ValueError(f"syn_embedding has per-sample shape {tuple(syn_embedding.shape[1:])} but "
-                         f"real_embedding has {tuple(real_embedding.shape[1:])}")
-    layout = class_layout(real_embedding.shape[0], syn_embedding.shape[0], num_classes,
-                          real_labels, syn_labels, real_embedding.device)
-    return reference.mmd_loss(real_embedding, syn_embedding, layout)
+    if syn_emb.dtype != real_emb.dtype:
+        raise TypeError(f"syn_emb has dtype {syn_emb.dtype} but real_emb has {real_emb.dtype}")
+    if syn_emb.device != real_emb.device:
+        raise ValueError(f"syn_emb is on {syn_emb.device} but real_emb is on {real_emb.device}")
+    if real_emb.shape[1:] != syn_emb.shape[1:]:
+        raise ValueError(f"syn_emb has per-sample shape {tuple(syn_emb.shape[1:])} but real_emb "
+                         f"has {tuple(real_emb.shape[1:])}")
+    layout = class_layout(real_emb.shape[0], syn_emb.shape[0], num_classes, real_labels, syn_labels,
+                          real_emb.device, names=("real_emb", "syn_emb"))
+    return reference.mmd_loss(real_emb, syn_emb, layout)
 
 
-def _check_features(features):
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if features.ndim != 4:
-        raise ValueError(f"features must be 4-D (N, C, H, W), got shape {tuple(features.shape)}")
-    if not features.is_floating_point():
-        raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+def _check_features(F):
+    if not isinstance(F, torch.Tensor):
+        raise TypeError(f"F must be a torch.Tensor, got {type(F).__name__}")
+    _check_dtype_and_layout(F, "F")
+    if F.ndim != 4:
+        raise ValueError(f"F must be 4-D (N, C, H, W), got shape {tuple(F.shape)}")
 
 
-def spatial_attention(features: torch.Tensor, p: float = 4.0) -> torch.Tensor:
+def spatial_attention(F: torch.Tensor, p: float = 4.0) -> torch.Tensor:
     """L2-normalized ``sum_c |F|^p`` per sample: ``(N, C, H, W) -> (N, H*W)`` (float32 for half inputs)."""
-    _check_features(features)
-    return reference.spatial_attention(features, check_power(p, "p"))
+    _check_features(F)
+    return reference.spatial_attention(F, check_power(p, "p"))
 
 
-def channel_attention(features: torch.Tensor, p: float = 4.0) -> torch.Tensor:
+def channel_attention(F: torch.Tensor, p: float = 4.0) -> torch.Tensor:
     """L2-normalized ``sum_hw |F|^p`` per sample: ``(N, C, H, W) -> (N, C)`` (float32 for half inputs)."""
-    _check_features(features)
-    return reference.channel_attention(features, check_power(p, "p"))
+    _check_features(F)
+    return reference.channel_attention(F, check_power(p, "p"))
 
 
 class AttentionLoss(nn.Module):

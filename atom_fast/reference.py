@@ -77,7 +77,10 @@ def attention_loss(real_layers, syn_layers, layout, spatial_power, channel_power
                                  channel_attention(syn, channel_power), layout)
             terms.append(channel_weight * err)
     if not terms:
-        return torch.zeros((), dtype=_accumulation_dtype(real_layers[0]), device=real_layers[0].device)
+        # Both weights 0: a zero that is still connected to the inputs (sums of empty slices, so
+        # backward works and gives zero gradients, and NaN features cannot leak into it).
+        zero = sum(f.reshape(-1)[:0].sum() for f in (*real_layers, *syn_layers))
+        return zero.to(_accumulation_dtype(real_layers[0]))
     return torch.stack(terms).sum()
 
 

@@ -160,6 +160,10 @@ def main():
             dtypes = sorted({v for k, v in signature.items() if v.startswith("*")})
             label = f"{fn.__name__} | {','.join(dtypes)} | {describe(constexprs, fn)} | {options.num_warps}"
             try:
+                # Python floats would arrive as fp32 and be rounded for float64 features.
+                fp32_scalars = [k for k, v in signature.items() if v == "fp32"]
+                if fp32_scalars:
+                    raise TypeError(f"fp32 scalar arguments {fp32_scalars}: declare them tl.float64")
                 compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
                                           options=options.__dict__)
                 regs, spills, stack = resource_usage(compiled.asm["ptx"])

@@ -22,6 +22,8 @@ Backward, per side that needs a gradient, with g the upstream gradient of the lo
 Nothing full-size is saved between forward and backward: only the per-sample vectors, norms and D_k.
 Every reduction runs in a fixed order inside one program, so results are bitwise reproducible.
 Integer powers are constexpr and unrolled into multiplications; other powers use exp2(p * log2|x|).
+Float scalars (powers, weights, eps) are declared fp64, since Triton would otherwise pass Python
+floats as fp32 and round them for float64 features; each kernel casts them to its accumulation dtype.
 """
 
 import torch
@@ -121,8 +123,8 @@ def _attention_stats_kernel(
     C, HW,
     # strides (a sample's C*H*W block is contiguous)
     F_stride_n,
-    # powers
-    ps, pc,
+    # powers (float scalars are passed as fp64 and cast to the accumulation dtype, see below)
+    ps: tl.float64, pc: tl.float64,
     PS_INT: tl.constexpr, PC_INT: tl.constexpr, SAME_POWER: tl.constexpr,
     HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr, SINGLE_HW_BLOCK: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -135,6 +137,8 @@ def _attention_stats_kernel(
     """
     n = tl.program_id(0).to(tl.int64)
     acc_dtype = S_ptr.dtype.element_ty
+    ps = tl.cast(ps, acc_dtype)
+    pc = tl.cast(pc, acc_dtype)
     f_base = F_ptr + n * F_stride_n
     s_base = S_ptr + n * HW
     t_base = T_ptr + n * C
@@ -240,12 +244,16 @@ def _class_diff_kernel(
     # class layout: sample order sorted by class and class offsets (HAS_ORDER), else equal blocks
     ROrder_ptr, ROffs_ptr, SOrder_ptr, SOffs_ptr, real_per_class, syn_per_class,
     # shapes and weights
-    C, HW, ws, wc, eps,
+    C, HW, ws: tl.float64, wc: tl.float64, eps: tl.float64,
     HAS_ORDER: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program per class k: D_k for spatial and channel attention and ws ||D_k(s)||^2, wc ||D_k(t)||^2."""
     k = tl.program_id(0).to(tl.int64)
+    acc_dtype = SR_ptr.dtype.element_ty
+    ws = tl.cast(ws, acc_dtype)
+    wc = tl.cast(wc, acc_dtype)
+    eps = tl.cast(eps, acc_dtype)
     if HAS_ORDER:
         r0 = tl.load(ROffs_ptr + k)
         r1 = tl.load(ROffs_ptr + k + 1)
@@ -306,7 +314,8 @@ def _vector_grad_kernel(
     # class layout: labels and class counts (HAS_ORDER), else equal blocks of per_class samples
     Labels_ptr, Counts_ptr, per_class,
     # shapes, scalars
-    C, HW, side_sign, ws, wc, ps, pc, eps,
+    C, HW, side_sign: tl.float64, ws: tl.float64, wc: tl.float64, ps: tl.float64, pc: tl.float64,
+    eps: tl.float64,
     HAS_ORDER: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -318,13 +327,17 @@ def _vector_grad_kernel(
     else:
         k = n // per_class
         count = per_class
-    go = tl.load(GO_ptr).to(S_ptr.dtype.element_ty)
+    acc_dtype = S_ptr.dtype.element_ty
+    eps = tl.cast(eps, acc_dtype)
+    go = tl.load(GO_ptr).to(acc_dtype)
     # d/d mean_k of ||D_k||^2 is 2 D_k; each member contributes 1/count of its side's mean.
-    coef = side_sign * 2.0 * go / count.to(S_ptr.dtype.element_ty)
+    coef = tl.cast(side_sign, acc_dtype) * 2.0 * go / count.to(acc_dtype)
     if HAS_SPATIAL:
-        _normalize_grad(S_ptr, NS_ptr, DS_ptr, GS_ptr, n, k, HW, coef * ws, ps, eps, BLOCK_HW)
+        _normalize_grad(S_ptr, NS_ptr, DS_ptr, GS_ptr, n, k, HW, coef * tl.cast(ws, acc_dtype),
+                        tl.cast(ps, acc_dtype), eps, BLOCK_HW)
     if HAS_CHANNEL:
-        _normalize_grad(T_ptr, NT_ptr, DT_ptr, GT_ptr, n, k, C, coef * wc, pc, eps, BLOCK_C)
+        _normalize_grad(T_ptr, NT_ptr, DT_ptr, GT_ptr, n, k, C, coef * tl.cast(wc, acc_dtype),
+                        tl.cast(pc, acc_dtype), eps, BLOCK_C)
 
 
 @triton.jit
@@ -336,7 +349,7 @@ def _attention_bwd_kernel(
     # strides (F as in the forward; DF is contiguous)
     F_stride_n,
     # powers
-    ps, pc,
+    ps: tl.float64, pc: tl.float64,
     PS_INT: tl.constexpr, PC_INT: tl.constexpr, SAME_POWER: tl.constexpr,
     HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -349,6 +362,8 @@ def _attention_bwd_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     acc_dtype = GS_ptr.dtype.element_ty
+    ps = tl.cast(ps, acc_dtype)
+    pc = tl.cast(pc, acc_dtype)
     f_base = F_ptr + n * F_stride_n
     df_base = DF_ptr + n * C * HW
     hw_offs = tl.arange(0, BLOCK_HW)

@@ -112,6 +112,11 @@ def test_devices_differ():
     _raises(ValueError, r"^syn_labels is on meta", r, s, real_labels=rl, syn_labels=sl.to("meta"))
 
 
+def test_empty_feature_dimensions():
+    r, s = _batch()
+    _raises(ValueError, r"^real has an empty \(C, H, W\) = \(5, 0, 3\)", r[:, :, :0], s[:, :, :0], 3)
+
+
 def test_layer_counts_differ_or_empty():
     r, s = _batch()
     _raises(ValueError, r"^real has 2 layers but syn has 1", [r, r], [s], 3)
@@ -125,7 +130,11 @@ def test_wrong_types_and_dtypes():
     r, s = _batch()
     _raises(TypeError, r"^real must be a torch.Tensor or a sequence", r.numpy(), s, 3)
     _raises(TypeError, r"^syn\[0\] must be a torch.Tensor", [r], [s.numpy()], 3)
-    _raises(TypeError, r"^real must be a floating-point tensor", r.long(), s.long(), 3)
+    _raises(TypeError, r"^real must be float32, float16, bfloat16 or float64, got torch.int64", r.long(),
+            s.long(), 3)
+    _raises(TypeError, r"^syn must be float32, float16, bfloat16 or float64, got torch.float8_e4m3fn",
+            r, s.to(torch.float8_e4m3fn), 3)
+    _raises(TypeError, r"^real must be a dense \(strided\) tensor", r.to_sparse(), s, 3)
     _raises(TypeError, r"^syn has dtype torch.float64 but real has torch.float32", r, s.double(), 3)
 
 
@@ -144,16 +153,20 @@ def test_bad_backend_and_environment(monkeypatch):
 
 def test_mmd_and_attention_vector_checks():
     e = torch.randn(6, 8)
-    with pytest.raises(ValueError, match=r"^syn_embedding has per-sample shape"):
+    with pytest.raises(ValueError, match=r"^syn_emb has per-sample shape"):
         atom_fast.mmd_loss(e, torch.randn(3, 7), 3)
-    with pytest.raises(ValueError, match=r"^real_embedding must be \(N, ...\)"):
+    with pytest.raises(ValueError, match=r"^real_emb must be \(N, ...\)"):
         atom_fast.mmd_loss(e[0], e, 3)
-    with pytest.raises(TypeError, match=r"^syn_embedding must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"^syn_emb must be a torch.Tensor"):
         atom_fast.mmd_loss(e, [1.0], 3)
-    with pytest.raises(ValueError, match=r"^real has 6 samples, not divisible by num_classes=4"):
+    with pytest.raises(ValueError, match=r"^real_emb has 6 samples, not divisible by num_classes=4"):
         atom_fast.mmd_loss(e, e, 4)
-    with pytest.raises(ValueError, match=r"^features must be 4-D"):
+    with pytest.raises(TypeError, match=r"^syn_emb has dtype torch.float64"):
+        atom_fast.mmd_loss(e, e.double(), 3)
+    with pytest.raises(ValueError, match=r"^F must be 4-D"):
         atom_fast.spatial_attention(e)
+    with pytest.raises(TypeError, match=r"^F must be a torch.Tensor"):
+        atom_fast.channel_attention(e.numpy())
     with pytest.raises(ValueError, match=r"^p must be finite and positive"):
         atom_fast.channel_attention(torch.randn(2, 3, 4, 4), -2)
 
@@ -222,11 +235,35 @@ def test_module_matches_function():
     torch.testing.assert_close(labelled(r, s, rl, sl), expected, rtol=1e-6, atol=0)
 
 
-def test_both_weights_zero_gives_zero():
+def test_both_weights_zero_gives_zero_loss_and_zero_gradients():
     r, s = _batch(device=DEVICE)
+    s.requires_grad_()
     for backend in ("reference", "triton"):
         loss = atom_fast.attention_loss(r, s, 3, spatial_weight=0, channel_weight=0, backend=backend)
-        assert loss.item() == 0.0
+        assert loss.item() == 0.0 and loss.dtype == torch.float32
+        (grad,) = torch.autograd.grad(loss, s)
+        assert torch.equal(grad, torch.zeros_like(s))
+
+
+def test_spec_keyword_names():
+    r, s = _batch()
+    e_r, e_s = r.flatten(1), s.flatten(1)
+    atom_fast.mmd_loss(real_emb=e_r, syn_emb=e_s, num_classes=3)
+    atom_fast.spatial_attention(F=r, p=2)
+    atom_fast.channel_attention(F=r, p=2)
+    atom_fast.attention_loss(real=r, syn=s, num_classes=3, spatial_power=2, channel_power=8,
+                             spatial_weight=1, channel_weight=1, backend="reference")
+
+
+def test_labels_without_num_classes_are_renumbered():
+    r, s = _batch(K=2, B=3, IPC=2)
+    rl, sl = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 0, 1, 1])
+    big = 10**13  # a sparse class id must not size any buffer
+    compact = atom_fast.attention_loss(r, s, real_labels=rl, syn_labels=sl, backend="reference")
+    sparse = atom_fast.attention_loss(r, s, real_labels=rl * big, syn_labels=sl * big, backend="reference")
+    torch.testing.assert_close(sparse, compact, rtol=0, atol=0)
+    torch.testing.assert_close(compact, atom_fast.attention_loss(r, s, 2, backend="reference"),
+                               rtol=1e-6, atol=0)
 
 
 def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):

@@ -101,6 +101,30 @@ def test_ipc1_unsorted_scattered_labels_real_grad_upstream():
     _check_once(ODD, K=4, B=5, IPC=1, ps=4, pc=8, labels=True, real_grad=True, upstream=-2.5)
 
 
+@pytest.mark.parametrize("num_classes", [None, 2])
+def test_labels_with_strides(num_classes):
+    # Labels that are views (a column of a matrix, an expanded scalar) must be read by value.
+    K, B, IPC = 2, 3, 2
+    reals, syns = make_layers(ODD, K * B, K * IPC, torch.float32, DEVICE)
+    table = torch.tensor([[0, 7], [1, 7], [0, 7], [1, 7], [0, 7], [1, 7]], device=DEVICE)
+    rl = table[:, 0]
+    sl = torch.tensor([[1, 7], [0, 7], [0, 7], [1, 7]], device=DEVICE)[:, 0]
+    assert not rl.is_contiguous() and not sl.is_contiguous()
+    syn = syns[0].requires_grad_()
+    grads = {}
+    for backend in ("reference", "triton"):
+        loss = atom_fast.attention_loss(reals, [syn], num_classes, real_labels=rl, syn_labels=sl,
+                                        backend=backend)
+        grads[backend] = (loss, *torch.autograd.grad(loss, syn))
+    for a, b in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    one_class = torch.zeros((), dtype=torch.long, device=DEVICE)
+    loss = atom_fast.attention_loss(reals, [syn], num_classes, real_labels=one_class.expand(K * B),
+                                    syn_labels=one_class.expand(K * IPC), backend="triton")
+    (g,) = torch.autograd.grad(loss, syn)
+    assert torch.isfinite(g).all()
+
+
 def test_multiple_layers():
     # ConvNet-like depth 3 at small width: each block halves H and W.
     _check_once([(6, 8, 8), (6, 4, 4), (6, 2, 2)], K=3, B=4, IPC=2, ps=1, pc=8, real_grad=True)

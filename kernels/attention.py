@@ -32,7 +32,8 @@ import triton.language as tl
 
 # Normalization floor of torch.nn.functional.normalize.
 NORM_EPS = 1e-12
-# Largest integer power unrolled into multiplications; larger or fractional powers use exp2/log2.
+# Largest integer power unrolled into multiplications (p - 1 multiplies per element, one kernel
+# variant per power); the paper's grid stops at 8. Larger or fractional powers use exp2/log2.
 MAX_UNROLLED_POWER = 16
 # Tile sizes. HW <= MAX_BLOCK_HW keeps a sample's whole spatial vector in registers (one block covers
 # the 64x64 TinyImageNet layer 1); TILE_ELEMENTS bounds a (BLOCK_C, BLOCK_HW) tile of the F-streaming
@@ -41,11 +42,14 @@ MAX_UNROLLED_POWER = 16
 # Not yet tuned on a GPU (see the GPU issue).
 MAX_BLOCK_HW = 4096
 TILE_ELEMENTS = 4096
-# Class kernel: members of one class summed per step, bounded so a (BLOCK_MEMBERS, BLOCK_L) tile stays
-# within CLASS_TILE_BYTES (16 x 1024 fp32 needed 243 registers; fp64 tiles of 4096 spilled).
+# Class kernel: members of one class summed per step (the real batches per class of DataDAM, ATOM
+# and DM, 64/128/256, are whole multiples of 16; not timed on a GPU yet), bounded so a (BLOCK_MEMBERS, BLOCK_L) tile stays
+# within CLASS_TILE_BYTES (in the sm_90 compile, 16 x 1024 fp32 needed 243 registers; fp64 tiles of
+# 4096 elements spilled).
 BLOCK_MEMBERS = 16
 CLASS_TILE_BYTES = 8192
-# Vector block of the small per-sample / per-class kernels.
+# Vector block of the small per-sample / per-class kernels: one block covers a 32x32 spatial vector
+# and every channel count of the ConvNets used; these kernels move O(N * (H*W + C)) bytes only.
 MAX_BLOCK_VEC = 1024
 
 
@@ -131,9 +135,10 @@ def _attention_stats_kernel(
 ):
     """One program per sample n: S[n, :] = s_n, T[n, :] = t_n (raw), NS[n] = ||s_n||, NT[n] = ||t_n||.
 
-    F: (N, C, HW) with stride F_stride_n between samples; S: (N, HW), T: (N, C) zero-initialized,
-    in the accumulation dtype (float32, or float64 for float64 features). SINGLE_HW_BLOCK: HW <= BLOCK_HW,
-    so t_n is complete after each channel block and T is written once (else it is accumulated in place).
+    F: (N, C, HW) with stride F_stride_n between samples; S: (N, HW), T: (N, C) in the accumulation
+    dtype (float32, or float64 for float64 features). SINGLE_HW_BLOCK: HW <= BLOCK_HW, so t_n is
+    complete after each channel block and T is written once; otherwise T arrives zeroed and is
+    accumulated in place over the spatial blocks.
     """
     n = tl.program_id(0).to(tl.int64)
     acc_dtype = S_ptr.dtype.element_ty

@@ -12,14 +12,16 @@ import atom_fast.kernels.attention as kernels
 from _data import class_labels, make_layers
 from conftest import DEVICE
 
-# (loss rtol, gradient rtol) against the float64 reference computed from the same (rounded) inputs.
-# fp32 accumulates in fp32; half types also accumulate in fp32 but round the gradient to their format.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-5, 2e-3),
-    torch.bfloat16: (2e-5, 1e-2),
-}
+# (dtype, loss rtol, gradient rtol) against the float64 reference computed from the same (rounded)
+# inputs. fp32 accumulates in fp32; half types also accumulate in fp32 but round the gradient to
+# their format (fp16: 11 significant bits, bf16: 8).
+FP32 = (torch.float32, 2e-5, 2e-5)
+DTYPE_ROWS = [
+    pytest.param(torch.float64, 1e-10, 1e-10, id="fp64"),
+    pytest.param(*FP32, id="fp32"),
+    pytest.param(torch.float16, 2e-5, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 2e-5, 1e-2, id="bf16"),
+]
 
 
 def _loss(reals, syns, layout, backend, **kw):
@@ -29,9 +31,10 @@ def _loss(reals, syns, layout, backend, **kw):
     return atom_fast.attention_loss(reals, syns, real_labels=rl, syn_labels=sl, backend=backend, **kw)
 
 
-def _check_once(shapes, K, B, IPC, ps=4.0, pc=4.0, ws=1.0, wc=1.0, dtype=torch.float32,
+def _check_once(shapes, K, B, IPC, ps=4.0, pc=4.0, ws=1.0, wc=1.0, dtype_tols=FP32,
                 labels=False, real_grad=False, upstream=None):
     """Triton loss and gradients equal the float64 reference on the same inputs, within dtype tolerance."""
+    dtype, loss_tol, grad_tol = dtype_tols
     reals, syns = make_layers(shapes, K * B, K * IPC, dtype, DEVICE)
     layout = (K, None, None)
     if labels:
@@ -50,7 +53,6 @@ def _check_once(shapes, K, B, IPC, ps=4.0, pc=4.0, ws=1.0, wc=1.0, dtype=torch.f
     ref_loss = _loss(ref_reals, ref_inputs[:len(syns)], layout, "reference", **kw)
     ref_grads = torch.autograd.grad(ref_loss, ref_inputs, grad_out.double())
 
-    loss_tol, grad_tol = TOLERANCES[dtype]
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert ref_loss.item() > 1e-4, "degenerate case: the loss is ~0"
     torch.testing.assert_close(loss.double(), ref_loss, rtol=loss_tol, atol=0)
@@ -91,10 +93,10 @@ def test_weights(ws, wc):
     _check_once(ODD, K=3, B=4, IPC=2, ps=2, pc=4, ws=ws, wc=wc)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", DTYPE_ROWS)
 @pytest.mark.parametrize("ps,pc", [(4, 4), (1, 8), (2.5, 2)])
-def test_dtypes(dtype, ps, pc):
-    _check_once(ODD, K=3, B=4, IPC=2, ps=ps, pc=pc, dtype=dtype)
+def test_dtypes(dtype, loss_tol, grad_tol, ps, pc):
+    _check_once(ODD, K=3, B=4, IPC=2, ps=ps, pc=pc, dtype_tols=(dtype, loss_tol, grad_tol))
 
 
 def test_ipc1_unsorted_scattered_labels_real_grad_upstream():

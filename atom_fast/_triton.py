@@ -41,7 +41,10 @@ class FusedAttentionLoss(torch.autograd.Function):
                 DS, DT = kernels.class_differences(real_stats, syn_stats, grouped, spatial_weight,
                                                    channel_weight, partials[i])
                 saved += [*real_stats, *syn_stats, DS, DT]
-        ctx.save_for_backward(*features, *saved)
+        # Features are saved only for the sides that need a gradient: the real features of a
+        # distillation step (computed under no_grad) must not stay alive until backward.
+        needs = ctx.needs_input_grad[5:]
+        ctx.save_for_backward(*(f if need else None for f, need in zip(features, needs)), *saved)
         ctx.layout = layout
         ctx.params = (spatial_power, channel_power, spatial_weight, channel_weight)
         ctx.num_layers = num_layers

@@ -1,14 +1,15 @@
-"""Public loss API: argument checks, then dispatch to a backend (reference, Triton; native to come)."""
+"""Public loss API: argument checks, then dispatch to a backend (reference, Triton, native C++/CUDA)."""
 
 import math
 import numbers
 import os
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from atom_fast import reference
+from atom_fast import _native, reference
 from atom_fast.layout import ClassLayout
 
 BACKENDS = ("auto", "triton", "native", "reference")
@@ -189,9 +190,25 @@ def _triton_interpreted():
     return type(attention._attention_stats_kernel).__name__ == "InterpretedFunction"
 
 
-def native_available():
-    """The native C++ op (csrc/) is not part of this version yet."""
-    return False
+def native_available(device=None):
+    """Whether the native op (csrc/, built as atom_fast._C) is loaded, with kernels for ``device``."""
+    if not _native.AVAILABLE:
+        return False
+    return device is None or device.type == "cpu" or (device.type == "cuda" and _native.HAS_CUDA)
+
+
+_FALLBACK_WARNED = False
+
+
+def _warn_native_missing():
+    """One warning per process when "auto" wanted the native op on CPU but it is not built."""
+    global _FALLBACK_WARNED
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED = True
+        warnings.warn("atom_fast: the native C++ op is not built (" + str(_native.LOAD_ERROR) +
+                      "); backend='auto' falls back to the slower reference on CPU. Reinstall with "
+                      "scripts/install.sh (pip install --no-build-isolation -e .) to build it.",
+                      RuntimeWarning, stacklevel=3)
 
 
 def resolve_backend(backend, device):
@@ -210,16 +227,26 @@ def resolve_backend(backend, device):
     if backend == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"
-        return "native" if native_available() else "reference"
+        if native_available(device):
+            return "native"
+        if device.type == "cpu":
+            _warn_native_missing()
+        return "reference"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
         if device.type != "cuda" and not _triton_interpreted():
             raise RuntimeError(f"backend='triton' runs on CUDA tensors, got {device}; on CPU set "
                                "TRITON_INTERPRET=1 before triton is imported (slow: for tests)")
-    if backend == "native" and not native_available():
-        raise RuntimeError("backend='native': the native C++ op is not built in this version; "
-                           "use backend='reference' or 'triton'")
+    if backend == "native" and not native_available(device):
+        if not _native.AVAILABLE:
+            raise RuntimeError("backend='native': the native C++ op (atom_fast._C) is not built ("
+                               f"{_native.LOAD_ERROR}). Reinstall with scripts/install.sh, i.e. "
+                               "pip install --no-build-isolation -e . with torch installed first; "
+                               "or use backend='reference'")
+        raise RuntimeError(f"backend='native': this build has no kernels for {device.type} tensors "
+                           "(the CUDA kernels are built only with a CUDA torch and toolkit; "
+                           "ATOM_FAST_BUILD_CUDA=1 forces them)")
     return backend
 
 
@@ -263,6 +290,8 @@ def attention_loss(real: Layers, syn: Layers, num_classes: Optional[int] = None,
     if chosen == "triton":
         from atom_fast._triton import FusedAttentionLoss
         return FusedAttentionLoss.apply(layout, ps, pc, ws, wc, *reals, *syns)
+    if chosen == "native" and (ws != 0 or wc != 0):
+        return _native.attention_loss(reals, syns, layout, ps, pc, ws, wc)
     return reference.attention_loss(reals, syns, layout, ps, pc, ws, wc)
 
 

@@ -1,0 +1,104 @@
+"""Native backend: the C++/CUDA ops of ``csrc/`` (``torch.ops.atom_fast``), made differentiable and
+traceable here.
+
+``atom_fast._C`` registers two ops per layer (see csrc/ops.cpp for their contracts):
+``attention_forward`` (loss and the small per-sample statistics) and ``attention_backward`` (one side's
+feature gradient from those statistics). This module adds their fake (meta) kernels, so they trace
+under ``torch.compile``, and the autograd formula of the forward op. It saves only the statistics
+(``N*(H*W + C + 2)`` values per side), the class differences and the features of the sides that need a
+gradient: real features computed under ``no_grad`` are not kept alive until backward.
+"""
+
+import torch
+
+try:
+    from atom_fast import _C
+except ImportError as exc:  # not built (no compiler, ATOM_FAST_BUILD_NATIVE=0, build isolation)
+    _C = None
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    LOAD_ERROR = None
+
+AVAILABLE = _C is not None
+HAS_CUDA = AVAILABLE and _C.has_cuda()
+
+
+def cpu_isa():
+    """Instruction set of the CPU row kernels ('avx2' or 'default'), or None when not built."""
+    return _C.cpu_isa() if AVAILABLE else None
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if AVAILABLE:
+    ops = torch.ops.atom_fast
+
+    @torch.library.register_fake("atom_fast::attention_forward")
+    def _forward_fake(real, syn, real_offsets, syn_offsets, real_order, syn_order, spatial_power,
+                      channel_power, spatial_weight, channel_weight):
+        acc = _acc_dtype(real.dtype)
+        _, C, H, W = real.shape
+        L = H * W + C
+        K = real_offsets.shape[0] - 1
+        return (real.new_empty((), dtype=acc),
+                real.new_empty((real.shape[0], L + 2), dtype=acc),
+                syn.new_empty((syn.shape[0], L + 2), dtype=acc),
+                real.new_empty((K, L), dtype=acc))
+
+    @torch.library.register_fake("atom_fast::attention_backward")
+    def _backward_fake(grad_loss, features, stats, diffs, offsets, order, sign, spatial_power,
+                       channel_power, spatial_weight, channel_weight):
+        return torch.empty_like(features, memory_format=torch.contiguous_format)
+
+    def _setup_context(ctx, inputs, output):
+        real, syn, real_offsets, syn_offsets, real_order, syn_order, ps, pc, ws, wc = inputs
+        _, real_stats, syn_stats, diffs = output
+        need_real, need_syn = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(real if need_real else None, syn if need_syn else None,
+                              real_offsets, syn_offsets, real_order, syn_order,
+                              real_stats if need_real else None, syn_stats if need_syn else None,
+                              diffs)
+        ctx.params = (ps, pc, ws, wc)
+        ctx.mark_non_differentiable(real_stats, syn_stats, diffs)
+
+    def _backward(ctx, grad_loss, _grad_real_stats, _grad_syn_stats, _grad_diffs):
+        (real, syn, real_offsets, syn_offsets, real_order, syn_order, real_stats, syn_stats,
+         diffs) = ctx.saved_tensors
+        params = ctx.params
+        grad_real = grad_syn = None
+        if ctx.needs_input_grad[0]:
+            grad_real = ops.attention_backward(grad_loss, real, real_stats, diffs, real_offsets,
+                                               real_order, 1.0, *params)
+        if ctx.needs_input_grad[1]:
+            grad_syn = ops.attention_backward(grad_loss, syn, syn_stats, diffs, syn_offsets,
+                                              syn_order, -1.0, *params)
+        return grad_real, grad_syn, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("atom_fast::attention_forward", _backward,
+                                    setup_context=_setup_context)
+
+
+def layout_arguments(layout, device):
+    """(real_offsets, syn_offsets, real_order, syn_order) of the ops for a ClassLayout."""
+    K = layout.num_classes
+    if not layout.has_labels:
+        steps = torch.arange(K + 1, dtype=torch.int64, device=device)
+        return steps * layout.real_per_class, steps * layout.syn_per_class, None, None
+    grouped = layout.grouped()
+    return (grouped["real_offsets"], grouped["syn_offsets"], grouped["real_order"],
+            grouped["syn_order"])
+
+
+def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_weight,
+                   channel_weight):
+    """Sum over layers of the native op's loss (arguments already validated by atom_fast.loss)."""
+    real_offsets, syn_offsets, real_order, syn_order = layout_arguments(layout, reals[0].device)
+    total = None
+    for real, syn in zip(reals, syns):
+        loss = ops.attention_forward(real, syn, real_offsets, syn_offsets, real_order, syn_order,
+                                     spatial_power, channel_power, spatial_weight,
+                                     channel_weight)[0]
+        total = loss if total is None else total + loss
+    return total

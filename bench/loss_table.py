@@ -1,0 +1,324 @@
+"""Runtime and peak extra memory of the attention loss, per provider, on one device.
+
+Providers:
+    eager     atom_fast's plain-PyTorch reference (the ground truth), eager
+    compile   torch.compile of that same reference function (default mode)
+    native    the C++/CUDA op of csrc/ (backend="native")
+    triton    the Triton kernels (backend="triton"; CUDA only)
+Modes: ``fwd`` (the loss, with autograd recording), ``bwd`` (loss.backward() alone, the forward run
+untimed before each repeat) and ``fwd+bwd``. As in a distillation step, only the synthetic features
+require a gradient.
+
+Bytes that must move (SPEC 4): forward reads every real and synthetic feature once; backward reads
+the synthetic features and writes their gradient once. The per-sample vectors (N*(H*W + C)) are
+ignored: at C=128, 16x16 they are 1.5% of F. Achieved GB/s = those bytes / median time, reported
+next to the copy bandwidth (``dst.copy_(src)`` of the real features' size, read + write) measured
+in the same run.
+
+Peak extra memory is measured in a fresh child process per provider and mode: CUDA, peak allocated
+above the inputs; CPU, growth of the resident set (VmHWM after resetting it through
+/proc/self/clear_refs, minus VmRSS before the timed call), with glibc told to return every block of
+64 KiB or more to the OS (MALLOC_MMAP_THRESHOLD_), so freed temporaries cannot hide in the heap.
+The warm-up call (and torch.compile's compilation) happens before the reset.
+
+    python bench/loss_table.py --device cpu                  # the native op's acceptance shape
+    python bench/loss_table.py --device cpu --json out.json --providers eager,native
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import atom_fast
+from atom_fast import reference
+from atom_fast.layout import ClassLayout
+
+PROVIDERS = ("eager", "compile", "native", "triton")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+# --------------------------------------------------------------------------------------------------
+# the workload
+# --------------------------------------------------------------------------------------------------
+
+
+def make_inputs(classes, real_per_class, ipc, C, H, W, dtype, device, seed=0):
+    """Post-ReLU real features and synthetic features (leaf, requires grad), classes in blocks."""
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randn(classes * real_per_class, C, H, W, generator=g).relu_().to(device, dtype)
+    syn = torch.randn(classes * ipc, C, H, W, generator=g).relu_().to(device, dtype)
+    return real, syn.requires_grad_()
+
+
+def loss_fn(provider, classes, ps, pc, ws, wc):
+    """A function (real, syn) -> loss for ``provider``."""
+    if provider in ("native", "triton"):
+        def fused(real, syn):
+            return atom_fast.attention_loss(real, syn, classes, spatial_power=ps, channel_power=pc,
+                                            spatial_weight=ws, channel_weight=wc, backend=provider)
+        return fused
+
+    def eager(real, syn):
+        layout = ClassLayout(classes, real_per_class=real.shape[0] // classes,
+                             syn_per_class=syn.shape[0] // classes)
+        return reference.attention_loss([real], [syn], layout, ps, pc, ws, wc)
+
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        return torch.compile(eager)
+    raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+
+
+def bytes_moved(real, syn, mode):
+    fwd = (real.numel() + syn.numel()) * real.element_size()
+    bwd = 2 * syn.numel() * syn.element_size()
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_once(fn, real, syn, mode):
+    """One call in ``mode``; returns the seconds of the timed part."""
+    device = real.device
+    syn.grad = None
+    if mode == "bwd":
+        loss = fn(real, syn)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        return time.perf_counter() - t0
+    _sync(device)
+    t0 = time.perf_counter()
+    loss = fn(real, syn)
+    if mode == "fwd+bwd":
+        loss.backward()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    if mode == "fwd":
+        del loss
+    return elapsed
+
+
+def time_provider(fn, real, syn, mode, warmup, repeats):
+    for _ in range(warmup):
+        run_once(fn, real, syn, mode)
+    times = sorted(run_once(fn, real, syn, mode) for _ in range(repeats))
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3], "repeats": repeats}
+
+
+def copy_bandwidth(real, repeats=10):
+    """GB/s of dst.copy_(src) for a tensor of the real features' size (bytes read + written)."""
+    src = real.detach().clone()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        _sync(src.device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(src.device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / statistics.median(times[2:]) / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# peak extra memory, in a fresh process
+# --------------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_memory_here(args, provider, mode):
+    """Peak bytes above the inputs during one call (run in the child process)."""
+    device = torch.device(args.device)
+    real, syn = make_inputs(args.classes, args.real, args.ipc, *args.shape, _dtype(args.dtype), device)
+    fn = loss_fn(provider, args.classes, args.ps, args.pc, args.ws, args.wc)
+    run_once(fn, real, syn, mode)  # warm-up: compilation, lazy initialization, first allocations
+    syn.grad = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_once(fn, real, syn, mode)
+        return torch.cuda.max_memory_allocated() - base
+    if mode == "bwd":
+        raise ValueError("CPU peak memory is measured for fwd and fwd+bwd")
+    base = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (the peak resident set) to the current resident set
+    run_once(fn, real, syn, mode)
+    return (_proc_status_kib("VmHWM") - base) * 1024
+
+
+def measure_memory(args, provider, mode):
+    """Run measure_memory_here in a fresh interpreter; returns bytes, or None if it failed."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--memory-child", provider, mode]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"memory child failed for {provider}/{mode}:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the table
+# --------------------------------------------------------------------------------------------------
+
+
+def _dtype(name):
+    return {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+            "bfloat16": torch.bfloat16}[name]
+
+
+def available_providers(device):
+    out = ["eager", "compile"]
+    if atom_fast.loss.native_available(device):
+        out.append("native")
+    if device.type == "cuda" and atom_fast.loss.triton_available():
+        out.append("triton")
+    return out
+
+
+def run_table(args):
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    real, syn = make_inputs(args.classes, args.real, args.ipc, *args.shape, _dtype(args.dtype), device)
+    providers = [p for p in args.providers if p in available_providers(device)]
+    input_bytes = (real.numel() + syn.numel()) * real.element_size()
+    rows = []
+    copy_gbs = copy_bandwidth(real)
+    for mode in args.modes:
+        for provider in providers:
+            fn = loss_fn(provider, args.classes, args.ps, args.pc, args.ws, args.wc)
+            t = time_provider(fn, real, syn, mode, args.warmup, args.repeats)
+            moved = bytes_moved(real, syn, mode)
+            row = {"provider": provider, "mode": mode, **t, "bytes_moved": moved,
+                   "gbs": moved / t["median_s"] / 1e9}
+            row["copy_fraction"] = row["gbs"] / copy_gbs
+            rows.append(row)
+    by_mode = {}
+    for row in rows:
+        by_mode.setdefault(row["mode"], {})[row["provider"]] = row
+    for row in rows:
+        base = by_mode[row["mode"]]
+        row["speedup_vs_eager"] = base["eager"]["median_s"] / row["median_s"] if "eager" in base else None
+        row["speedup_vs_compile"] = (base["compile"]["median_s"] / row["median_s"]
+                                     if "compile" in base else None)
+        if args.memory and (device.type == "cuda" or row["mode"] != "bwd"):
+            peak = measure_memory(args, row["provider"], row["mode"])
+            row["peak_extra_bytes"] = peak
+            row["peak_extra_fraction"] = None if peak is None else peak / input_bytes
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "native_isa": atom_fast._native.cpu_isa(),
+        "config": {"classes": args.classes, "real_per_class": args.real, "ipc": args.ipc,
+                   "C_H_W": list(args.shape), "dtype": args.dtype, "spatial_power": args.ps,
+                   "channel_power": args.pc, "spatial_weight": args.ws, "channel_weight": args.wc,
+                   "warmup": args.warmup, "repeats": args.repeats},
+        "input_bytes": input_bytes,
+        "copy_gbs": copy_gbs,
+        "rows": rows,
+    }
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores visible)"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def markdown(result):
+    cfg = result["config"]
+    lines = [f"Loss on {result['device']}, {result['threads']} threads, torch {result['torch']}, "
+             f"native ISA {result['native_isa']}; {cfg['classes']} classes x {cfg['real_per_class']} "
+             f"real, IPC {cfg['ipc']}, (C, H, W) = {tuple(cfg['C_H_W'])}, {cfg['dtype']}, "
+             f"ps={cfg['spatial_power']} pc={cfg['channel_power']}; inputs "
+             f"{result['input_bytes'] / 1e6:.1f} MB; copy bandwidth {result['copy_gbs']:.1f} GB/s",
+             "",
+             "| mode | provider | median ms (p20-p80) | GB/s | of copy | vs eager | vs compile | peak extra MB (of inputs) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        peak = r.get("peak_extra_bytes")
+        peak_s = "-" if peak is None else f"{peak / 1e6:.1f} ({100 * r['peak_extra_fraction']:.1f}%)"
+        vs = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+        lines.append(f"| {r['mode']} | {r['provider']} | {1e3 * r['median_s']:.1f} "
+                     f"({1e3 * r['p20_s']:.1f}-{1e3 * r['p80_s']:.1f}) | {r['gbs']:.1f} | "
+                     f"{100 * r['copy_fraction']:.0f}% | {vs(r['speedup_vs_eager'])} | "
+                     f"{vs(r['speedup_vs_compile'])} | {peak_s} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--real", type=int, default=128, help="real samples per class")
+    p.add_argument("--ipc", type=int, default=10, help="synthetic samples per class")
+    p.add_argument("--shape", type=lambda s: tuple(int(v) for v in s.split("x")), default=(128, 16, 16),
+                   help="C x H x W of the layer (default 128x16x16)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--ps", type=float, default=4.0)
+    p.add_argument("--pc", type=float, default=4.0)
+    p.add_argument("--ws", type=float, default=1.0)
+    p.add_argument("--wc", type=float, default=1.0)
+    p.add_argument("--providers", type=lambda s: s.split(","), default=list(PROVIDERS))
+    p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak-memory child processes")
+    p.add_argument("--json", help="also write the result as JSON to this file")
+    p.add_argument("--memory-child", nargs=2, metavar=("PROVIDER", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if "--memory-child" in raw:
+        raw = raw[:raw.index("--memory-child")]
+    args.argv = raw
+    for name, allowed in (("providers", PROVIDERS), ("modes", MODES)):
+        bad = [v for v in getattr(args, name) if v not in allowed]
+        if bad:
+            p.error(f"--{name}: {bad} not in {allowed}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_child:
+        provider, mode = args.memory_child
+        print(json.dumps({"peak_extra_bytes": measure_memory_here(args, provider, mode)}))
+        return
+    result = run_table(args)
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+// CPU implementation of the atom_fast ops: the fused one-pass algorithm of the Triton kernels.
+//
+// Forward, per side, parallel over samples (at::parallel_for: OpenMP, torch.get_num_threads()):
+//   one pass over F[n] channel row by channel row: s[hw] += |x|^ps, t[c] = sum_hw |x|^pc, then the
+//   two norms. The running s (H*W values) stays in L1/L2 while F streams through once.
+// Then per class (parallel over classes): D_k from the normalized per-sample vectors, and the loss.
+// Backward, per sample: the gradient w.r.t. s_n and t_n through the normalization (O(H*W + C)),
+// then one pass F -> dF. Nothing full-size is allocated besides dF.
+//
+// Every sum runs in a fixed order inside one sample or class, whatever the thread count, so the
+// results are bitwise reproducible. float16/bfloat16 rows are widened to float32 one row at a time.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+
+namespace atom_fast {
+namespace cpu {
+
+const char* selected_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* forced = std::getenv("ATOM_FAST_CPU_ISA");
+  if (forced != nullptr && std::strcmp(forced, "default") == 0) return "default";
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has_avx2 ? "avx2" : "default";
+#else
+  return "default";
+#endif
+}
+
+template <>
+RowKernels<float> row_kernels<float>(double ps, double pc) {
+  const bool avx2 = std::strcmp(selected_isa(), "avx2") == 0;
+  return avx2 ? isa_avx2::row_kernels_float(power_index(ps), power_index(pc))
+              : isa_default::row_kernels_float(power_index(ps), power_index(pc));
+}
+
+template <>
+RowKernels<double> row_kernels<double>(double ps, double pc) {
+  const bool avx2 = std::strcmp(selected_isa(), "avx2") == 0;
+  return avx2 ? isa_avx2::row_kernels_double(power_index(ps), power_index(pc))
+              : isa_default::row_kernels_double(power_index(ps), power_index(pc));
+}
+
+}  // namespace cpu
+
+namespace {
+
+// Samples per task: at least ~64K feature elements, so small layers are not split too finely.
+int64_t grain(int64_t per_item) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(per_item, 1)); }
+
+// Row c of a sample in the accumulation type: the row itself, or widened into `buf`.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_row(const scalar_t* src, acc_t* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
+    return buf;
+  }
+}
+
+// Class of each sample and the per-class counts from offsets (and order), validating them.
+struct Classes {
+  std::vector<int64_t> of_sample;  // class of sample n
+  std::vector<int64_t> rows;       // samples grouped by class: rows[offsets[k]:offsets[k+1]]
+  std::vector<int64_t> offsets;
+};
+
+Classes read_classes(const at::Tensor& offsets_t, const c10::optional<at::Tensor>& order_t,
+                     int64_t N, const char* offsets_name, const char* order_name, const char* op) {
+  Classes out;
+  const auto off = offsets_t.contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  const int64_t K = off.numel() - 1;
+  out.offsets.assign(o, o + K + 1);
+  TORCH_CHECK(o[0] == 0 && o[K] == N, op, ": ", offsets_name, " must start at 0 and end at N = ", N,
+              ", got ", o[0], " .. ", o[K]);
+  for (int64_t k = 0; k < K; ++k)
+    TORCH_CHECK(o[k] <= o[k + 1], op, ": ", offsets_name, " must be non-decreasing, but entry ",
+                k + 1, " (", o[k + 1], ") < entry ", k, " (", o[k], ")");
+  out.rows.resize(N);
+  if (order_t.has_value()) {
+    const auto ord = order_t->contiguous();
+    const int64_t* r = ord.data_ptr<int64_t>();
+    std::vector<char> seen(N, 0);
+    for (int64_t i = 0; i < N; ++i) {
+      TORCH_CHECK(r[i] >= 0 && r[i] < N && !seen[r[i]], op, ": ", order_name,
+                  " must be a permutation of 0..", N - 1, ", entry ", i, " is ", r[i]);
+      seen[r[i]] = 1;
+      out.rows[i] = r[i];
+    }
+  } else {
+    for (int64_t i = 0; i < N; ++i) out.rows[i] = i;
+  }
+  out.of_sample.resize(N);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = o[k]; i < o[k + 1]; ++i) out.of_sample[out.rows[i]] = k;
+  return out;
+}
+
+// stats[n] = [s (HW) | t (C) | ||s|| | ||t||]; a disabled term is written as zeros.
+template <typename scalar_t, typename acc_t>
+void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bool has_s,
+                bool has_t) {
+  const int64_t N = F.size(0), C = F.size(1), HW = F.size(2) * F.size(3), L = HW + C + 2;
+  const scalar_t* f = F.data_ptr<scalar_t>();
+  acc_t* out = stats.data_ptr<acc_t>();
+  const auto k = cpu::row_kernels<acc_t>(ps, pc);
+  const bool same = has_s && has_t && ps == pc;
+  const acc_t aps = static_cast<acc_t>(ps), apc = static_cast<acc_t>(pc);
+  at::parallel_for(0, N, grain(C * HW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : HW);
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* fn = f + n * C * HW;
+      acc_t* s = out + n * L;
+      acc_t* t = s + HW;
+      std::fill(s, s + L, acc_t(0));
+      if (!has_s && !has_t) continue;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* x = load_row<scalar_t, acc_t>(fn + c * HW, buf.data(), HW);
+        if (same) {
+          t[c] = k.both(x, s, HW, aps);
+        } else {
+          if (has_s) k.spatial(x, s, HW, aps);
+          if (has_t) t[c] = k.channel(x, HW, apc);
+        }
+      }
+      if (has_s) s[HW + C] = std::sqrt(k.sum_squares(s, HW));
+      if (has_t) s[HW + C + 1] = std::sqrt(k.sum_squares(t, C));
+    }
+  });
+}
+
+// Sum over the class's samples of the normalized vectors: acc[l] += x[l] / max(||x||, eps).
+template <typename acc_t>
+void class_sum(const acc_t* stats, const Classes& cls, int64_t k, int64_t HW, int64_t C,
+               acc_t* acc) {
+  const int64_t L = HW + C + 2;
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  std::fill(acc, acc + HW + C, acc_t(0));
+  for (int64_t i = cls.offsets[k]; i < cls.offsets[k + 1]; ++i) {
+    const acc_t* x = stats + cls.rows[i] * L;
+    const acc_t inv_s = acc_t(1) / std::max(x[HW + C], eps);
+    const acc_t inv_t = acc_t(1) / std::max(x[HW + C + 1], eps);
+    for (int64_t l = 0; l < HW; ++l) acc[l] += x[l] * inv_s;
+    for (int64_t l = HW; l < HW + C; ++l) acc[l] += x[l] * inv_t;
+  }
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
+    const at::Tensor& real, const at::Tensor& syn, const Classes& rc, const Classes& sc, int64_t K,
+    double ps, double pc, double ws, double wc) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t C = real.size(1), HW = real.size(2) * real.size(3);
+  const auto opts = real.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const bool has_s = ws != 0, has_t = wc != 0;
+  at::Tensor real_stats = at::empty({real.size(0), HW + C + 2}, opts);
+  at::Tensor syn_stats = at::empty({syn.size(0), HW + C + 2}, opts);
+  at::Tensor diffs = at::empty({K, HW + C}, opts);
+  side_stats<scalar_t, acc_t>(real, real_stats, ps, pc, has_s, has_t);
+  side_stats<scalar_t, acc_t>(syn, syn_stats, ps, pc, has_s, has_t);
+
+  const acc_t* rs = real_stats.data_ptr<acc_t>();
+  const acc_t* ss = syn_stats.data_ptr<acc_t>();
+  acc_t* d = diffs.data_ptr<acc_t>();
+  std::vector<acc_t> terms(K);  // ws ||D_k(s)||^2 + wc ||D_k(t)||^2
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mean_s(HW + C);
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t* dk = d + k * (HW + C);
+      class_sum(rs, rc, k, HW, C, dk);
+      class_sum(ss, sc, k, HW, C, mean_s.data());
+      const acc_t nr = static_cast<acc_t>(std::max<int64_t>(rc.offsets[k + 1] - rc.offsets[k], 1));
+      const acc_t ns = static_cast<acc_t>(std::max<int64_t>(sc.offsets[k + 1] - sc.offsets[k], 1));
+      acc_t sq_s = 0, sq_t = 0;
+      for (int64_t l = 0; l < HW + C; ++l) {
+        const acc_t v = dk[l] / nr - mean_s[l] / ns;
+        dk[l] = v;
+        (l < HW ? sq_s : sq_t) += v * v;
+      }
+      terms[k] = (has_s ? static_cast<acc_t>(ws) * sq_s : acc_t(0)) +
+                 (has_t ? static_cast<acc_t>(wc) * sq_t : acc_t(0));
+    }
+  });
+  acc_t loss = 0;
+  for (int64_t k = 0; k < K; ++k) loss += terms[k];
+  return {at::scalar_tensor(loss, opts), real_stats, syn_stats, diffs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& real, const at::Tensor& syn, const at::Tensor& real_offsets,
+    const at::Tensor& syn_offsets, const c10::optional<at::Tensor>& real_order,
+    const c10::optional<at::Tensor>& syn_order, double ps, double pc, double ws, double wc) {
+  const char* op = "atom_fast::attention_forward";
+  const auto a = check_forward(real, syn, real_offsets, syn_offsets, real_order, syn_order, ps, pc,
+                               ws, wc);
+  const Classes rc = read_classes(real_offsets, real_order, real.size(0), "real_offsets",
+                                  "real_order", op);
+  const Classes sc = read_classes(syn_offsets, syn_order, syn.size(0), "syn_offsets", "syn_order",
+                                  op);
+  // Each sample's (C, H, W) block must be contiguous (a batch slice is; channels_last is copied).
+  const at::Tensor r = real.contiguous(), s = syn.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "attention_forward_cpu", [&] {
+    return forward_typed<scalar_t>(r, s, rc, sc, a.K, ps, pc, ws, wc);
+  });
+}
+
+// G_n = power * dL/dx_n for x = s_n or t_n, with dL/dx_hat_n = coef * D_k:
+//   dL/dx = (g - x_hat (x_hat . g)) / ||x||, or g / eps when ||x|| < eps (torch's clamp_min).
+template <typename acc_t>
+void normalize_grad(const acc_t* x, acc_t nrm, const acc_t* D, acc_t coef, acc_t power, int64_t L,
+                    acc_t* out) {
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  acc_t dot = 0;
+  for (int64_t l = 0; l < L; ++l) dot += x[l] * (coef * D[l]);
+  const bool above = nrm >= eps;
+  const acc_t inv = acc_t(1) / (above ? nrm : eps);
+  const acc_t proj = above ? dot * inv * inv * inv : acc_t(0);
+  for (int64_t l = 0; l < L; ++l) out[l] = power * ((coef * D[l]) * inv - x[l] * proj);
+}
+
+template <typename scalar_t>
+at::Tensor backward_typed(const at::Tensor& grad_loss, const at::Tensor& F, const at::Tensor& stats,
+                          const at::Tensor& diffs, const Classes& cls, double sign, double ps,
+                          double pc, double ws, double wc) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t N = F.size(0), C = F.size(1), HW = F.size(2) * F.size(3), L = HW + C + 2;
+  at::Tensor dF = at::empty(F.sizes(), F.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool has_s = ws != 0, has_t = wc != 0;
+  if (!has_s && !has_t) return dF.zero_();
+  const acc_t go = grad_loss.item<acc_t>();
+  const scalar_t* f = F.data_ptr<scalar_t>();
+  scalar_t* df = dF.data_ptr<scalar_t>();
+  const acc_t* st = stats.data_ptr<acc_t>();
+  const acc_t* d = diffs.data_ptr<acc_t>();
+  const auto k = cpu::row_kernels<acc_t>(ps, pc);
+  const bool same = has_s && has_t && ps == pc;
+  const acc_t aps = static_cast<acc_t>(ps), apc = static_cast<acc_t>(pc);
+  constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+  at::parallel_for(0, N, grain(C * HW), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gs(HW), gt(C), xbuf(direct ? 0 : HW), obuf(direct ? 0 : HW);
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t cl = cls.of_sample[n];
+      const acc_t count = static_cast<acc_t>(cls.offsets[cl + 1] - cls.offsets[cl]);
+      const acc_t coef = static_cast<acc_t>(sign) * acc_t(2) * go / count;
+      const acc_t* sn = st + n * L;
+      const acc_t* Dk = d + cl * (HW + C);
+      if (has_s) normalize_grad(sn, sn[HW + C], Dk, coef * static_cast<acc_t>(ws), aps, HW, gs.data());
+      if (has_t)
+        normalize_grad(sn + HW, sn[HW + C + 1], Dk + HW, coef * static_cast<acc_t>(wc), apc, C,
+                       gt.data());
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t off = (n * C + c) * HW;
+        const acc_t* x = load_row<scalar_t, acc_t>(f + off, xbuf.data(), HW);
+        acc_t* o;
+        if constexpr (direct) o = df + off; else o = obuf.data();
+        if (same) {
+          k.grad_both(x, gs.data(), gt[c], o, HW, aps);
+        } else {
+          if (has_s) k.grad_spatial(x, gs.data(), o, HW, aps);
+          if (has_t) k.grad_channel(x, gt[c], o, HW, apc, has_s);
+        }
+        if constexpr (!direct)
+          for (int64_t i = 0; i < HW; ++i) df[off + i] = static_cast<scalar_t>(o[i]);
+      }
+    }
+  });
+  return dF;
+}
+
+at::Tensor attention_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& features,
+                                  const at::Tensor& stats, const at::Tensor& diffs,
+                                  const at::Tensor& offsets, const c10::optional<at::Tensor>& order,
+                                  double sign, double ps, double pc, double ws, double wc) {
+  const char* op = "atom_fast::attention_backward";
+  check_backward(grad_loss, features, stats, diffs, offsets, order, sign, ps, pc, ws, wc);
+  const Classes cls = read_classes(offsets, order, features.size(0), "offsets", "order", op);
+  const at::Tensor F = features.contiguous();
+  const at::Tensor st = stats.contiguous(), d = diffs.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(), "attention_backward_cpu", [&] {
+    return backward_typed<scalar_t>(grad_loss, F, st, d, cls, sign, ps, pc, ws, wc);
+  });
+}
+
+}  // namespace
+}  // namespace atom_fast
+
+TORCH_LIBRARY_IMPL(atom_fast, CPU, m) {
+  m.impl("attention_forward", &atom_fast::attention_forward_cpu);
+  m.impl("attention_backward", &atom_fast::attention_backward_cpu);
+}

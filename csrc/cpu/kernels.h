@@ -1,0 +1,57 @@
+// The CPU op's row kernels, one table per instruction set, chosen at run time.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <utility>
+
+namespace atom_fast {
+namespace cpu {
+
+// Integer powers 1..kMaxPower get their own unrolled, vectorized loops; others take std::pow.
+constexpr int kMaxPower = 8;
+
+// 0 (general path) or the integer power p in 1..kMaxPower.
+inline int power_index(double p) {
+  if (p >= 1 && p <= kMaxPower && p == std::floor(p)) return static_cast<int>(p);
+  return 0;
+}
+
+template <typename acc_t>
+struct RowKernels {
+  using Spatial = void (*)(const acc_t*, acc_t*, int64_t, acc_t);
+  using Channel = acc_t (*)(const acc_t*, int64_t, acc_t);
+  using Both = acc_t (*)(const acc_t*, acc_t*, int64_t, acc_t);
+  using GradSpatial = void (*)(const acc_t*, const acc_t*, acc_t*, int64_t, acc_t);
+  using GradChannel = void (*)(const acc_t*, acc_t, acc_t*, int64_t, acc_t, bool);
+  using GradBoth = void (*)(const acc_t*, const acc_t*, acc_t, acc_t*, int64_t, acc_t);
+  using SumSquares = acc_t (*)(const acc_t*, int64_t);
+  Spatial spatial;          // s[i] += |x[i]|^ps
+  Channel channel;          // returns sum_i |x[i]|^pc
+  Both both;                // both of the above when ps == pc
+  GradSpatial grad_spatial; // out[i] = |x|^(ps-1) sgn(x) gs[i]
+  GradChannel grad_channel; // out[i] (+)= |x|^(pc-1) sgn(x) gt
+  GradBoth grad_both;       // out[i] = |x|^(p-1) sgn(x) (gs[i] + gt) when ps == pc
+  SumSquares sum_squares;   // sum_i x[i]^2
+};
+
+using PowerSequence = std::make_integer_sequence<int, kMaxPower + 1>;  // 0, 1, ..., kMaxPower
+
+// One definition per instruction set (kernels_default.cpp, kernels_avx2.cpp).
+namespace isa_default {
+RowKernels<float> row_kernels_float(int spatial_index, int channel_index);
+RowKernels<double> row_kernels_double(int spatial_index, int channel_index);
+}  // namespace isa_default
+namespace isa_avx2 {
+RowKernels<float> row_kernels_float(int spatial_index, int channel_index);
+RowKernels<double> row_kernels_double(int spatial_index, int channel_index);
+}  // namespace isa_avx2
+
+// "avx2" when the CPU has AVX2 and FMA and ATOM_FAST_CPU_ISA is not "default"; else "default".
+const char* selected_isa();
+
+template <typename acc_t>
+RowKernels<acc_t> row_kernels(double ps, double pc);
+
+}  // namespace cpu
+}  // namespace atom_fast

@@ -1,0 +1,60 @@
+// The op schemas of atom_fast (declared once here) and the Python module that loads them.
+//
+//   atom_fast::attention_forward(real, syn, real_offsets, syn_offsets, real_order?, syn_order?,
+//                                ps, pc, ws, wc) -> (loss, real_stats, syn_stats, diffs)
+//   atom_fast::attention_backward(grad_loss, features, stats, diffs, offsets, order?,
+//                                 sign, ps, pc, ws, wc) -> grad_features
+//
+// One layer per call. Class layout: the samples of class k are rows order[offsets[k]:offsets[k+1]]
+// (order omitted: rows offsets[k]:offsets[k+1], the equal contiguous blocks of DataDAM/DM loops).
+// stats (N, H*W + C + 2): per sample the raw spatial attention s (H*W), channel attention t (C),
+// ||s|| and ||t||. diffs (K, H*W + C): D_k = mean_real_k(x_hat) - mean_syn_k(x_hat) for s then t.
+// The loss is ws * sum_k ||D_k(s)||^2 + wc * sum_k ||D_k(t)||^2. attention_backward gives the
+// gradient of grad_loss * loss for one side (sign +1 real, -1 synthetic) from the saved statistics.
+// Implementations: attention_cpu.cpp (CPU), cuda/attention_cuda.cu (CUDA, when built).
+// Autograd and fake (meta) kernels are registered from Python (atom_fast/_native.py).
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(atom_fast, m) {
+  m.def(
+      "attention_forward(Tensor real, Tensor syn, Tensor real_offsets, Tensor syn_offsets, "
+      "Tensor? real_order, Tensor? syn_order, float spatial_power, float channel_power, "
+      "float spatial_weight, float channel_weight) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "attention_backward(Tensor grad_loss, Tensor features, Tensor stats, Tensor diffs, "
+      "Tensor offsets, Tensor? order, float sign, float spatial_power, float channel_power, "
+      "float spatial_weight, float channel_weight) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+}
+
+// ---- Python module: importing atom_fast._C registers the ops above --------------------------------
+
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(atom_fast::cpu::selected_isa());
+}
+
+static PyObject* has_cuda(PyObject*, PyObject*) {
+#ifdef ATOM_FAST_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+static PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "Instruction set of the CPU row kernels used now: 'avx2' or 'default' "
+     "(ATOM_FAST_CPU_ISA=default forces the baseline)."},
+    {"has_cuda", has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled into this build."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                 "Native atom_fast ops (registered as torch.ops.atom_fast)", -1,
+                                 methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,43 @@
+"""Internals of the Triton backend: block loops that run more than once, no backward work for a side
+that needs no gradient. (Values and gradients of both fused backends are in test_fused.py.)"""
+
+import pytest
+import torch
+
+import atom_fast
+import atom_fast.kernels.attention as kernels
+from _data import make_layers
+from conftest import DEVICE
+from test_fused import ODD, _check_once
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Shrink every block so that each kernel's loops run several times on a small shape."""
+    monkeypatch.setattr(kernels, "MAX_BLOCK_HW", 4)
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 8)
+    monkeypatch.setattr(kernels, "MAX_BLOCK_VEC", 4)
+    monkeypatch.setattr(kernels, "BLOCK_MEMBERS", 2)
+
+
+@pytest.mark.parametrize("ps,pc,labels", [(4, 4, False), (2.5, 8, True), (1, 2, False)])
+def test_block_loops_run_more_than_once(small_blocks, ps, pc, labels):
+    C, H, W = ODD[0]
+    block_c, block_hw, _ = kernels.feature_launch_config(C, H * W)
+    assert block_hw < H * W and block_c < C  # several spatial and channel blocks per sample
+    assert kernels._vector_block(H * W) < H * W
+    _check_once("triton", ODD, K=3, B=5, IPC=3, ps=ps, pc=pc, labels=labels, real_grad=True, upstream=0.5)
+
+
+def test_no_gradient_work_for_the_real_side(monkeypatch):
+    calls = []
+    original = kernels.attention_backward
+    monkeypatch.setattr(kernels, "attention_backward",
+                        lambda F, *a, **k: calls.append(F.shape[0]) or original(F, *a, **k))
+    reals, syns = make_layers(ODD, 9, 3, torch.float32, DEVICE)
+    syn = syns[0].requires_grad_()
+    atom_fast.attention_loss(reals, [syn], 3, backend="triton").backward()
+    assert calls == [3]  # only the synthetic batch went through the backward pass
+    assert reals[0].grad is None and syn.grad is not None
+
+

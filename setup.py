@@ -51,7 +51,7 @@ def native_extensions():
         sources += sorted(glob("csrc/cuda/*.cu"))
         Extension = cpp_extension.CUDAExtension
         define_macros.append(("ATOM_FAST_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-lineinfo"]
     print(f"atom-fast: building the native op (CPU{' + CUDA' if with_cuda else ''})")
     ext = Extension("atom_fast._C", sources, include_dirs=[os.path.abspath("csrc")],
                     define_macros=define_macros, extra_compile_args=extra,

@@ -11,13 +11,20 @@ gradient: real features computed under ``no_grad`` are not kept alive until back
 
 import torch
 
-try:
-    from atom_fast import _C
-except ImportError as exc:  # not built (no compiler, ATOM_FAST_BUILD_NATIVE=0, build isolation)
+import importlib.util
+
+if importlib.util.find_spec("atom_fast._C") is None:
+    # not built: no compiler, ATOM_FAST_BUILD_NATIVE=0, or installed with build isolation
     _C = None
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    LOAD_ERROR = "atom_fast._C was not built"
 else:
-    LOAD_ERROR = None
+    try:
+        from atom_fast import _C
+    except ImportError as exc:  # built, but does not load (e.g. against another torch)
+        _C = None
+        LOAD_ERROR = f"atom_fast._C does not load: {type(exc).__name__}: {exc}"
+    else:
+        LOAD_ERROR = None
 
 AVAILABLE = _C is not None
 HAS_CUDA = AVAILABLE and _C.has_cuda()
@@ -38,6 +45,11 @@ if AVAILABLE:
     @torch.library.register_fake("atom_fast::attention_forward")
     def _forward_fake(real, syn, real_offsets, syn_offsets, real_order, syn_order, spatial_power,
                       channel_power, spatial_weight, channel_weight):
+        for t, name in ((syn, "syn"), (real_offsets, "real_offsets"), (syn_offsets, "syn_offsets"),
+                        (real_order, "real_order"), (syn_order, "syn_order")):
+            torch._check(t is None or t.device == real.device,
+                         lambda: f"atom_fast::attention_forward: {name} is on {t.device} but real "
+                                 f"is on {real.device}")
         acc = _acc_dtype(real.dtype)
         _, C, H, W = real.shape
         L = H * W + C
@@ -78,6 +90,18 @@ if AVAILABLE:
 
     torch.library.register_autograd("atom_fast::attention_forward", _backward,
                                     setup_context=_setup_context)
+
+    def _no_double_backward(ctx, grad):
+        raise RuntimeError("backend='native' does not support double backward (a gradient of the "
+                           "attention loss's gradient); use backend='reference' for that")
+
+    def _setup_backward_context(ctx, inputs, output):
+        pass
+
+    # Without this, create_graph=True would give a gradient that claims to require grad but whose
+    # own gradient is silently wrong; with it, asking for that second gradient raises.
+    torch.library.register_autograd("atom_fast::attention_backward", _no_double_backward,
+                                    setup_context=_setup_backward_context)
 
 
 def layout_arguments(layout, device):

@@ -87,7 +87,8 @@ def _check_scalar(value, name, allow_zero):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    # Comparisons, not math.isfinite: torch.compile(dynamic=True) cannot trace math.isfinite.
+    if not (-math.inf < value < math.inf) or value < 0 or (value == 0 and not allow_zero):
         bound = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be finite and {bound}, got {value}")
     return value
@@ -208,7 +209,7 @@ def _warn_native_missing():
         warnings.warn("atom_fast: the native C++ op is not built (" + str(_native.LOAD_ERROR) +
                       "); backend='auto' falls back to the slower reference on CPU. Reinstall with "
                       "scripts/install.sh (pip install --no-build-isolation -e .) to build it.",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=4)
 
 
 def resolve_backend(backend, device):

@@ -26,11 +26,20 @@ namespace cpu {
 
 const char* selected_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  const char* forced = std::getenv("ATOM_FAST_CPU_ISA");
-  if (forced != nullptr && std::strcmp(forced, "default") == 0) return "default";
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* forced = std::getenv("ATOM_FAST_CPU_ISA");
+  if (forced != nullptr && forced[0] != '\0') {
+    TORCH_CHECK(std::strcmp(forced, "default") == 0 || std::strcmp(forced, "avx2") == 0,
+                "ATOM_FAST_CPU_ISA must be 'default' or 'avx2' (or unset), got '", forced, "'");
+    TORCH_CHECK(std::strcmp(forced, "default") == 0 || has_avx2,
+                "ATOM_FAST_CPU_ISA=avx2, but this CPU lacks AVX2 or FMA");
+    return std::strcmp(forced, "default") == 0 ? "default" : "avx2";
+  }
   return has_avx2 ? "avx2" : "default";
 #else
+  const char* forced = std::getenv("ATOM_FAST_CPU_ISA");
+  TORCH_CHECK(forced == nullptr || forced[0] == '\0' || std::strcmp(forced, "default") == 0,
+              "ATOM_FAST_CPU_ISA: only 'default' exists on this architecture, got '", forced, "'");
   return "default";
 #endif
 }
@@ -111,6 +120,7 @@ template <typename scalar_t, typename acc_t>
 void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bool has_s,
                 bool has_t) {
   const int64_t N = F.size(0), C = F.size(1), HW = F.size(2) * F.size(3), L = HW + C + 2;
+  const int64_t stride_n = F.stride(0);
   const scalar_t* f = F.data_ptr<scalar_t>();
   acc_t* out = stats.data_ptr<acc_t>();
   const auto k = cpu::row_kernels<acc_t>(ps, pc);
@@ -119,7 +129,7 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
   at::parallel_for(0, N, grain(C * HW), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : HW);
     for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* fn = f + n * C * HW;
+      const scalar_t* fn = f + n * stride_n;
       acc_t* s = out + n * L;
       acc_t* t = s + HW;
       std::fill(s, s + L, acc_t(0));
@@ -208,7 +218,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu
   const Classes sc = read_classes(syn_offsets, syn_order, syn.size(0), "syn_offsets", "syn_order",
                                   op);
   // Each sample's (C, H, W) block must be contiguous (a batch slice is; channels_last is copied).
-  const at::Tensor r = real.contiguous(), s = syn.contiguous();
+  const at::Tensor r = sample_contiguous(real), s = sample_contiguous(syn);
+  for (int64_t k = 0; k < a.K; ++k) {
+    const bool has_real = rc.offsets[k + 1] > rc.offsets[k];
+    const bool has_syn = sc.offsets[k + 1] > sc.offsets[k];
+    TORCH_CHECK(has_real == has_syn, op, ": class ", k, " has ", has_real ? "real" : "synthetic",
+                " samples but no ", has_real ? "synthetic" : "real", " ones; every class needs "
+                "samples on both sides (or on neither)");
+  }
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "attention_forward_cpu", [&] {
     return forward_typed<scalar_t>(r, s, rc, sc, a.K, ps, pc, ws, wc);
   });
@@ -238,6 +255,7 @@ at::Tensor backward_typed(const at::Tensor& grad_loss, const at::Tensor& F, cons
   const bool has_s = ws != 0, has_t = wc != 0;
   if (!has_s && !has_t) return dF.zero_();
   const acc_t go = grad_loss.item<acc_t>();
+  const int64_t stride_n = F.stride(0);
   const scalar_t* f = F.data_ptr<scalar_t>();
   scalar_t* df = dF.data_ptr<scalar_t>();
   const acc_t* st = stats.data_ptr<acc_t>();
@@ -259,8 +277,8 @@ at::Tensor backward_typed(const at::Tensor& grad_loss, const at::Tensor& F, cons
         normalize_grad(sn + HW, sn[HW + C + 1], Dk + HW, coef * static_cast<acc_t>(wc), apc, C,
                        gt.data());
       for (int64_t c = 0; c < C; ++c) {
-        const int64_t off = (n * C + c) * HW;
-        const acc_t* x = load_row<scalar_t, acc_t>(f + off, xbuf.data(), HW);
+        const int64_t off = (n * C + c) * HW;  // in dF (contiguous)
+        const acc_t* x = load_row<scalar_t, acc_t>(f + n * stride_n + c * HW, xbuf.data(), HW);
         acc_t* o;
         if constexpr (direct) o = df + off; else o = obuf.data();
         if (same) {
@@ -284,7 +302,7 @@ at::Tensor attention_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
   const char* op = "atom_fast::attention_backward";
   check_backward(grad_loss, features, stats, diffs, offsets, order, sign, ps, pc, ws, wc);
   const Classes cls = read_classes(offsets, order, features.size(0), "offsets", "order", op);
-  const at::Tensor F = features.contiguous();
+  const at::Tensor F = sample_contiguous(features);
   const at::Tensor st = stats.contiguous(), d = diffs.contiguous();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(), "attention_backward_cpu", [&] {
     return backward_typed<scalar_t>(grad_loss, F, st, d, cls, sign, ps, pc, ws, wc);

@@ -24,6 +24,15 @@ inline void check_features(const at::Tensor& t, const char* name, const char* op
               " must have non-empty N, C, H, W, got ", t.sizes());
 }
 
+// F itself when each sample's (C, H, W) block is contiguous (any batch stride, e.g. a slice or
+// x[::2] of a contiguous batch), else a contiguous copy (channels_last, transposed views).
+inline at::Tensor sample_contiguous(const at::Tensor& F) {
+  const int64_t H = F.size(2), W = F.size(3);
+  const bool ok = (W == 1 || F.stride(3) == 1) && (H == 1 || F.stride(2) == W) &&
+                  (F.size(1) == 1 || F.stride(1) == H * W) && F.stride(0) >= 0;
+  return ok ? F : F.contiguous();
+}
+
 inline void check_power(double p, const char* name, const char* op) {
   TORCH_CHECK(std::isfinite(p) && p > 0, op, ": ", name, " must be finite and positive, got ", p);
 }

@@ -88,6 +88,31 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
+def test_torch_compile_dynamic_shapes():
+    K = 2
+    step = lambda r, s: atom_fast.attention_loss(r, s, K, backend="native")  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for n_real, hw in ((8, 4), (6, 3)):
+        reals, syns = make_layers([(3, hw, hw)], n_real, 4, torch.float32, DEVICE)
+        s = syns[0].requires_grad_()
+        loss = compiled(reals[0], s)
+        (g,) = torch.autograd.grad(loss, s)
+        s2 = syns[0].detach().clone().requires_grad_()
+        want = step(reals[0], s2)
+        torch.testing.assert_close(loss, want)
+        torch.testing.assert_close(g, torch.autograd.grad(want, s2)[0])
+
+
+def test_double_backward_raises():
+    reals, syns = make_layers(ODD, 6, 3, torch.float64, DEVICE)
+    s = syns[0].requires_grad_()
+    loss = atom_fast.attention_loss(reals, [s], 3, backend="native")
+    (g,) = torch.autograd.grad(loss, s, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(g.sum(), s)
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -154,6 +179,18 @@ def test_layouts_in_memory():
     torch.testing.assert_close(atom_fast.attention_loss(cl, syns, 3, backend="native"), want)
     big = torch.cat([reals[0], reals[0]])
     torch.testing.assert_close(atom_fast.attention_loss(big[12:], syns, 3, backend="native"), want)
+    # every other sample of a batch: read in place with its batch stride (no copy), same result
+    wide = torch.stack([reals[0], torch.full_like(reals[0], float("nan"))], 1).flatten(0, 1)
+    strided = wide[::2]
+    assert strided.stride(0) == 2 * strided[0].numel()
+    s = syns[0].detach().requires_grad_()
+    s_wide = torch.stack([s, s], 1).flatten(0, 1)[::2]
+    got = atom_fast.attention_loss(strided, s_wide, 3, backend="native")
+    torch.testing.assert_close(got, want)
+    (g,) = torch.autograd.grad(got, s)
+    s_ref = syns[0].detach().requires_grad_()
+    (g_ref,) = torch.autograd.grad(atom_fast.attention_loss(reals, s_ref, 3, backend="reference"), s_ref)
+    torch.testing.assert_close(g, g_ref)
 
 
 def _raises(match, op, *args):
@@ -179,6 +216,12 @@ def test_the_op_checks_its_own_arguments():
     _raises(r"real_order must be a permutation of 0..11, entry 4 is 4", fwd, real, syn, ro, so,
             order, None, *params)
     _raises(r"syn_order must have shape \(6,\)", fwd, real, syn, ro, so, None, order, *params)
+    uneven = torch.tensor([0, 6, 6, 12], device=DEVICE)
+    _raises(r"class 1 has synthetic samples but no real ones", fwd, real, syn, uneven, so, None, None,
+            *params)
+    if DEVICE.type == "cpu":
+        with pytest.raises(RuntimeError, match=r"syn_offsets is on meta but real is on cpu"):
+            fwd(real, syn, ro, so.to("meta"), None, None, *params)
     _raises(r"channel_power must be finite and positive", fwd, real, syn, ro, so, None, None,
             4.0, -1.0, 1.0, 1.0)
     _raises(r"spatial_weight must be finite and non-negative", fwd, real, syn, ro, so, None, None,
@@ -198,6 +241,14 @@ def test_the_op_checks_its_own_arguments():
         bwd(g.double(), syn, syn_stats, diffs, so, None, -1.0, *params)
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU instruction sets")
+def test_bad_isa_setting(monkeypatch):
+    monkeypatch.setenv("ATOM_FAST_CPU_ISA", "avx512")
+    reals, syns = make_layers(ODD, 6, 3, torch.float32, DEVICE)
+    with pytest.raises(RuntimeError, match=r"ATOM_FAST_CPU_ISA must be 'default' or 'avx2'"):
+        atom_fast.attention_loss(reals, syns, 3, backend="native")
+
+
 def test_auto_prefers_native_on_cpu(monkeypatch):
     monkeypatch.delenv(loss_module.BACKEND_ENV, raising=False)
     assert loss_module.resolve_backend("auto", torch.device("cpu")) == "native"
@@ -205,12 +256,12 @@ def test_auto_prefers_native_on_cpu(monkeypatch):
 
 def test_not_built_error_and_single_fallback_warning(monkeypatch):
     monkeypatch.setattr(_native, "AVAILABLE", False)
-    monkeypatch.setattr(_native, "LOAD_ERROR", "ImportError: pretend")
+    monkeypatch.setattr(_native, "LOAD_ERROR", "atom_fast._C was not built")
     monkeypatch.setattr(loss_module, "_FALLBACK_WARNED", False)
     monkeypatch.delenv(loss_module.BACKEND_ENV, raising=False)
     r, s = make_layers(ODD, 6, 3, torch.float32, torch.device("cpu"))
     with pytest.raises(RuntimeError, match=r"^backend='native': the native C\+\+ op \(atom_fast._C\) "
-                                           r"is not built \(ImportError: pretend\)"):
+                                           r"is not built \(atom_fast._C was not built\)"):
         atom_fast.attention_loss(r, s, 3, backend="native")
     with pytest.warns(RuntimeWarning, match="falls back to the slower reference"):
         got = atom_fast.attention_loss(r, s, 3)

@@ -8,8 +8,9 @@
 namespace atom_fast {
 namespace cpu {
 
-// Integer powers 1..kMaxPower get their own unrolled, vectorized loops; others take std::pow.
-constexpr int kMaxPower = 8;
+// Integer powers 1..kMaxPower (as in the Triton kernels) get their own unrolled, vectorized loops;
+// others take std::pow per element (several times slower: see the README).
+constexpr int kMaxPower = 16;
 
 // 0 (general path) or the integer power p in 1..kMaxPower.
 inline int power_index(double p) {

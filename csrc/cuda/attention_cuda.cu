@@ -91,14 +91,14 @@ __device__ acc_t block_sum(acc_t v, acc_t* scratch) {
 // stats[n] = [s (HW) | t (C) | ||s|| | ||t||]; a disabled term is written as zeros.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) stats_kernel(
-    const scalar_t* __restrict__ F, acc_t* __restrict__ stats, int64_t C, int64_t HW, Power ps,
-    Power pc, bool has_s, bool has_t, bool same) {
+    const scalar_t* __restrict__ F, acc_t* __restrict__ stats, int64_t C, int64_t HW,
+    int64_t stride_n, Power ps, Power pc, bool has_s, bool has_t, bool same) {
   constexpr int chunk = kChunkBytes / sizeof(acc_t);
   __shared__ acc_t part[kWarps][chunk];
   __shared__ acc_t scratch[kWarps];
   const int64_t n = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const scalar_t* f = F + n * C * HW;
+  const scalar_t* f = F + n * stride_n;
   acc_t* s = stats + n * (HW + C + 2);
   acc_t* t = s + HW;
   acc_t s_sq = 0;
@@ -259,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cud
   const auto a = check_forward(real_in, syn_in, real_offsets_in, syn_offsets_in, real_order_in,
                                syn_order_in, ps, pc, ws, wc);
   const c10::cuda::CUDAGuard guard(real_in.device());
-  const at::Tensor real = real_in.contiguous(), syn = syn_in.contiguous();
+  const at::Tensor real = sample_contiguous(real_in), syn = sample_contiguous(syn_in);
   const at::Tensor real_offsets = real_offsets_in.contiguous(), syn_offsets = syn_offsets_in.contiguous();
   c10::optional<at::Tensor> real_order, syn_order;
   if (real_order_in.has_value()) real_order = real_order_in->contiguous();
@@ -280,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cud
     for (const auto& [F, st] : {std::pair<const at::Tensor*, at::Tensor*>{&real, &real_stats},
                                 {&syn, &syn_stats}}) {
       stats_kernel<scalar_t, acc_t><<<F->size(0), kThreads, 0, stream>>>(
-          F->data_ptr<scalar_t>(), st->data_ptr<acc_t>(), C, HW, pws, pwc, has_s, has_t, same);
+          F->data_ptr<scalar_t>(), st->data_ptr<acc_t>(), C, HW, F->stride(0), pws, pwc, has_s, has_t, same);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     class_kernel<acc_t><<<K, kThreads, 0, stream>>>(

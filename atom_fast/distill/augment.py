@@ -1,0 +1,225 @@
+"""Differentiable siamese augmentation (DSA) and ZCA whitening (SPEC 3).
+
+DSA (Zhao & Bilen, 2021) draws one operation per call from ``color, crop, cutout, flip, scale,
+rotate`` and applies it differentiably; "siamese" means the real and the synthetic images of a
+class get exactly the same transform, so the matching loss compares like with like.
+
+Here the draw is vectorized: :func:`draw` makes one draw per *group* (a class in the distillation
+loop, a single image when training evaluation networks), and :func:`apply` transforms a batch whose
+rows are laid out group after group. All parameters are drawn for every group whatever operation it
+got, so the random stream does not depend on which operations came up (a batched loop and a
+class-by-class loop that share a generator see the same transforms).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch.nn import functional as F
+
+OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+@dataclass(frozen=True)
+class DSAConfig:
+    """DSA's published parameters (``ParamDiffAug`` of the DSA/DM/DataDAM code)."""
+
+    brightness: float = 1.0
+    saturation: float = 2.0
+    contrast: float = 0.5
+    crop_pad: float = 0.125
+    cutout: float = 0.5
+    flip_p: float = 0.5
+    scale: float = 1.2
+    rotate_degrees: float = 15.0
+    operations: Sequence[str] = OPERATIONS
+
+
+@dataclass
+class DSADraw:
+    """One draw per group; every field has the group count as its first dimension (CPU tensors)."""
+
+    op: torch.Tensor          # (G,) int64 index into config.operations
+    brightness: torch.Tensor  # (G,) added value in [-b/2, b/2)
+    saturation: torch.Tensor  # (G,) factor in [0, s)
+    contrast: torch.Tensor    # (G,) factor in [c, c + 1)
+    shift: torch.Tensor       # (G, 2) int64 (dy, dx) translation in pixels
+    cutout: torch.Tensor      # (G, 2) int64 (cy, cx) centre of the cut-out square
+    flip: torch.Tensor        # (G,) bool
+    scale: torch.Tensor       # (G, 2) (sy, sx) factors in [1/r, r)
+    angle: torch.Tensor       # (G,) radians in [-d, d)
+
+    @property
+    def groups(self) -> int:
+        return self.op.shape[0]
+
+    def select(self, index: Sequence[int]) -> "DSADraw":
+        """The draws of some groups (e.g. one class), as a new DSADraw."""
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        return DSADraw(**{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
+
+
+def draw(groups: int, im_size: Sequence[int], config: DSAConfig = DSAConfig(),
+         generator: Optional[torch.Generator] = None) -> DSADraw:
+    """Draw one operation and its parameters for each of ``groups`` groups of ``im_size`` images."""
+    for name in config.operations:
+        if name not in OPERATIONS:
+            raise ValueError(f"DSA operation must be one of {OPERATIONS}, got {name!r}")
+    h, w = int(im_size[0]), int(im_size[1])
+    g = dict(generator=generator)
+
+    def rand(*shape):
+        return torch.rand(*shape, **g)
+
+    op = torch.randint(0, len(config.operations), (groups,), **g)
+    brightness = (rand(groups) - 0.5) * config.brightness
+    saturation = rand(groups) * config.saturation
+    contrast = rand(groups) + config.contrast
+    sy, sx = int(h * config.crop_pad + 0.5), int(w * config.crop_pad + 0.5)
+    shift = torch.stack([torch.randint(-sy, sy + 1, (groups,), **g),
+                         torch.randint(-sx, sx + 1, (groups,), **g)], 1)
+    ch, cw = int(h * config.cutout + 0.5), int(w * config.cutout + 0.5)
+    cutout = torch.stack([torch.randint(0, h + (1 - ch % 2), (groups,), **g),
+                          torch.randint(0, w + (1 - cw % 2), (groups,), **g)], 1)
+    flip = rand(groups) < config.flip_p
+    scale = rand(groups, 2) * (config.scale - 1.0 / config.scale) + 1.0 / config.scale
+    angle = (rand(groups) - 0.5) * 2 * config.rotate_degrees / 180 * math.pi
+    return DSADraw(op, brightness, saturation, contrast, shift, cutout, flip, scale, angle)
+
+
+def _rows(group_sizes: Sequence[int], chosen: torch.Tensor) -> torch.Tensor:
+    """Row indices (host) of the groups where ``chosen`` is true; rows are laid out group by group."""
+    sizes = torch.as_tensor(list(group_sizes), dtype=torch.long)
+    starts = torch.cumsum(sizes, 0) - sizes
+    parts = [torch.arange(int(s), int(s) + int(n)) for s, n, c in zip(starts, sizes, chosen) if c]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def _per_row(values: torch.Tensor, group_sizes, chosen, device, dtype=None) -> torch.Tensor:
+    sizes = torch.as_tensor(list(group_sizes), dtype=torch.long)[chosen]
+    out = torch.repeat_interleave(values[chosen], sizes, dim=0)
+    return out.to(device=device, dtype=dtype or out.dtype, non_blocking=True)
+
+
+def _color(x, b, s, c):
+    x = x + b.view(-1, 1, 1, 1)
+    m = x.mean(dim=1, keepdim=True)
+    x = (x - m) * s.view(-1, 1, 1, 1) + m
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - m) * c.view(-1, 1, 1, 1) + m
+
+
+def _crop(x, shift):
+    # integer translation with zero fill, by gathering from a 1-pixel zero-padded copy
+    n, _, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1))
+    iy = (torch.arange(h, device=x.device).view(1, h) + shift[:, :1] + 1).clamp(0, h + 1)
+    ix = (torch.arange(w, device=x.device).view(1, w) + shift[:, 1:] + 1).clamp(0, w + 1)
+    rows = torch.arange(n, device=x.device).view(n, 1, 1)
+    return padded.permute(0, 2, 3, 1)[rows, iy.unsqueeze(2), ix.unsqueeze(1)].permute(0, 3, 1, 2)
+
+
+def _cutout(x, centre, size):
+    n, _, h, w = x.shape
+    ys = torch.arange(h, device=x.device).view(1, h) - (centre[:, :1] - size[0] // 2)
+    xs = torch.arange(w, device=x.device).view(1, w) - (centre[:, 1:] - size[1] // 2)
+    keep_y = (ys < 0) | (ys >= size[0])
+    keep_x = (xs < 0) | (xs >= size[1])
+    mask = (keep_y.unsqueeze(2) | keep_x.unsqueeze(1)).to(x.dtype)
+    return x * mask.unsqueeze(1)
+
+
+def _affine(x, theta):
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, align_corners=True)
+
+
+def apply(x: torch.Tensor, params: DSADraw, group_sizes: Sequence[int],
+          config: DSAConfig = DSAConfig()) -> torch.Tensor:
+    """Augment ``x (N, C, H, W)``, whose rows are ``params.groups`` groups of ``group_sizes`` rows.
+
+    Differentiable w.r.t. ``x``; rows of groups whose operation is not used are passed through
+    untouched (bitwise). Returns a new tensor.
+    """
+    group_sizes = [int(n) for n in group_sizes]
+    if len(group_sizes) != params.groups:
+        raise ValueError(f"group_sizes has {len(group_sizes)} entries but params has "
+                         f"{params.groups} groups")
+    if sum(group_sizes) != x.shape[0]:
+        raise ValueError(f"group_sizes sum to {sum(group_sizes)} but x has {x.shape[0]} rows")
+    names = list(config.operations)
+    h, w = x.shape[-2:]
+    dev = x.device
+    for k, name in enumerate(names):
+        chosen = params.op == k
+        if name == "flip":
+            chosen = chosen & params.flip
+        if not bool(chosen.any()):
+            continue
+        rows = _rows(group_sizes, chosen).to(dev, non_blocking=True)
+        sub = x.index_select(0, rows)
+        if name == "color":
+            sub = _color(sub, *(_per_row(getattr(params, f), group_sizes, chosen, dev, x.dtype)
+                                for f in ("brightness", "saturation", "contrast")))
+        elif name == "crop":
+            sub = _crop(sub, _per_row(params.shift, group_sizes, chosen, dev))
+        elif name == "cutout":
+            size = (int(h * config.cutout + 0.5), int(w * config.cutout + 0.5))
+            sub = _cutout(sub, _per_row(params.cutout, group_sizes, chosen, dev), size)
+        elif name == "flip":
+            sub = sub.flip(3)
+        elif name == "scale":
+            s = params.scale
+            theta = torch.zeros(params.groups, 2, 3)
+            theta[:, 0, 0], theta[:, 1, 1] = s[:, 1], s[:, 0]
+            sub = _affine(sub, _per_row(theta, group_sizes, chosen, dev))
+        elif name == "rotate":
+            a = params.angle
+            theta = torch.zeros(params.groups, 2, 3)
+            theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a), torch.sin(-a)
+            theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a), torch.cos(a)
+            sub = _affine(sub, _per_row(theta, group_sizes, chosen, dev))
+        x = x.index_copy(0, rows, sub)
+    return x
+
+
+def augment(x: torch.Tensor, config: DSAConfig = DSAConfig(),
+            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Plain (non-siamese) DSA: an independent draw for every image, as when training evaluation nets."""
+    params = draw(x.shape[0], x.shape[-2:], config, generator)
+    return apply(x, params, [1] * x.shape[0], config)
+
+
+class ZCA:
+    """ZCA whitening with kornia's ``ZCAWhitening`` (eps 0.1, as DataDAM/DM use for CIFAR).
+
+    ``fit`` on the training images, then ``__call__`` whitens and ``inverse`` undoes it (for viewing
+    synthetic images). Images are ``(N, C, H, W)``.
+    """
+
+    def __init__(self, eps: float = 0.1):
+        import kornia  # only needed with --zca
+
+        self.eps = eps
+        self._zca = kornia.enhance.ZCAWhitening(eps=eps, compute_inv=True)
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> "ZCA":
+        self._zca.fit(images)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch: int = 10000) -> torch.Tensor:
+        return torch.cat([self._zca(images[i:i + batch], include_fit=False)
+                          for i in range(0, images.shape[0], batch)]) if images.shape[0] else images
+
+    @torch.no_grad()
+    def inverse(self, images: torch.Tensor) -> torch.Tensor:
+        return self._zca.inverse_transform(images)
+
+    def state_dict(self) -> dict:
+        return {"eps": self.eps, "mean": self._zca.mean_vector, "transform": self._zca.transform_matrix,
+                "inverse": self._zca.transform_inv}

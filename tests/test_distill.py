@@ -182,14 +182,16 @@ def _toy(classes=3, per_class=20, size=12, channels=1, seed=0, shift=0.5):
 def test_fused_and_reference_loops_give_the_same_images(method):
     x, y = _toy()
     out = {}
-    for loop in ("fused", "reference"):
+    for loop, chunk in (("fused", None), ("fused", 2), ("reference", None)):
         d = Distiller(x, y, 3, DistillConfig(method=method, ipc=2, batch_real=6, width=8, depth=3,
-                                             loop=loop), "cpu")
+                                             loop=loop, class_chunk=chunk), "cpu")
+        assert len(d.chunks) == (2 if chunk == 2 else 1)
         losses = [d.step(i).item() for i in range(3)]
-        out[loop] = d.syn.detach().clone(), losses
-    torch.testing.assert_close(out["fused"][0], out["reference"][0], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(out["fused"][1], out["reference"][1], rtol=1e-4)
-    assert (out["fused"][0] - d.initial_images()).abs().max() > 1e-2  # the images moved
+        out[loop, chunk] = d.syn.detach().clone(), losses
+    for key in (("fused", 2), ("reference", None)):
+        torch.testing.assert_close(out["fused", None][0], out[key][0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(out["fused", None][1], out[key][1], rtol=1e-4)
+    assert (out["fused", None][0] - d.initial_images()).abs().max() > 1e-2  # the images moved
 
 
 def test_loop_objective_is_the_spec_formula():

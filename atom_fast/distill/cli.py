@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: batched, fused loss; reference: DataDAM's structure (hooks, per class)")
     g.add_argument("--backend", default=d.backend, choices=("auto", "triton", "native", "reference"),
                    help="attention_loss backend of the fused loop")
+    g.add_argument("--class-chunk", type=int, default=None,
+                   help="classes per batched forward of the fused loop (gradients accumulate over "
+                        "chunks); default: all, up to 1280 real images per forward")
     g.add_argument("--width", type=int, default=d.width, help="ConvNet width")
     g.add_argument("--depth", type=int, default=None, help="ConvNet depth; default 3 up to 32x32, 4 at 64x64")
     g.add_argument("--norm", default=d.norm, choices=("instancenorm", "batchnorm", "none"))
@@ -132,7 +135,7 @@ def distill_config(args) -> DistillConfig:
                          spatial_power=args.spatial_power, channel_power=args.channel_power,
                          task_balance=args.task_balance, dsa=args.dsa, init=args.init, loop=args.loop,
                          seed=args.seed, width=args.width, depth=args.depth, norm=args.norm,
-                         backend=args.backend)
+                         backend=args.backend, class_chunk=args.class_chunk)
 
 
 def _check_args(args) -> None:

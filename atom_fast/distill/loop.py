@@ -39,6 +39,10 @@ METHODS: Dict[str, Optional[Tuple[float, float]]] = {
 }
 LOOPS = ("fused", "reference")
 ATTENTION_SCALE = 100.0  # DataDAM's code multiplies both terms by 100
+# Real images per batched forward when class_chunk is not given: 10 classes x 128 (one CIFAR-10 step)
+# keeps the layer-1 maps of a 128-wide ConvNet at 32x32 to 0.7 GB; CIFAR-100 or TinyImageNet at
+# batch 128 would need 7-55 GB in one forward, so their classes go in chunks (gradients accumulate).
+CLASS_CHUNK_IMAGES = 1280
 
 
 @dataclass
@@ -63,6 +67,8 @@ class DistillConfig:
     norm: str = "instancenorm"
     pooling: str = "avgpooling"
     backend: str = "auto"               # attention_loss backend of the fused loop
+    class_chunk: Optional[int] = None   # classes per batched forward (fused loop); None: all, up to
+                                        # CLASS_CHUNK_IMAGES real images per chunk
 
     def resolve(self, im_size: Sequence[int]) -> "DistillConfig":
         """A copy with the ``None`` defaults filled in for images of ``im_size``; validates."""
@@ -92,6 +98,8 @@ class DistillConfig:
                 raise ValueError(f"{name} must be finite and > 0, got {value!r}")
         if not (math.isfinite(c.task_balance) and c.task_balance >= 0):
             raise ValueError(f"task_balance must be finite and >= 0, got {c.task_balance!r}")
+        if c.class_chunk is not None and (not isinstance(c.class_chunk, int) or c.class_chunk < 1):
+            raise ValueError(f"class_chunk must be a positive integer or None, got {c.class_chunk!r}")
         if METHODS[c.method] is not None and c.depth < 2:
             raise ValueError(f"method {c.method!r} matches attention of blocks 1..depth-1, so depth "
                              f"must be >= 2, got {c.depth}")
@@ -177,14 +185,21 @@ class Distiller:
         real = self.sample_real(generator)
         params = dsa.draw(self.num_classes, real.shape[-2:], generator=generator) if c.dsa else None
         self._reset_network(iteration)
+        self.optimizer.zero_grad(set_to_none=True)
         if c.loop == "fused":
-            loss = self._fused_loss(real, params)
+            loss = self._fused_backward(real, params)
         else:
             loss = self._reference_loss(real, params)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+    @property
+    def chunks(self) -> List[range]:
+        """Class ranges of the batched forwards of one fused iteration."""
+        c, K = self.config, self.num_classes
+        size = c.class_chunk or max(1, CLASS_CHUNK_IMAGES // c.batch_real)
+        return [range(k, min(k + size, K)) for k in range(0, K, size)]
 
     def _terms(self, real_maps, real_emb, syn_maps, syn_emb, num_classes, backend):
         c = self.config
@@ -197,19 +212,30 @@ class Distiller:
                              backend=backend)
         return ATTENTION_SCALE * att + ATTENTION_SCALE * c.task_balance * mmd
 
-    def _fused_loss(self, real: torch.Tensor, params) -> torch.Tensor:
-        c, K = self.config, self.num_classes
-        syn = self.syn
-        if params is not None:
+    def _fused_backward(self, real: torch.Tensor, params) -> torch.Tensor:
+        """Loss of all classes, one batched forward per chunk of classes; backpropagates each
+        chunk's loss at once (so its graph is freed) and returns the total (detached)."""
+        c = self.config
+        total = torch.zeros((), device=self.device)
+        for chunk in self.chunks:
+            n = len(chunk)
+            r = real[chunk.start * c.batch_real:chunk.stop * c.batch_real]
+            syn = self.syn[chunk.start * c.ipc:chunk.stop * c.ipc]
+            if params is not None:
+                p = params if n == params.groups else params.select(chunk)
+                with torch.no_grad():
+                    r = dsa.apply(r, p, [c.batch_real] * n)
+                syn = dsa.apply(syn, p, [c.ipc] * n)
             with torch.no_grad():
-                real = dsa.apply(real, params, [c.batch_real] * K)
-            syn = dsa.apply(syn, params, [c.ipc] * K)
-        with torch.no_grad():
-            real_maps, real_emb = self.net.features(real)
-            del real
-            real_maps = real_maps[:-1]  # the last block is matched through the embedding only
-        syn_maps, syn_emb = self.net.features(syn)
-        return self._terms(real_maps, real_emb, syn_maps[:-1], syn_emb, K, c.backend)
+                real_maps, real_emb = self.net.features(r)
+                del r
+                real_maps = real_maps[:-1]  # the last block is matched through the embedding only
+            syn_maps, syn_emb = self.net.features(syn)
+            loss = self._terms(real_maps, real_emb, syn_maps[:-1], syn_emb, n, c.backend)
+            del real_maps, real_emb
+            loss.backward()
+            total += loss.detach()
+        return total
 
     def _reference_loss(self, real: torch.Tensor, params) -> torch.Tensor:
         """DataDAM's structure: hooks clone every ReLU output; one class at a time; eager loss."""

@@ -56,8 +56,8 @@ def make_inputs(classes, real_per_class, ipc, C, H, W, dtype, device, seed=0):
     return real, syn.requires_grad_()
 
 
-def loss_fn(provider, classes, ps, pc, ws, wc):
-    """A function (real, syn) -> loss for ``provider``."""
+def loss_fn(provider, classes, ps, pc, ws, wc, dynamic=None):
+    """A function (real, syn) -> loss for ``provider``; ``dynamic`` goes to torch.compile."""
     if provider in ("native", "triton"):
         def fused(real, syn):
             return atom_fast.attention_loss(real, syn, classes, spatial_power=ps, channel_power=pc,
@@ -72,7 +72,7 @@ def loss_fn(provider, classes, ps, pc, ws, wc):
     if provider == "eager":
         return eager
     if provider == "compile":
-        return torch.compile(eager)
+        return torch.compile(eager, dynamic=dynamic)
     raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
 
 
@@ -111,11 +111,12 @@ def run_once(fn, real, syn, mode):
 
 
 def time_provider(fn, real, syn, mode, warmup, repeats):
-    for _ in range(warmup):
-        run_once(fn, real, syn, mode)
+    # the warm-up times are kept: the first one holds torch.compile's compilation
+    warm = [run_once(fn, real, syn, mode) for _ in range(warmup)]
     times = sorted(run_once(fn, real, syn, mode) for _ in range(repeats))
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-    return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3], "repeats": repeats}
+    return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3], "repeats": repeats,
+            "warmup_s": warm}
 
 
 def copy_bandwidth(real, repeats=10):
@@ -149,7 +150,7 @@ def measure_memory_here(args, provider, mode):
     """Peak bytes above the inputs during one call (run in the child process)."""
     device = torch.device(args.device)
     real, syn = make_inputs(args.classes, args.real, args.ipc, *args.shape, _dtype(args.dtype), device)
-    fn = loss_fn(provider, args.classes, args.ps, args.pc, args.ws, args.wc)
+    fn = loss_fn(provider, args.classes, args.ps, args.pc, args.ws, args.wc, _compile_dynamic(args))
     run_once(fn, real, syn, mode)  # warm-up: compilation, lazy initialization, first allocations
     syn.grad = None
     if device.type == "cuda":
@@ -188,6 +189,11 @@ def _dtype(name):
             "bfloat16": torch.bfloat16}[name]
 
 
+def _compile_dynamic(args):
+    """torch.compile's ``dynamic`` for --compile-dynamic: auto -> None (torch's default)."""
+    return {"auto": None, "false": False, "true": True}[getattr(args, "compile_dynamic", "auto")]
+
+
 def available_providers(device):
     out = ["eager", "compile"]
     if atom_fast.loss.native_available(device):
@@ -207,7 +213,8 @@ def run_table(args):
     copy_gbs = copy_bandwidth(real)
     for mode in args.modes:
         for provider in providers:
-            fn = loss_fn(provider, args.classes, args.ps, args.pc, args.ws, args.wc)
+            fn = loss_fn(provider, args.classes, args.ps, args.pc, args.ws, args.wc,
+                         _compile_dynamic(args))
             t = time_provider(fn, real, syn, mode, args.warmup, args.repeats)
             moved = bytes_moved(real, syn, mode)
             row = {"provider": provider, "mode": mode, **t, "bytes_moved": moved,
@@ -234,7 +241,8 @@ def run_table(args):
         "config": {"classes": args.classes, "real_per_class": args.real, "ipc": args.ipc,
                    "C_H_W": list(args.shape), "dtype": args.dtype, "spatial_power": args.ps,
                    "channel_power": args.pc, "spatial_weight": args.ws, "channel_weight": args.wc,
-                   "warmup": args.warmup, "repeats": args.repeats},
+                   "warmup": args.warmup, "repeats": args.repeats,
+                   "compile_dynamic": getattr(args, "compile_dynamic", "auto")},
         "input_bytes": input_bytes,
         "copy_gbs": copy_gbs,
         "rows": rows,
@@ -291,6 +299,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compile-dynamic", choices=["auto", "false", "true"], default="auto",
+                   help="torch.compile(dynamic=...) of the compile provider (auto: torch's default)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the peak-memory child processes")
     p.add_argument("--json", help="also write the result as JSON to this file")

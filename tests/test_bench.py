@@ -1,0 +1,177 @@
+"""bench/run.py: its plan, its output files, and pytest-benchmark timings of the loss.
+
+Regular tests (part of the default run, ~15 s): build the quick plan, run the whole driver at a test
+size (``bench/run.py --tiny``, child processes included) and check the JSON, CSV and PNG it writes.
+
+Benchmark cases (skipped by default, so CI does not time anything): the loss forward+backward for the
+eager reference and the native op at one small shape. Run them with either of
+
+    ATOM_FAST_BENCH=1 python -m pytest tests/test_bench.py --benchmark-only
+    python -m pytest tests/test_bench.py -m benchmark
+
+(``benchmark`` is the marker pytest-benchmark registers; ``--benchmark-only`` alone does not enable
+them, ``ATOM_FAST_BENCH=1`` or ``-m benchmark`` does).
+"""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import atom_fast
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import loss_table as lt  # noqa: E402
+
+# bench/run.py under a name of its own ("run" is too common a module name to put on sys.path)
+_spec = importlib.util.spec_from_file_location("atom_fast_bench_run", BENCH / "run.py")
+bench_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_run)
+
+# a string condition: pytest evaluates it with `config` in scope, so `-m benchmark` can enable it
+BENCH_CASE = [
+    pytest.mark.benchmark(group="attention_loss fwd+bwd, 10 classes x 32 real, IPC 10, 64x16x16"),
+    pytest.mark.skipif("os.environ.get('ATOM_FAST_BENCH') != '1' and "
+                       "'benchmark' not in (config.getoption('markexpr') or '')",
+                       reason="timing case: set ATOM_FAST_BENCH=1 or pass -m benchmark"),
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# pytest-benchmark cases
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", ["eager", "native"])
+@BENCH_CASE[0]
+@BENCH_CASE[1]
+def test_loss_fwd_bwd_benchmark(benchmark, provider):
+    if provider == "native" and not atom_fast.loss.native_available():
+        pytest.skip("the native op is not built")
+    real, syn = lt.make_inputs(10, 32, 10, 64, 16, 16, torch.float32, torch.device("cpu"))
+    fn = lt.loss_fn(provider, 10, 4.0, 4.0, 1.0, 1.0)
+    benchmark.extra_info.update(bytes_moved=lt.bytes_moved(real, syn, "fwd+bwd"), provider=provider)
+    benchmark.pedantic(lt.run_once, args=(fn, real, syn, "fwd+bwd"), rounds=20, warmup_rounds=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# the plan
+# --------------------------------------------------------------------------------------------------
+
+
+def test_quick_plan_covers_the_judged_items():
+    jobs, notes = bench_run.build_plan(bench_run.parse_args(["--quick"]))
+    required = [j for j in jobs if j["required"]]
+    loss = [j for j in required if j["kind"] == "loss"]
+    assert any(j["shape"] == (128, 32, 32) and j["ipc"] == 10 and j["classes"] == 10 and j["real"] == 128
+               and {"eager", "compile", "native"} <= set(j["providers"]) and "fwd+bwd" in j["modes"]
+               for j in loss)
+    steps = {(j["label"], j["ipc"]) for j in required if j["kind"] == "step"}
+    assert steps == {("ATOM (fused loop)", 10), ("ATOM (reference loop)", 10)}
+    # every paper row at IPC 10 comes before anything at IPC 1 or 50
+    order = [(j["label"], j["ipc"]) for j in jobs if j["kind"] == "step"]
+    ipc10 = {(label, 10) for label, _, _ in bench_run.PAPER_ROWS}
+    assert set(order[:len(ipc10)]) == ipc10 and {i for _, i in order[len(ipc10):]} == {1, 50}
+    assert any("not run" in n for n in notes)
+
+
+def test_full_plan_covers_every_shape_ipc_and_row():
+    jobs, _ = bench_run.build_plan(bench_run.parse_args([]))
+    loss = {(j["shape"], j["ipc"]) for j in jobs if j["kind"] == "loss"}
+    assert loss == {(s, i) for s in bench_run.LAYERS for i in bench_run.IPCS}
+    steps = {(j["label"], j["ipc"]) for j in jobs if j["kind"] == "step"}
+    assert steps == {(label, i) for label, _, _ in bench_run.STEP_ROWS for i in bench_run.IPCS}
+    assert all(j["required"] for j in jobs)
+
+
+def test_optional_jobs_stop_at_the_budget(monkeypatch):
+    ran = []
+
+    def fake(job, args):
+        ran.append(job)
+        return []
+
+    monkeypatch.setattr(bench_run, "run_loss_job", fake)
+    monkeypatch.setattr(bench_run, "run_step_job", fake)
+    args = bench_run.parse_args(["--quick", "--budget", "0"])
+    jobs, _ = bench_run.build_plan(args)
+    _, _, skipped, done = bench_run.run_plan(jobs, args, start=0.0)
+    assert [j for j in ran if not j["required"]] == []  # every optional one is past a 0 s budget
+    assert len(ran) == sum(j["required"] for j in jobs)
+    assert len(skipped) == len(jobs) - len(ran) and all("budget" in s for s in skipped)
+
+
+def test_output_paths(tmp_path):
+    args = bench_run.parse_args(["--out", str(tmp_path / "new")])
+    paths = bench_run.output_paths(args, "cpu")
+    assert [Path(p).suffix for p in paths] == [".json", ".csv", ".png"]
+    assert all(Path(p).parent == tmp_path / "new" and Path(p).name.startswith("cpu-") for p in paths)
+    args = bench_run.parse_args(["--out", str(tmp_path / "x.json")])
+    assert bench_run.output_paths(args, "h100")[1] == str(tmp_path / "x.csv")
+
+
+def test_device_slug():
+    assert bench_run.device_slug(torch.device("cpu")) == "cpu"
+
+
+# --------------------------------------------------------------------------------------------------
+# the whole driver at a test size
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # one thread: the figures do not matter here, and OpenMP spinning on a busy 2-core machine does
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--device", "cpu", "--tiny",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_tiny_run_writes_json_csv_png(tiny_run):
+    out, stdout = tiny_run
+    files = sorted(p.suffix for p in out.iterdir())
+    assert files == [".csv", ".json", ".png"]
+    (json_path,) = out.glob("cpu-*.json")
+    result = json.loads(json_path.read_text())
+    assert {"schema", "started", "command", "mode", "environment", "config", "plan", "notes", "skipped",
+            "loss", "step", "wall_s"} <= set(result)
+    assert result["mode"] == "tiny" and result["skipped"] == []
+    assert {"device_name", "torch", "triton", "threads", "native_isa"} <= set(result["environment"])
+    assert result["environment"]["threads"] == 1
+
+    providers = {r["provider"] for r in result["loss"]}
+    assert "eager" in providers
+    for r in result["loss"]:
+        assert {"C", "H", "W", "layers", "ipc", "classes", "real_per_class", "provider", "mode",
+                "median_s", "p20_s", "p80_s", "gbs", "copy_gbs", "copy_fraction", "bytes_moved",
+                "speedup_vs_eager", "input_bytes"} <= set(r)
+        assert 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"]
+        if r["mode"] == "fwd+bwd":
+            assert r["peak_extra_bytes"] is not None and r["peak_extra_bytes"] >= 0
+
+    labels = {r["row"] for r in result["step"]}
+    assert labels == {"ATOM (reference loop)", "ATOM (fused loop)"}
+    for r in result["step"]:
+        assert "error" not in r, r
+        assert {"method", "loop", "ipc", "median_s", "p20_s", "p80_s", "steps", "peak_bytes",
+                "held_bytes", "transient_bytes", "speedup_vs_atom_reference"} <= set(r)
+        assert r["steps"] == 2 and r["peak_bytes"] >= r["held_bytes"] > 0
+        assert torch.isfinite(torch.tensor(r["last_loss"]))
+
+    with open(out / json_path.with_suffix(".csv").name, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(result["loss"]) + len(result["step"])
+    assert {r["table"] for r in rows} == {"loss", "step"}
+    assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert "| layer (C,H,W) |" in stdout and "| method (loop) |" in stdout

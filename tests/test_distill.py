@@ -151,6 +151,17 @@ def test_dsa_draw_ranges_and_gradients():
         dsa.apply(x, params, [2] * 6)
 
 
+def test_evaluation_augment_draws_one_operation_per_batch():
+    x = torch.randn(16, 3, 8, 8)
+    out = dsa.augment(x, generator=torch.Generator().manual_seed(9))
+    params = dsa.draw(16, (8, 8), generator=torch.Generator().manual_seed(9))
+    op = int(params.op[0])
+    params.op[:] = op
+    torch.testing.assert_close(out, dsa.apply(x, params, [1] * 16), rtol=0, atol=0)
+    if dsa.OPERATIONS[op] != "flip":  # every image transformed, each with its own parameters
+        assert all(not torch.equal(out[i], x[i]) for i in range(16))
+
+
 def test_zca_round_trip_and_whitening():
     torch.manual_seed(5)
     mix = torch.randn(48, 48) / 6
@@ -308,6 +319,8 @@ def test_cli_smoke_run_writes_everything(folder, tmp_path, capsys):
     assert (r["dataset"], r["method"], r["ipc"], r["iterations"]) == ("folder", "atom", 2, 6)
     assert len(r["accuracies"]) == 2 and r["accuracy_mean"] == pytest.approx(np.mean(r["accuracies"]))
     assert r["config"]["lr_img"] == 1.0 and r["config"]["task_balance"] == 0.01
+    assert r["config"]["zca"] is False  # ZCA is on by default for CIFAR only
+    assert r["evaluation"]["network"] == {"width": 8, "depth": 3, "norm": "instancenorm"}
     assert r["versions"]["torch"] == torch.__version__ and r["timings"]["distill_s"] > 0
     assert [i for i, _ in r["losses"]] == list(range(1, 7))
     syn = torch.load(tmp_path / "run" / "synthetic.pt")
@@ -316,6 +329,23 @@ def test_cli_smoke_run_writes_everything(folder, tmp_path, capsys):
     assert png.size == (2 * 10 + 2, 3 * 10 + 2) and png.mode == "RGB"
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 6
+
+
+def test_cli_zca_run_saves_the_transform_and_undoes_it_for_the_png(folder, tmp_path):
+    assert _cli(folder, tmp_path / "zca", "--zca", "--no-baseline", "--iterations", "0") == 0
+    r = json.loads((tmp_path / "zca" / "results.json").read_text())
+    assert r["config"]["zca"] is True
+    syn = torch.load(tmp_path / "zca" / "synthetic.pt")
+    assert set(syn["zca"]) >= {"mean", "transform", "inverse"}
+    # at iteration 0 the synthetic set is the whitened initial real images: the PNG shows the originals
+    from atom_fast.distill.data import load_dataset
+    data = load_dataset("folder", str(folder))
+    idx = random_indices(class_pools(data.train_labels, 3), 2, 0)
+    want = image_grid(data.denormalize(data.train_images[idx]), data.train_labels[idx], 3)
+    png = torch.from_numpy(np.array(Image.open(tmp_path / "zca" / "synthetic.png"))).permute(2, 0, 1)
+    assert (png.float() - want * 255).abs().max() <= 1.5
+    white = syn["images"]
+    assert not torch.allclose(white, data.train_images[idx], atol=0.1)  # it really was whitened
 
 
 @pytest.mark.parametrize("method", ["random", "dm", "datadam", "atom-channel"])
@@ -351,8 +381,16 @@ def test_cli_resume_after_interruption_matches_uninterrupted(folder, tmp_path, m
     ra = json.loads((tmp_path / "straight" / "results.json").read_text())
     rb = json.loads((tmp_path / "resumed" / "results.json").read_text())
     assert ra["losses"] == rb["losses"] and ra["accuracies"] == rb["accuracies"]
-    # resuming with different settings is refused
+    # resuming with different settings is refused; the learning rate may change
     assert _cli(folder, tmp_path / "resumed", "--no-baseline", "--resume", "--ipc", "3") == 1
+    assert _cli(folder, tmp_path / "resumed", "--no-baseline", "--resume", "--batch-real", "3") == 1
+    assert _cli(folder, tmp_path / "resumed", "--no-baseline", "--resume", "--lr-img", "0.5",
+                "--iterations", "7") == 0
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 7
+    # a run past the checkpoint's end is refused; a fresh run in the same --out starts afresh
+    assert _cli(folder, tmp_path / "resumed", "--no-baseline", "--resume", "--iterations", "5") == 1
+    assert _cli(folder, tmp_path / "resumed", "--no-baseline", "--iterations", "1") == 0
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 1
 
 
 def test_cli_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch,
@@ -374,6 +412,25 @@ def test_cli_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(folder, tm
     ckpt = torch.load(tmp_path / "bad" / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 4 and torch.isfinite(ckpt["distiller"]["syn"]).all()
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+def test_cli_non_finite_images_with_a_finite_loss_are_caught_at_the_checkpoint(folder, tmp_path,
+                                                                               monkeypatch, capsys):
+    real_step = Distiller.step
+
+    def blow_up(self, iteration):
+        loss = real_step(self, iteration)
+        if iteration == 3:  # the 4th update overflows; its loss (measured before it) is finite
+            with torch.no_grad():
+                self.syn[0, 0, 0, 0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(Distiller, "step", blow_up)
+    assert _cli(folder, tmp_path / "inf", "--no-baseline", "--log-every", "2") == 1
+    err = capsys.readouterr().err
+    assert "non-finite values at iteration 4" in err and "checkpoint.pt (iteration 2)" in err
+    ckpt = torch.load(tmp_path / "inf" / "checkpoint.pt")
+    assert ckpt["iteration"] == 2 and torch.isfinite(ckpt["distiller"]["syn"]).all()
 
 
 def test_cli_errors(folder, tmp_path, capsys):

@@ -90,17 +90,14 @@ def draw(groups: int, im_size: Sequence[int], config: DSAConfig = DSAConfig(),
     return DSADraw(op, brightness, saturation, contrast, shift, cutout, flip, scale, angle)
 
 
-def _rows(group_sizes: Sequence[int], chosen: torch.Tensor) -> torch.Tensor:
+def _rows(sizes: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """Row indices (host) of the groups where ``chosen`` is true; rows are laid out group by group."""
-    sizes = torch.as_tensor(list(group_sizes), dtype=torch.long)
-    starts = torch.cumsum(sizes, 0) - sizes
-    parts = [torch.arange(int(s), int(s) + int(n)) for s, n, c in zip(starts, sizes, chosen) if c]
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    return torch.repeat_interleave(chosen, sizes).nonzero().squeeze(1)
 
 
-def _per_row(values: torch.Tensor, group_sizes, chosen, device, dtype=None) -> torch.Tensor:
-    sizes = torch.as_tensor(list(group_sizes), dtype=torch.long)[chosen]
-    out = torch.repeat_interleave(values[chosen], sizes, dim=0)
+def _per_row(values: torch.Tensor, sizes: torch.Tensor, chosen: torch.Tensor, device,
+             dtype=None) -> torch.Tensor:
+    out = torch.repeat_interleave(values[chosen], sizes[chosen], dim=0)
     return out.to(device=device, dtype=dtype or out.dtype, non_blocking=True)
 
 
@@ -144,12 +141,12 @@ def apply(x: torch.Tensor, params: DSADraw, group_sizes: Sequence[int],
     Differentiable w.r.t. ``x``; rows of groups whose operation is not used are passed through
     untouched (bitwise). Returns a new tensor.
     """
-    group_sizes = [int(n) for n in group_sizes]
-    if len(group_sizes) != params.groups:
-        raise ValueError(f"group_sizes has {len(group_sizes)} entries but params has "
+    sizes = torch.as_tensor(group_sizes, dtype=torch.long).flatten()
+    if sizes.numel() != params.groups:
+        raise ValueError(f"group_sizes has {sizes.numel()} entries but params has "
                          f"{params.groups} groups")
-    if sum(group_sizes) != x.shape[0]:
-        raise ValueError(f"group_sizes sum to {sum(group_sizes)} but x has {x.shape[0]} rows")
+    if int(sizes.sum()) != x.shape[0]:
+        raise ValueError(f"group_sizes sum to {int(sizes.sum())} but x has {x.shape[0]} rows")
     names = list(config.operations)
     h, w = x.shape[-2:]
     dev = x.device
@@ -159,38 +156,42 @@ def apply(x: torch.Tensor, params: DSADraw, group_sizes: Sequence[int],
             chosen = chosen & params.flip
         if not bool(chosen.any()):
             continue
-        rows = _rows(group_sizes, chosen).to(dev, non_blocking=True)
-        sub = x.index_select(0, rows)
+        every = bool(chosen.all())  # e.g. evaluation batches: one operation for all rows
+        if not every:
+            rows = _rows(sizes, chosen).to(dev, non_blocking=True)
+        sub = x if every else x.index_select(0, rows)
         if name == "color":
-            sub = _color(sub, *(_per_row(getattr(params, f), group_sizes, chosen, dev, x.dtype)
+            sub = _color(sub, *(_per_row(getattr(params, f), sizes, chosen, dev, x.dtype)
                                 for f in ("brightness", "saturation", "contrast")))
         elif name == "crop":
-            sub = _crop(sub, _per_row(params.shift, group_sizes, chosen, dev))
+            sub = _crop(sub, _per_row(params.shift, sizes, chosen, dev))
         elif name == "cutout":
             size = (int(h * config.cutout + 0.5), int(w * config.cutout + 0.5))
-            sub = _cutout(sub, _per_row(params.cutout, group_sizes, chosen, dev), size)
+            sub = _cutout(sub, _per_row(params.cutout, sizes, chosen, dev), size)
         elif name == "flip":
             sub = sub.flip(3)
         elif name == "scale":
             s = params.scale
             theta = torch.zeros(params.groups, 2, 3)
             theta[:, 0, 0], theta[:, 1, 1] = s[:, 1], s[:, 0]
-            sub = _affine(sub, _per_row(theta, group_sizes, chosen, dev))
+            sub = _affine(sub, _per_row(theta, sizes, chosen, dev))
         elif name == "rotate":
             a = params.angle
             theta = torch.zeros(params.groups, 2, 3)
             theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a), torch.sin(-a)
             theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a), torch.cos(a)
-            sub = _affine(sub, _per_row(theta, group_sizes, chosen, dev))
-        x = x.index_copy(0, rows, sub)
+            sub = _affine(sub, _per_row(theta, sizes, chosen, dev))
+        x = sub if every else x.index_copy(0, rows, sub)
     return x
 
 
 def augment(x: torch.Tensor, config: DSAConfig = DSAConfig(),
             generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Plain (non-siamese) DSA: an independent draw for every image, as when training evaluation nets."""
+    """Plain (non-siamese) DSA, as when training evaluation networks: one operation for the whole
+    batch (DSA draws one per call), its parameters drawn independently for every image."""
     params = draw(x.shape[0], x.shape[-2:], config, generator)
-    return apply(x, params, [1] * x.shape[0], config)
+    params.op[:] = params.op[0].clone()
+    return apply(x, params, torch.ones(x.shape[0], dtype=torch.long), config)
 
 
 class ZCA:

@@ -24,7 +24,7 @@ from atom_fast.distill.data import DATASETS, DatasetNotFoundError, load_dataset
 from atom_fast.distill.evaluate import EvalConfig, evaluate, mean_std
 from atom_fast.distill.loop import (LOOPS, METHODS, DistillConfig, Distiller, NonFiniteLossError,
                                     class_pools, random_indices)
-from atom_fast.distill.networks import ARCHITECTURES
+from atom_fast.distill.networks import ARCHITECTURES, default_depth
 from atom_fast.distill.output import save_grid, write_atomic
 
 ALL_METHODS = ("random",) + tuple(METHODS)
@@ -57,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-real", type=int, default=d.batch_real, help="real images per class per iteration")
     g.add_argument("--lr-img", type=float, default=None,
                    help="SGD learning rate on the pixels (momentum 0.5); default 1.0, 10 above IPC 50")
-    g.add_argument("--spatial-power", type=float, default=d.spatial_power, help="p of spatial attention")
-    g.add_argument("--channel-power", type=float, default=d.channel_power, help="p of channel attention")
+    g.add_argument("--spatial-power", type=float, default=d.spatial_power,
+                   help="p of spatial attention (unused by dm and atom-channel)")
+    g.add_argument("--channel-power", type=float, default=d.channel_power,
+                   help="p of channel attention (unused by dm and datadam)")
     g.add_argument("--task-balance", type=float, default=None,
                    help="lambda, weight of the embedding (MMD) term against attention; default "
-                        "0.01 up to 32x32, 0.02 above")
+                        "0.01 up to 32x32, 0.02 above (dm has no attention term: unused)")
     g.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True,
                    help="differentiable siamese augmentation, in distillation and in evaluation")
     g.add_argument("--init", default=d.init, choices=("real", "noise"),
@@ -75,13 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "chunks); default: all, up to 1280 real images per forward")
     g.add_argument("--width", type=int, default=d.width, help="ConvNet width")
     g.add_argument("--depth", type=int, default=None, help="ConvNet depth; default 3 up to 32x32, 4 at 64x64")
-    g.add_argument("--norm", default=d.norm, choices=("instancenorm", "batchnorm", "none"))
+    g.add_argument("--norm", default=d.norm, choices=("instancenorm", "batchnorm", "none"),
+                   help="ConvNet normalization (instancenorm = GroupNorm(C, C), as the papers); "
+                        "the evaluation networks use the same width, depth and norm")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-models", type=int, default=5,
                    help="fresh networks trained on the synthetic set; mean and std are reported")
     g.add_argument("--eval-epochs", type=int, default=e.epochs, help="training epochs of each")
     g.add_argument("--eval-model", default=e.model, choices=sorted(ARCHITECTURES),
-                   help="architecture of the evaluation networks")
+                   help="architecture of the evaluation networks (with the distillation's width "
+                        "and depth)")
     g.add_argument("--eval-batch", type=int, default=e.batch_size, help="evaluation training batch")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate the random real images the synthetic set started from, "
@@ -147,76 +152,100 @@ def _check_args(args) -> None:
         raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
 
 
+# settings a resumed run may change: the length, and the learning rate (to recover from a blow-up)
+RESUMABLE = ("iterations", "lr_img")
+
+
 def _checkpoint_compatible(saved: dict, current: dict) -> None:
-    differ = [k for k in current if k != "iterations" and saved.get(k) != current[k]]
+    differ = [k for k in current if k not in RESUMABLE and saved.get(k) != current[k]]
     if differ:
         raise ValueError("--resume: the checkpoint was made with different settings: " +
                          ", ".join(f"{k}={saved.get(k)!r} (now {current[k]!r})" for k in differ))
 
 
-def distill(args, data, device, out: Path, log) -> dict:
-    """Run (or resume) the distillation; returns timings. Leaves the result in ``synthetic.pt``."""
+def _run_identity(args, use_zca) -> dict:
+    """What the synthetic pixels depend on beyond the distillation config (compared on resume)."""
+    return {"dataset": args.dataset, "data_path": args.data_path, "image_size": args.image_size,
+            "zca": use_zca}
+
+
+def distill(args, data, device, out: Path, log, use_zca) -> dict:
+    """Run (or resume) the distillation; returns the synthetic set, its config and timings."""
     config = distill_config(args)
     distiller = Distiller(data.train_images, data.train_labels, data.num_classes, config, device)
     c = distiller.config
+    identity = _run_identity(args, use_zca)
     ckpt_path = out / "checkpoint.pt"
     start, elapsed, losses = 0, 0.0, []
-    if args.resume:
-        if ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            _checkpoint_compatible(state["distiller"]["config"], asdict(c))
-            distiller.load_state_dict(state["distiller"])
-            start, elapsed, losses = state["iteration"], state["elapsed_s"], state["losses"]
-            log(f"resuming from {ckpt_path} at iteration {start}")
-        else:
-            log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
+    if args.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        _checkpoint_compatible({**state["distiller"]["config"], **state["run"]}, {**asdict(c), **identity})
+        if state["iteration"] > c.iterations:
+            raise ValueError(f"--resume: the checkpoint is at iteration {state['iteration']}, past "
+                             f"--iterations {c.iterations}")
+        distiller.load_state_dict(state["distiller"])
+        start, elapsed, losses = state["iteration"], state["elapsed_s"], state["losses"]
+        log(f"resuming from {ckpt_path} at iteration {start}")
+    elif args.resume:
+        log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
+    elif ckpt_path.exists():
+        ckpt_path.unlink()  # a fresh run: never report or resume an earlier run's checkpoint
+        log(f"starting afresh: removed the earlier checkpoint {ckpt_path}")
 
-    def checkpoint(iteration):
-        write_atomic(ckpt_path, {"iteration": iteration, "elapsed_s": elapsed, "losses": losses,
-                                 "distiller": distiller.state_dict()})
+    def checkpoint(iteration, seconds):
+        if not bool(torch.isfinite(distiller.syn).all()):  # an update can blow up with a finite loss
+            kept = (f"{ckpt_path} (iteration {last_good})" if last_good is not None
+                    else "none was written yet")
+            raise NonFiniteLossError(
+                f"the synthetic images hold non-finite values at iteration {iteration}; stopping. "
+                f"The last good checkpoint is kept: {kept}. Resume it with a lower --lr-img.")
+        write_atomic(ckpt_path, {"iteration": iteration, "elapsed_s": seconds, "losses": losses,
+                                 "run": identity, "distiller": distiller.state_dict()})
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=c.iterations, initial=start, disable=not args.progress, unit="it",
                desc=f"{c.method} ipc{c.ipc}", dynamic_ncols=True, file=sys.stderr)
     pending = []
-    run_start, base = time.perf_counter(), elapsed
-    last_good = start if ckpt_path.exists() else None
-    for it in range(start, c.iterations):
-        pending.append(distiller.step(it))
-        done = it + 1
-        if done % args.log_every and done % args.checkpoint_every and done != c.iterations:
-            continue
-        values = torch.stack(pending).tolist()  # one host sync per --log-every iterations
-        pending.clear()
-        for j, v in enumerate(values):
-            if not math.isfinite(v):
-                bar.close()
-                kept = (f"{ckpt_path} (iteration {last_good})" if last_good is not None
-                        else "none was written yet")
-                raise NonFiniteLossError(
-                    f"the distillation loss became {v} at iteration {done - len(values) + j + 1}; "
-                    f"stopping. The last good checkpoint is kept: {kept}. Lower --lr-img (or the "
-                    f"powers) and --resume.")
-        losses.extend((done - len(values) + j + 1, v) for j, v in enumerate(values))
-        bar.update(len(values))
-        bar.set_postfix(loss=f"{values[-1]:.4g}")
-        if done % args.checkpoint_every == 0 or done == c.iterations:
-            elapsed = base + time.perf_counter() - run_start
-            checkpoint(done)
-            last_good = done
-    bar.close()
-    elapsed = base + time.perf_counter() - run_start
+    last_good = start if args.resume and ckpt_path.exists() else None
+    session_start = time.perf_counter()
+    try:
+        for it in range(start, c.iterations):
+            pending.append(distiller.step(it))
+            done = it + 1
+            if done % args.log_every and done % args.checkpoint_every and done != c.iterations:
+                continue
+            values = torch.stack(pending).tolist()  # one host sync per --log-every iterations
+            pending.clear()
+            for j, v in enumerate(values):
+                if not math.isfinite(v):
+                    kept = (f"{ckpt_path} (iteration {last_good})" if last_good is not None
+                            else "none was written yet")
+                    raise NonFiniteLossError(
+                        f"the distillation loss became {v} at iteration {done - len(values) + j + 1}; "
+                        f"stopping. The last good checkpoint is kept: {kept}. Resume it with a lower "
+                        f"--lr-img (--resume --lr-img ...).")
+            losses.extend((done - len(values) + j + 1, v) for j, v in enumerate(values))
+            bar.update(len(values))
+            bar.set_postfix(loss=f"{values[-1]:.4g}")
+            if done % args.checkpoint_every == 0 or done == c.iterations:
+                checkpoint(done, elapsed + time.perf_counter() - session_start)
+                last_good = done
+    finally:
+        bar.close()
+    session_s = time.perf_counter() - session_start
     if start >= c.iterations:
-        checkpoint(start)
+        checkpoint(start, elapsed)
     return {"config": asdict(c), "images": distiller.syn.detach(), "labels": distiller.syn_labels,
-            "distill_s": elapsed, "iterations_run": max(c.iterations - start, 0), "losses": losses}
+            "distill_s": elapsed + session_s, "session_s": session_s,
+            "iterations_run": c.iterations - start, "losses": losses}
 
 
 def run(argv: Optional[List[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     _check_args(args)
     device = _device(args.device)
+    malloc_tuned = device.type == "cpu" and keep_freed_memory()
     out = Path(args.out or f"runs/{args.dataset}-{args.method}-ipc{args.ipc}")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -246,12 +275,12 @@ def run(argv: Optional[List[str]] = None) -> dict:
         config = {"method": "random", "ipc": args.ipc, "seed": args.seed, "init": "real"}
         baseline_images = None
     else:
-        result = distill(args, data, device, out, log)
+        result = distill(args, data, device, out, log, use_zca)
         images, labels = result["images"].cpu(), result["labels"].cpu()
         config = result["config"]
         timings["distill_s"] = result["distill_s"]
-        if result["iterations_run"]:
-            timings["iterations_per_s"] = result["iterations_run"] / max(result["distill_s"], 1e-9)
+        if result["iterations_run"]:  # this session's iterations over this session's time
+            timings["iterations_per_s"] = result["iterations_run"] / max(result["session_s"], 1e-9)
         baseline_images = None
         if args.baseline:
             pools = class_pools(data.train_labels, data.num_classes)
@@ -266,12 +295,17 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
     ecfg = EvalConfig(model=args.eval_model, epochs=args.eval_epochs, batch_size=args.eval_batch,
                       dsa=args.dsa)
+    # evaluation networks: the distillation's architecture (ConvNet-4 at 64x64, --width, --norm)
+    net_kwargs = {"width": args.width, "depth": args.depth or default_depth(data.im_size)}
+    if args.eval_model == "convnet":
+        net_kwargs["norm"] = args.norm
     test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
 
     def eval_set(name, x, y):
         t = time.perf_counter()
         accs = evaluate(x.to(device), y.to(device), test_x, test_y, data.num_classes,
                         models=args.eval_models, config=ecfg, seed=args.seed,
+                        network_kwargs=net_kwargs,
                         progress=lambda m, a: log(f"{name}: evaluation model {m + 1}/{args.eval_models}: "
                                                   f"{a:.2f}%"))
         timings[f"{name}_eval_s"] = time.perf_counter() - t
@@ -292,12 +326,13 @@ def run(argv: Optional[List[str]] = None) -> dict:
         **summary,
         "baseline": {"method": "random", **baseline} if baseline else None,
         "config": {**config, "zca": use_zca, "dsa": args.dsa},
-        "evaluation": {**asdict(ecfg), "models": args.eval_models, "seed": args.seed},
+        "evaluation": {**asdict(ecfg), "models": args.eval_models, "seed": args.seed,
+                       "network": net_kwargs},
         "args": vars(args),
         "timings": timings,
         "device": str(device), "device_name": _device_name(device),
         "versions": _versions(),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "malloc_keeps_freed_memory": malloc_tuned,
         "losses": result["losses"] if result else [],
     }
     write_atomic(out / "results.json", results, as_json=True)
@@ -316,26 +351,25 @@ def run(argv: Optional[List[str]] = None) -> dict:
 # glibc serves allocations above 32 MB with fresh mmap()s, so every batch of 128-channel feature maps
 # (hundreds of MB) is page-faulted in again: on CPU that kernel time was half of each iteration
 # (1.57 s -> 0.88 s per real forward at MNIST, batch 128 x 10, measured on 2 cores). Serving them
-# from the heap, never trimmed, keeps the pages. Set before start-up, hence the re-exec.
-MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+# from the heap, never trimmed, keeps the pages.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
 
 
-def _reexec_with_malloc_tunables() -> None:
-    if (sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ
-            or os.environ.get("ATOM_FAST_MALLOC_TUNING", "1") == "0"):
-        return
-    os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed blocks (CPU runs); ``ATOM_FAST_MALLOC_TUNING=0`` opts out."""
+    if sys.platform != "linux" or os.environ.get("ATOM_FAST_MALLOC_TUNING", "1") == "0":
+        return False
     try:
-        os.execv(sys.executable, [sys.executable, "-m", "atom_fast.distill"] + sys.argv[1:])
-    except OSError:
-        pass  # run untuned
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point. Called without ``argv`` (the command line) it first re-executes itself with
-    :data:`MALLOC_TUNABLES` unless ``GLIBC_TUNABLES`` is set or ``ATOM_FAST_MALLOC_TUNING=0``."""
-    if argv is None:
-        _reexec_with_malloc_tunables()
+    """Entry point: :func:`run`, with errors reported as one line and exit status 1."""
     try:
         run(argv)
     except (NonFiniteLossError, DatasetNotFoundError, ValueError, TypeError) as exc:

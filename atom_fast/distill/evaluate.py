@@ -47,7 +47,10 @@ def train_network(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     """Train ``net`` on ``images (N, C, H, W)`` / ``labels (N,)``; returns the final training loss."""
     opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[config.epochs // 2], gamma=0.1)
+    # lr x0.1 once half the epochs are done (DM trains epochs + 1 and decays after epochs // 2 + 1;
+    # the same schedule up to one epoch)
+    milestones = [config.epochs // 2] if config.epochs >= 2 else []
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     n = images.shape[0]
     net.train()
     loss = torch.zeros(())

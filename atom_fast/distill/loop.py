@@ -84,7 +84,8 @@ class DistillConfig:
         for name in ("ipc", "iterations", "batch_real", "width"):
             value = getattr(c, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "iterations" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'iterations' else 'positive'} "
+                                 f"integer, got {value!r}")
         side = max(int(im_size[0]), int(im_size[1]))
         if c.lr_img is None:
             c.lr_img = 1.0 if c.ipc <= 50 else 10.0
@@ -171,11 +172,14 @@ class Distiller:
         return self.images.index_select(0, idx.to(self.device, non_blocking=True))
 
     def _reset_network(self, iteration: int) -> None:
-        # a fresh random network: the same parameters a new ConvNet would get from this seed
-        torch.manual_seed(_mix(self.config.seed, iteration, 0x7E7))
-        for m in self.net.modules():
-            if m is not self.net and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+        # a fresh random network: the parameters a new ConvNet would get from this seed (default
+        # init). The global RNG is forked so the caller's random stream is left alone.
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(_mix(self.config.seed, iteration, 0x7E7))
+            for m in self.net.blocks.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
 
     # -- one iteration ----------------------------------------------------------------------------
     def step(self, iteration: int) -> torch.Tensor:
@@ -277,3 +281,5 @@ class Distiller:
         with torch.no_grad():
             self.syn.copy_(state["syn"].to(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # a resumed run may lower --lr-img
+            group["lr"] = self.config.lr_img

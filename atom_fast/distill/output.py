@@ -23,6 +23,7 @@ def write_atomic(path, obj, as_json: bool = False) -> None:
                 torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

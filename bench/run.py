@@ -33,8 +33,9 @@ one more step for memory. Peak memory = memory held between steps except the dat
 images, their gradient and momentum, network weights) + the peak growth during that step. CUDA:
 ``max_memory_allocated`` after a reset, minus the resident dataset. CPU: the held tensors' bytes plus
 the resident-set growth during the step (VmHWM reset through /proc/self/clear_refs), with glibc
-switched (mallopt) to return every block >= 64 KiB to the OS after the timed steps, so the timed
-steps run with the default allocator. DM has no attention; its row uses the batched ("fused") loop.
+switched (mallopt) to return every block >= 64 KiB to the OS after the timed steps. The timed steps
+run with the allocator setting the CLI uses on CPU (``keep_freed_memory``: glibc keeps freed feature
+maps). DM has no attention; its row uses the batched ("fused") loop.
 
 ``--quick`` keeps the whole run under 3 minutes on 2 CPU cores. It always runs the loss at the CIFAR
 layer-1 shape (128x32x32) and IPC 10, fwd+bwd, and the ATOM fused and reference loops at IPC 10;
@@ -268,8 +269,10 @@ def _glibc_return_to_os():
     for loss_table's children), so the resident set follows live memory; True if it worked."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 65536) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 0) == 1
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+        # undo the CLI's keep_freed_memory() of the timed steps (mmap allowed again)
+        ok = (libc.mallopt(M_MMAP_MAX, 65536) == 1 and libc.mallopt(M_MMAP_THRESHOLD, 65536) == 1
+              and libc.mallopt(M_TRIM_THRESHOLD, 0) == 1)
         libc.malloc_trim(0)  # what the heap already caches goes back now
         return ok
     except (OSError, AttributeError):
@@ -312,9 +315,13 @@ def step_memory(d, device, iteration):
 
 def step_child(spec):
     """Time ``Distiller.step`` for one (method, loop, IPC); runs in a fresh process."""
+    from atom_fast.distill.cli import keep_freed_memory
     from atom_fast.distill.loop import DistillConfig, Distiller
 
     device = torch.device(spec["device"])
+    # time the steps with the allocator setting the CLI uses on CPU (glibc keeps freed feature
+    # maps instead of page-faulting them back every step)
+    malloc_kept = device.type == "cpu" and keep_freed_memory()
     per_class = max(2 * spec["batch_real"], spec["ipc"])
     g = torch.Generator().manual_seed(0)
     # random normalized images: timing does not depend on pixel values
@@ -341,7 +348,7 @@ def step_child(spec):
         _sync(device)
         times.append(time.perf_counter() - t0)
     out = {"init_s": init_s, "warmup_s": warm, **_quantiles(times), "steps": len(times),
-           "last_loss": float(loss)}
+           "last_loss": float(loss), "malloc_keeps_freed_memory": malloc_kept}
     if spec["memory"]:
         out.update(step_memory(d, device, spec["warmup"] + spec["steps"]))
     return out

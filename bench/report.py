@@ -191,7 +191,7 @@ def figure(loss_rows, step_rows, title):
                        key=lambda r: (r["ipc"], labels.index(r["row"]) if r["row"] in labels else len(labels)))
     columns = [c for c in ("loss", "step") if {"loss": loss_rows, "step": step_rows}[c]]
     ncols = max(len(columns), 1)
-    fig, axes = plt.subplots(2, ncols, figsize=(7 * ncols, 8), squeeze=False)
+    fig, axes = plt.subplots(2, ncols, figsize=(9 * ncols, 8), squeeze=False)
     for j, kind in enumerate(columns):
         top, bottom = axes[0][j], axes[1][j]
         if kind == "loss":
@@ -202,18 +202,20 @@ def figure(loss_rows, step_rows, title):
             top.set_yscale("log")
             top.set_title("attention loss, one layer per call")
             _bars(bottom, loss_rows, group=_loss_group, series=lambda r: r["provider"],
-                  value=lambda r: _mb(r.get("peak_extra_bytes")), skip=lambda r: False, fmt="%.3g")
+                  value=lambda r: _mb(r.get("peak_extra_bytes")), skip=lambda r: False,
+                  fmt=lambda v: f"{v:.0f}" if v >= 100 else f"{v:.3g}")
             bottom.set_ylabel("peak extra memory, MB (log)")
             bottom.set_yscale("log")
             bottom.set_title("attention loss: peak memory above the inputs")
         else:
             group = lambda r: f"IPC {r['ipc']}"  # noqa: E731
             _bars(top, step_rows, group=group, series=lambda r: r["row"],
-                  value=lambda r: r.get("speedup_vs_atom_reference"), skip=lambda r: False, fmt="%.1fx")
+                  value=lambda r: r.get("speedup_vs_atom_reference"), skip=lambda r: False, fmt="%.1fx",
+                  order=labels)
             top.set_ylabel(f"speedup vs {step_table.SPEEDUP_BASE}")
             top.set_title("distillation step (CIFAR-10 shapes)")
             _bars(bottom, step_rows, group=group, series=lambda r: r["row"],
-                  value=lambda r: _mb(r.get("peak_bytes")), skip=lambda r: False, fmt="%.0f")
+                  value=lambda r: _mb(r.get("peak_bytes")), skip=lambda r: False, fmt="%.0f", order=labels)
             bottom.set_ylabel("peak memory per step, MB")
             bottom.set_title("distillation step: peak memory")
         top.axhline(1.0, color="gray", lw=0.8)
@@ -226,10 +228,12 @@ def _mb(nbytes):
     return None if nbytes is None else max(nbytes / 1e6, 1e-3)  # a log axis cannot show 0
 
 
-def _bars(ax, rows, group, series, value, skip, fmt):
+def _bars(ax, rows, group, series, value, skip, fmt, order=None):
     rows = [r for r in rows if not skip(r) and value(r) is not None]
     groups = list(dict.fromkeys(group(r) for r in rows))  # rows arrive sorted: IPC 1, 10, 50
     names = list(dict.fromkeys(series(r) for r in rows))
+    if order is not None:  # a fixed legend order (the table's), whichever group a series starts in
+        names.sort(key=lambda n: order.index(n) if n in order else len(order))
     width = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
         xs, ys = [], []
@@ -241,4 +245,24 @@ def _bars(ax, rows, group, series, value, skip, fmt):
         ax.bar_label(bars, fmt=fmt, fontsize=7)
     ax.set_xticks(range(len(groups)), groups, fontsize=7)
     if names:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not on them
+
+
+def main(argv=None):
+    """Redraw the PNG of a bench/run.py JSON file (next to it), e.g. after changing the plot."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    p.add_argument("json", nargs="+", help="bench/run.py result files")
+    for path in p.parse_args(argv).json:
+        with open(path) as f:
+            result = json.load(f)
+        env = result["environment"]
+        png = os.path.splitext(path)[0] + ".png"
+        write_plot(png, result["loss"], result["step"],
+                   f"{env['device_name']}, torch {env['torch']}, {result['mode']} run, {result['started']}")
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,8 @@ from atom_fast.loss import (
     mmd_loss,
     spatial_attention,
 )
+from atom_fast.statistics import ClassStatistics, class_statistics
 
-__all__ = ["attention_loss", "AttentionLoss", "mmd_loss", "spatial_attention", "channel_attention"]
+__all__ = ["attention_loss", "AttentionLoss", "mmd_loss", "spatial_attention", "channel_attention",
+           "class_statistics", "ClassStatistics"]
 __version__ = "0.1.0"

@@ -9,9 +9,11 @@ under ``torch.compile``, and the autograd formula of the forward op. It saves on
 gradient: real features computed under ``no_grad`` are not kept alive until backward.
 """
 
+import importlib.util
+
 import torch
 
-import importlib.util
+from atom_fast.constants import NORM_EPS
 
 if importlib.util.find_spec("atom_fast._C") is None:
     # not built: no compiler, ATOM_FAST_BUILD_NATIVE=0, or installed with build isolation
@@ -98,6 +100,12 @@ if AVAILABLE:
     def _setup_backward_context(ctx, inputs, output):
         pass
 
+    @torch.library.register_fake("atom_fast::attention_stats")
+    def _stats_fake(features, spatial_power, channel_power, spatial, channel):
+        _, C, H, W = features.shape
+        return features.new_empty((features.shape[0], H * W + C + 2),
+                                  dtype=_acc_dtype(features.dtype))
+
     # Without this, create_graph=True would give a gradient that claims to require grad but whose
     # own gradient is silently wrong; with it, asking for that second gradient raises.
     torch.library.register_autograd("atom_fast::attention_backward", _no_double_backward,
@@ -126,3 +134,98 @@ def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_we
                                      channel_weight)[0]
         total = loss if total is None else total + loss
     return total
+
+
+# ---- the real side as class statistics (SPEC 2.1) ------------------------------------------------
+
+
+def _normalized(stats, HW, C):
+    """(N, H*W + C) normalized per-sample vectors [s_hat | t_hat] from the ops' stats layout."""
+    s = stats[:, :HW] / stats[:, HW + C:HW + C + 1].clamp_min(NORM_EPS)
+    t = stats[:, HW:HW + C] / stats[:, HW + C + 1:HW + C + 2].clamp_min(NORM_EPS)
+    return torch.cat([s, t], 1)
+
+
+def _class_sums(x, labels, num_classes):
+    """(K, L) per-class sums of the rows of x: labels (int64), or equal contiguous blocks."""
+    if labels is None:
+        return x.view(num_classes, x.shape[0] // num_classes, x.shape[1]).sum(1)
+    return x.new_zeros((num_classes, x.shape[1])).index_add_(0, labels, x)
+
+
+def _grouping(labels, num, num_classes, device):
+    """(offsets, order) of the ops for labels, or for equal blocks when labels is None; no host sync."""
+    if labels is None:
+        return torch.arange(num_classes + 1, dtype=torch.int64, device=device) * (num // num_classes), None
+    counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    counts.index_add_(0, labels, torch.ones_like(labels))
+    offsets = torch.zeros(num_classes + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets, torch.argsort(labels, stable=True)
+
+
+def class_attention_sums(features, labels, num_classes, spatial_power, channel_power, has_spatial,
+                         has_channel):
+    """Per-class sums of the normalized attention vectors of ``features`` (N, C, H, W).
+
+    labels: int64 (N,) in [0, num_classes), or None for equal contiguous blocks. Returns (S, T):
+    S (num_classes, H*W), T (num_classes, C), each None when its flag is False; float32 (float64 for
+    float64 features), detached. Arguments are checked by the caller (atom_fast.loss).
+    """
+    _, C, H, W = features.shape
+    HW = H * W
+    stats = ops.attention_stats(features.detach(), float(spatial_power), float(channel_power),
+                                bool(has_spatial), bool(has_channel))
+    sums = _class_sums(_normalized(stats, HW, C), labels, num_classes)
+    return (sums[:, :HW] if has_spatial else None), (sums[:, HW:] if has_channel else None)
+
+
+class _LossFromSums(torch.autograd.Function):
+    """ws ||S/n - mean_syn(s_hat)||^2 + wc ||T/n - mean_syn(t_hat)||^2 summed over classes; the
+    backward is the op's one pass over syn (read F, write dF) with the class differences D_k."""
+
+    @staticmethod
+    def forward(ctx, syn, real_means, offsets, order, syn_labels, num_classes, ps, pc, ws, wc):
+        _, C, H, W = syn.shape
+        HW = H * W
+        has_s, has_t = ws != 0, wc != 0
+        stats = ops.attention_stats(syn, ps, pc, has_s, has_t)
+        counts = (offsets[1:] - offsets[:-1]).clamp_min(1).to(stats.dtype)
+        diffs = real_means - _class_sums(_normalized(stats, HW, C), syn_labels, num_classes) / counts[:, None]
+        loss = stats.new_zeros(())
+        if has_s:
+            loss = loss + ws * diffs[:, :HW].square().sum()
+        if has_t:
+            loss = loss + wc * diffs[:, HW:].square().sum()
+        ctx.save_for_backward(syn, stats, diffs, offsets, order)
+        ctx.params = (ps, pc, ws, wc)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        syn, stats, diffs, offsets, order = ctx.saved_tensors
+        grad = ops.attention_backward(grad_loss, syn, stats, diffs, offsets, order, -1.0, *ctx.params)
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes,
+                             spatial_power, channel_power, spatial_weight, channel_weight):
+    """The attention loss of one layer with the real side given as class sums (SPEC 2.1).
+
+    real_spatial (K, H*W) / real_channel (K, C): sums of the real samples' normalized vectors (None
+    where that term's weight is 0), in syn's accumulation dtype; real_counts (K,): samples per class.
+    syn (M, C, H, W); syn_labels int64 (M,) or None (equal blocks). Returns the 0-dim loss, equal in
+    value and gradient w.r.t. syn to the full-feature loss on the real features behind the sums.
+    Arguments are checked by the caller (atom_fast.loss).
+    """
+    M, C, H, W = syn.shape
+    HW = H * W
+    ps, pc = float(spatial_power), float(channel_power)
+    ws, wc = float(spatial_weight), float(channel_weight)
+    acc = _acc_dtype(syn.dtype)
+    n = real_counts.to(acc).clamp_min(1)[:, None]
+    real_means = torch.cat([
+        real_spatial.to(acc) / n if ws != 0 else syn.new_zeros((num_classes, HW), dtype=acc),
+        real_channel.to(acc) / n if wc != 0 else syn.new_zeros((num_classes, C), dtype=acc)], 1)
+    offsets, order = _grouping(syn_labels, M, num_classes, syn.device)
+    return _LossFromSums.apply(syn, real_means, offsets, order, syn_labels, num_classes, ps, pc, ws, wc)

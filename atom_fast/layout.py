@@ -1,5 +1,6 @@
 """Which samples belong to which class: equal contiguous blocks, or explicit int64 labels."""
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,3 +55,97 @@ class ClassLayout:
             out[f"{side}_order"] = torch.argsort(self.labels(side), stable=True)
             out[f"{side}_offsets"] = offsets
         return out
+
+
+# --------------------------------------------------------------------------------------------------
+# building a layout from the public arguments (validated)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_num_classes(num_classes, name="num_classes"):
+    """A positive int."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(num_classes).__name__}")
+    if num_classes < 1:
+        raise ValueError(f"{name} must be at least 1, got {num_classes}")
+    return int(num_classes)
+
+
+def check_labels(labels, n, name, device, num_classes=None):
+    """int64 ``(n,)`` labels on ``device``, non-negative and below ``num_classes`` (when given).
+
+    Reads their range on the host: one synchronization. Returns them contiguous (the kernels index
+    labels with unit stride).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64 (torch.long), got {labels.dtype}")
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match the features, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+    if n:
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0:
+            raise ValueError(f"{name} holds {lo}: labels must be non-negative")
+        if num_classes is not None and hi >= num_classes:
+            raise ValueError(f"{name} holds {hi}, out of range for num_classes={num_classes}")
+    return labels.contiguous()
+
+
+def check_blocks(n, num_classes, name):
+    """``n`` samples in equal contiguous blocks of ``num_classes`` classes: the block size."""
+    if n % num_classes:
+        raise ValueError(f"{name} has {n} samples, not divisible by num_classes={num_classes}; "
+                         "samples must come in equal contiguous blocks per class "
+                         "(or pass labels)")
+    return n // num_classes
+
+
+def check_presence(real_counts, syn_counts, class_names=None, real_name="real_labels",
+                   syn_name="syn_labels"):
+    """Every class with samples on one side has samples on the other (host or device counts)."""
+    only_real = (real_counts > 0) & (syn_counts == 0)
+    only_syn = (syn_counts > 0) & (real_counts == 0)
+    for mask, missing, present in ((only_real, syn_name, "real"), (only_syn, real_name, "synthetic")):
+        if bool(mask.any()):
+            k = int(mask.nonzero()[0])
+            if class_names is not None:
+                k = int(class_names[k])
+            raise ValueError(f"{missing} has no sample of class {k}, which has {present} samples; "
+                             "every class needs samples on both sides")
+
+
+def class_layout(num_real, num_syn, num_classes, real_labels, syn_labels, device,
+                 names=("real", "syn")):
+    """Validate the class arguments and build the ClassLayout.
+
+    With labels this reads them on the host (range and per-class counts), one synchronization, and
+    renumbers them 0..K-1 over the classes that occur: a class absent from both sides adds nothing
+    to the loss, so only the present ones are kept, and the work is bounded by the samples, not by
+    ``num_classes`` (which only bounds the labels' range). ``names`` are the feature arguments'
+    names, for messages.
+    """
+    if real_labels is None and syn_labels is None:
+        if num_classes is None:
+            raise ValueError("num_classes is required unless real_labels and syn_labels are given")
+        K = check_num_classes(num_classes)
+        real_block = check_blocks(num_real, K, names[0])
+        syn_block = check_blocks(num_syn, K, names[1])
+        return ClassLayout(K, real_per_class=real_block, syn_per_class=syn_block)
+    if real_labels is None or syn_labels is None:
+        missing = "real_labels" if real_labels is None else "syn_labels"
+        raise ValueError(f"{missing} is missing: pass real_labels and syn_labels together")
+    K = None if num_classes is None else check_num_classes(num_classes)
+    real_labels = check_labels(real_labels, num_real, "real_labels", device, K)
+    syn_labels = check_labels(syn_labels, num_syn, "syn_labels", device, K)
+    classes, compact = torch.unique(torch.cat([real_labels, syn_labels]), return_inverse=True)
+    K = classes.numel()
+    real_labels, syn_labels = compact[:num_real], compact[num_real:]
+    real_counts = torch.bincount(real_labels, minlength=K)
+    syn_counts = torch.bincount(syn_labels, minlength=K)
+    check_presence(real_counts, syn_counts, classes)
+    return ClassLayout(K, real_labels=real_labels, syn_labels=syn_labels,
+                       real_counts=real_counts, syn_counts=syn_counts)

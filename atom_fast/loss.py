@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from atom_fast import _native, reference
-from atom_fast.layout import ClassLayout
+from atom_fast.layout import (check_blocks, check_labels, check_num_classes, check_presence,
+                              class_layout)
+from atom_fast.statistics import ClassStatistics
 
 BACKENDS = ("auto", "triton", "native", "reference")
 BACKEND_ENV = "ATOM_FAST_BACKEND"
@@ -23,6 +25,31 @@ Layers = Union[torch.Tensor, Sequence[torch.Tensor]]
 # --------------------------------------------------------------------------------------------------
 
 
+def check_side(x, name):
+    """One side's features as a tuple of 4-D floating tensors that share dtype, device and N."""
+    layers = _as_layers(x, name)
+    first = layers[0]
+    for i, t in enumerate(layers):
+        tn = _layer_name(name, i, len(layers))
+        if t.ndim != 4:
+            raise ValueError(f"{tn} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+        _check_dtype_and_layout(t, tn)
+        if t.dtype != first.dtype:
+            raise TypeError(f"{tn} has dtype {t.dtype} but {_layer_name(name, 0, len(layers))} has "
+                            f"{first.dtype}; all features must share one dtype")
+        if t.device != first.device:
+            raise ValueError(f"{tn} is on {t.device} but {_layer_name(name, 0, len(layers))} is on "
+                             f"{first.device}")
+        if 0 in t.shape[1:]:
+            raise ValueError(f"{tn} has an empty (C, H, W) = {tuple(t.shape[1:])}")
+        if t.shape[0] == 0:
+            raise ValueError(f"{tn} has no samples")
+        if t.shape[0] != first.shape[0]:
+            raise ValueError(f"{tn} has {t.shape[0]} samples but layer 0 has {first.shape[0]}; "
+                             "every layer must come from the same batch")
+    return layers
+
+
 def _check_layers(real, syn):
     """Both arguments as equal-length tuples of 4-D floating tensors with matching C, H, W."""
     reals = _as_layers(real, "real")
@@ -30,30 +57,27 @@ def _check_layers(real, syn):
     if len(reals) != len(syns):
         raise ValueError(f"real has {len(reals)} layers but syn has {len(syns)}; pass one tensor "
                          "per layer on both sides")
-    first = reals[0]
+    reals, syns = check_side(reals, "real"), check_side(syns, "syn")
+    if syns[0].dtype != reals[0].dtype:
+        raise TypeError(f"syn has dtype {syns[0].dtype} but real has {reals[0].dtype}; "
+                        "all features must share one dtype")
+    if syns[0].device != reals[0].device:
+        raise ValueError(f"syn is on {syns[0].device} but real is on {reals[0].device}")
     for i, (r, s) in enumerate(zip(reals, syns)):
-        rn, sn = _layer_name("real", i, len(reals)), _layer_name("syn", i, len(syns))
-        for t, name in ((r, rn), (s, sn)):
-            if t.ndim != 4:
-                raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
-            _check_dtype_and_layout(t, name)
-            if t.dtype != first.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but real has {first.dtype}; "
-                                "all features must share one dtype")
-            if t.device != first.device:
-                raise ValueError(f"{name} is on {t.device} but real is on {first.device}")
         if r.shape[1:] != s.shape[1:]:
-            raise ValueError(f"{sn} has (C, H, W) = {tuple(s.shape[1:])} but {rn} has "
+            raise ValueError(f"{_layer_name('syn', i, len(syns))} has (C, H, W) = "
+                             f"{tuple(s.shape[1:])} but {_layer_name('real', i, len(reals))} has "
                              f"{tuple(r.shape[1:])}")
-        if 0 in r.shape[1:]:
-            raise ValueError(f"{rn} has an empty (C, H, W) = {tuple(r.shape[1:])}")
-        for t, name, ref in ((r, rn, reals[0]), (s, sn, syns[0])):
-            if t.shape[0] == 0:
-                raise ValueError(f"{name} has no samples")
-            if t.shape[0] != ref.shape[0]:
-                raise ValueError(f"{name} has {t.shape[0]} samples but layer 0 has {ref.shape[0]}; "
-                                 "every layer must come from the same batch")
     return reals, syns
+
+
+def check_embedding(t, name):
+    """An ``(N, ...)`` floating tensor with N >= 1."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_dtype_and_layout(t, name)
+    if t.ndim < 2 or t.shape[0] == 0:
+        raise ValueError(f"{name} must be (N, ...) with N >= 1, got shape {tuple(t.shape)}")
 
 
 def _as_layers(x, name):
@@ -102,75 +126,6 @@ def check_power(value, name):
 def check_weight(value, name):
     """A finite non-negative weight, as a float."""
     return _check_scalar(value, name, allow_zero=True)
-
-
-def _check_num_classes(num_classes):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    return int(num_classes)
-
-
-def class_layout(num_real, num_syn, num_classes, real_labels, syn_labels, device,
-                 names=("real", "syn")):
-    """Validate the class arguments and build the ClassLayout.
-
-    With labels this reads them on the host (range and per-class counts), one synchronization.
-    Without ``num_classes`` the labels are renumbered 0..K-1 over the classes that occur: a class
-    absent from both sides adds nothing to the loss, so only the present ones are kept.
-    ``names`` are the feature arguments' names, for messages.
-    """
-    if real_labels is None and syn_labels is None:
-        if num_classes is None:
-            raise ValueError("num_classes is required unless real_labels and syn_labels are given")
-        K = _check_num_classes(num_classes)
-        for n, name in zip((num_real, num_syn), names):
-            if n % K:
-                raise ValueError(f"{name} has {n} samples, not divisible by num_classes={K}; "
-                                 "samples must come in equal contiguous blocks per class "
-                                 "(or pass real_labels/syn_labels)")
-        return ClassLayout(K, real_per_class=num_real // K, syn_per_class=num_syn // K)
-    if real_labels is None or syn_labels is None:
-        missing = "real_labels" if real_labels is None else "syn_labels"
-        raise ValueError(f"{missing} is missing: pass real_labels and syn_labels together")
-    K = None if num_classes is None else _check_num_classes(num_classes)
-    for labels, n, name in ((real_labels, num_real, "real_labels"), (syn_labels, num_syn, "syn_labels")):
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-        if labels.dtype != torch.int64:
-            raise TypeError(f"{name} must be int64 (torch.long), got {labels.dtype}")
-        if labels.ndim != 1 or labels.shape[0] != n:
-            raise ValueError(f"{name} must have shape ({n},) to match the features, "
-                             f"got {tuple(labels.shape)}")
-        if labels.device != device:
-            raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
-    for labels, name in ((real_labels, "real_labels"), (syn_labels, "syn_labels")):
-        lo, hi = (int(v) for v in torch.aminmax(labels))
-        if lo < 0:
-            raise ValueError(f"{name} holds {lo}: labels must be non-negative")
-        if K is not None and hi >= K:
-            raise ValueError(f"{name} holds {hi}, out of range for num_classes={K}")
-    # The kernels index labels with unit stride.
-    real_labels, syn_labels = real_labels.contiguous(), syn_labels.contiguous()
-    if K is None:
-        classes, compact = torch.unique(torch.cat([real_labels, syn_labels]), return_inverse=True)
-        K = classes.numel()
-        real_labels, syn_labels = compact[:num_real], compact[num_real:]
-    real_counts = torch.bincount(real_labels, minlength=K)
-    syn_counts = torch.bincount(syn_labels, minlength=K)
-    only_real = (real_counts > 0) & (syn_counts == 0)
-    only_syn = (syn_counts > 0) & (real_counts == 0)
-    if only_real.any():
-        k = int(only_real.nonzero()[0])
-        raise ValueError(f"syn_labels has no sample of class {k}, which has real samples; "
-                         "every class needs samples on both sides")
-    if only_syn.any():
-        k = int(only_syn.nonzero()[0])
-        raise ValueError(f"real_labels has no sample of class {k}, which has synthetic samples; "
-                         "every class needs samples on both sides")
-    return ClassLayout(K, real_labels=real_labels, syn_labels=syn_labels,
-                       real_counts=real_counts, syn_counts=syn_counts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,6 +206,14 @@ def resolve_backend(backend, device):
     return backend
 
 
+def backend_module(chosen):
+    """The module implementing a concrete backend ("triton", "native" or "reference")."""
+    if chosen == "triton":
+        from atom_fast import _triton
+        return _triton
+    return _native if chosen == "native" else reference
+
+
 # --------------------------------------------------------------------------------------------------
 # public functions
 # --------------------------------------------------------------------------------------------------
@@ -276,9 +239,17 @@ def attention_loss(real: Layers, syn: Layers, num_classes: Optional[int] = None,
         spatial_weight, channel_weight: ws, wc >= 0; 0 skips that term.
         backend: "auto", "triton", "native" or "reference"; ``ATOM_FAST_BACKEND`` overrides "auto".
 
+    ``real`` may also be a :class:`~atom_fast.ClassStatistics` (from :func:`atom_fast.class_statistics`,
+    summed over chunks or processes): the same value and the same gradient w.r.t. ``syn``; then
+    ``num_classes`` defaults to the statistics' and ``syn_labels`` may be given alone.
+
     Returns:
         A 0-dim tensor: float32, or float64 for float64 features.
     """
+    if isinstance(real, ClassStatistics):
+        return _attention_loss_from_statistics(real, syn, num_classes, real_labels, syn_labels,
+                                               spatial_power, channel_power, spatial_weight,
+                                               channel_weight, backend)
     reals, syns = _check_layers(real, syn)
     ps = check_power(spatial_power, "spatial_power")
     pc = check_power(channel_power, "channel_power")
@@ -296,21 +267,20 @@ def attention_loss(real: Layers, syn: Layers, num_classes: Optional[int] = None,
     return reference.attention_loss(reals, syns, layout, ps, pc, ws, wc)
 
 
-def mmd_loss(real_emb: torch.Tensor, syn_emb: torch.Tensor, num_classes: Optional[int] = None, *,
+def mmd_loss(real_emb, syn_emb: torch.Tensor, num_classes: Optional[int] = None, *,
              real_labels: Optional[torch.Tensor] = None,
              syn_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Output feature matching of DM/DataDAM: ``sum_k ||mean_real_k(e) - mean_syn_k(e)||^2``.
 
     Args:
-        real_emb, syn_emb: ``(N, ...)`` embeddings, flattened per sample.
+        real_emb, syn_emb: ``(N, ...)`` embeddings, flattened per sample. ``real_emb`` may also be a
+            :class:`~atom_fast.ClassStatistics` holding embedding sums (same value and gradient).
         num_classes, real_labels, syn_labels: the class layout, as in :func:`attention_loss`.
     """
+    if isinstance(real_emb, ClassStatistics):
+        return _mmd_loss_from_statistics(real_emb, syn_emb, num_classes, real_labels, syn_labels)
     for t, name in ((real_emb, "real_emb"), (syn_emb, "syn_emb")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check_dtype_and_layout(t, name)
-        if t.ndim < 2 or t.shape[0] == 0:
-            raise ValueError(f"{name} must be (N, ...) with N >= 1, got shape {tuple(t.shape)}")
+        check_embedding(t, name)
     if syn_emb.dtype != real_emb.dtype:
         raise TypeError(f"syn_emb has dtype {syn_emb.dtype} but real_emb has {real_emb.dtype}")
     if syn_emb.device != real_emb.device:
@@ -321,6 +291,96 @@ def mmd_loss(real_emb: torch.Tensor, syn_emb: torch.Tensor, num_classes: Optiona
     layout = class_layout(real_emb.shape[0], syn_emb.shape[0], num_classes, real_labels, syn_labels,
                           real_emb.device, names=("real_emb", "syn_emb"))
     return reference.mmd_loss(real_emb, syn_emb, layout)
+
+
+# --------------------------------------------------------------------------------------------------
+# the real side as class statistics (SPEC 2.1)
+# --------------------------------------------------------------------------------------------------
+
+
+def _syn_layout(stats, num_syn, num_classes, real_labels, syn_labels, device, syn_name):
+    """Validated synthetic labels (or None for equal blocks) against statistics ``stats``."""
+    if real_labels is not None:
+        raise ValueError("real_labels cannot be given with ClassStatistics: the statistics already "
+                         "hold the real side's classes")
+    K = stats.num_classes
+    if num_classes is not None and check_num_classes(num_classes) != K:
+        raise ValueError(f"num_classes={num_classes} but the statistics hold {K} classes")
+    if syn_labels is None:
+        per_class = check_blocks(num_syn, K, syn_name)
+        syn_counts = torch.full((K,), per_class, dtype=torch.int64)
+    else:
+        syn_labels = check_labels(syn_labels, num_syn, "syn_labels", device, K)
+        syn_counts = torch.bincount(syn_labels, minlength=K).cpu()
+    check_presence(stats.counts, syn_counts, real_name="the real statistics")
+    return syn_labels
+
+
+def _check_statistics_device(stats, device, dtype, what):
+    if stats.device != device:
+        raise ValueError(f"the real statistics are on {stats.device} but {what} is on {device}")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if stats.dtype != acc:
+        raise TypeError(f"the real statistics are {stats.dtype} but {what} ({dtype}) accumulates "
+                        f"in {acc}; compute them from features of the same dtype")
+
+
+def _attention_loss_from_statistics(stats, syn, num_classes, real_labels, syn_labels,
+                                    spatial_power, channel_power, spatial_weight, channel_weight,
+                                    backend):
+    syns = check_side(syn, "syn")
+    ps = check_power(spatial_power, "spatial_power")
+    pc = check_power(channel_power, "channel_power")
+    ws = check_weight(spatial_weight, "spatial_weight")
+    wc = check_weight(channel_weight, "channel_weight")
+    if len(syns) != stats.num_layers:
+        raise ValueError(f"the real statistics hold {stats.num_layers} layers but syn has "
+                         f"{len(syns)}; pass one tensor per layer")
+    for i, (shape, s) in enumerate(zip(stats.shapes, syns)):
+        if tuple(s.shape[1:]) != shape:
+            raise ValueError(f"{_layer_name('syn', i, len(syns))} has (C, H, W) = "
+                             f"{tuple(s.shape[1:])} but the real statistics were computed on "
+                             f"{shape}")
+    for weight, present, power, stats_power, name in (
+            (ws, stats.has_spatial, ps, stats.spatial_power, "spatial"),
+            (wc, stats.has_channel, pc, stats.channel_power, "channel")):
+        if weight == 0:
+            continue
+        if not present:
+            raise ValueError(f"{name}_weight is {weight} but the real statistics hold no {name} "
+                             f"sums (class_statistics(..., {name}=True))")
+        if power != stats_power:
+            raise ValueError(f"{name}_power is {power} but the real statistics were computed with "
+                             f"{name}_power={stats_power}")
+    device = syns[0].device
+    _check_statistics_device(stats, device, syns[0].dtype, "syn")
+    labels = _syn_layout(stats, syns[0].shape[0], num_classes, real_labels, syn_labels, device,
+                         "syn")
+    chosen = resolve_backend(backend, device)
+    impl = backend_module(chosen)
+    counts = stats.counts.to(device, non_blocking=True)
+    total = None
+    for s, S, T in zip(syns, stats.spatial, stats.channel):
+        loss = impl.attention_loss_from_sums(S, T, counts, s, labels, stats.num_classes, ps, pc,
+                                             ws, wc)
+        total = loss if total is None else total + loss
+    return total
+
+
+def _mmd_loss_from_statistics(stats, syn_emb, num_classes, real_labels, syn_labels):
+    check_embedding(syn_emb, "syn_emb")
+    if stats.embedding is None:
+        raise ValueError("the real statistics hold no embedding sums "
+                         "(class_statistics(..., embedding=...))")
+    if syn_emb[0].numel() != stats.embedding.shape[1]:
+        raise ValueError(f"syn_emb has {syn_emb[0].numel()} values per sample but the real "
+                         f"statistics' embedding has {stats.embedding.shape[1]}")
+    _check_statistics_device(stats, syn_emb.device, syn_emb.dtype, "syn_emb")
+    labels = _syn_layout(stats, syn_emb.shape[0], num_classes, real_labels, syn_labels,
+                         syn_emb.device, "syn_emb")
+    syn = syn_emb.flatten(1).to(stats.dtype)
+    return reference.mean_difference_error(stats.embedding, stats.counts.to(syn.device), syn,
+                                           labels, stats.num_classes)
 
 
 def _check_features(F):
@@ -350,7 +410,7 @@ class AttentionLoss(nn.Module):
                  channel_power: float = 4.0, spatial_weight: float = 1.0,
                  channel_weight: float = 1.0, backend: str = "auto"):
         super().__init__()
-        self.num_classes = None if num_classes is None else _check_num_classes(num_classes)
+        self.num_classes = None if num_classes is None else check_num_classes(num_classes)
         self.spatial_power = check_power(spatial_power, "spatial_power")
         self.channel_power = check_power(channel_power, "channel_power")
         self.spatial_weight = check_weight(spatial_weight, "spatial_weight")

@@ -89,3 +89,60 @@ def mmd_loss(real_embedding, syn_embedding, layout):
     real = real_embedding.flatten(1).to(_accumulation_dtype(real_embedding))
     syn = syn_embedding.flatten(1).to(_accumulation_dtype(syn_embedding))
     return matching_error(real, syn, layout)
+
+
+# --------------------------------------------------------------------------------------------------
+# the real side as class statistics (SPEC 2.1)
+# --------------------------------------------------------------------------------------------------
+
+
+def class_sums(x, labels, num_classes):
+    """Per-class sums of the rows of x (N, L) -> (K, L); ``labels`` None: equal contiguous blocks."""
+    if labels is None:
+        return x.reshape(num_classes, x.shape[0] // num_classes, x.shape[1]).sum(dim=1)
+    return x.new_zeros((num_classes, x.shape[1])).index_add_(0, labels, x)
+
+
+def class_attention_sums(features, labels, num_classes, spatial_power, channel_power,
+                         has_spatial, has_channel):
+    """(S (K, H*W), T (K, C)): per-class sums of the normalized spatial / channel attention vectors
+    (None where the flag is off); detached."""
+    with torch.no_grad():
+        S = (class_sums(spatial_attention(features, spatial_power), labels, num_classes)
+             if has_spatial else None)
+        T = (class_sums(channel_attention(features, channel_power), labels, num_classes)
+             if has_channel else None)
+    return S, T
+
+
+def _syn_class_means(x, labels, num_classes):
+    """Class means of the rows of x; a class without rows gets a zero row."""
+    if labels is None:
+        return x.reshape(num_classes, x.shape[0] // num_classes, x.shape[1]).mean(dim=1)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(x.dtype)
+    return class_sums(x, labels, num_classes) / counts[:, None]
+
+
+def mean_difference_error(real_sums, real_counts, syn_vectors, syn_labels, num_classes):
+    """sum_k || real_sums[k] / n_k - mean_syn_k ||^2; classes with n_k == 0 (and, as checked by the
+    caller, no synthetic rows) add nothing."""
+    counts = real_counts.to(real_sums.dtype).clamp_min(1)
+    diff = real_sums / counts[:, None] - _syn_class_means(syn_vectors, syn_labels, num_classes)
+    return diff.pow(2).sum()
+
+
+def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes,
+                             spatial_power, channel_power, spatial_weight, channel_weight):
+    """The attention loss of one layer with the real side given as class sums (SPEC 2.1)."""
+    terms = []
+    if spatial_weight != 0:
+        terms.append(spatial_weight * mean_difference_error(
+            real_spatial, real_counts, spatial_attention(syn, spatial_power), syn_labels,
+            num_classes))
+    if channel_weight != 0:
+        terms.append(channel_weight * mean_difference_error(
+            real_channel, real_counts, channel_attention(syn, channel_power), syn_labels,
+            num_classes))
+    if not terms:
+        return syn.reshape(-1)[:0].sum().to(_accumulation_dtype(syn))
+    return torch.stack(terms).sum()

@@ -309,10 +309,28 @@ at::Tensor attention_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
   });
 }
 
+at::Tensor attention_stats_cpu(const at::Tensor& features, double ps, double pc, bool spatial,
+                              bool channel) {
+  const char* op = "atom_fast::attention_stats";
+  check_features(features, "features", op);
+  check_power(ps, "spatial_power", op);
+  check_power(pc, "channel_power", op);
+  const at::Tensor F = sample_contiguous(features);
+  const int64_t C = F.size(1), HW = F.size(2) * F.size(3);
+  at::Tensor stats = at::empty({F.size(0), HW + C + 2},
+                               F.options().dtype(accumulation_type(F.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(), "attention_stats_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    side_stats<scalar_t, acc_t>(F, stats, ps, pc, spatial, channel);
+  });
+  return stats;
+}
+
 }  // namespace
 }  // namespace atom_fast
 
 TORCH_LIBRARY_IMPL(atom_fast, CPU, m) {
   m.impl("attention_forward", &atom_fast::attention_forward_cpu);
   m.impl("attention_backward", &atom_fast::attention_backward_cpu);
+  m.impl("attention_stats", &atom_fast::attention_stats_cpu);
 }

@@ -4,6 +4,7 @@
 //                                ps, pc, ws, wc) -> (loss, real_stats, syn_stats, diffs)
 //   atom_fast::attention_backward(grad_loss, features, stats, diffs, offsets, order?,
 //                                 sign, ps, pc, ws, wc) -> grad_features
+//   atom_fast::attention_stats(features, ps, pc, spatial, channel) -> stats
 //
 // One layer per call. Class layout: the samples of class k are rows order[offsets[k]:offsets[k+1]]
 // (order omitted: rows offsets[k]:offsets[k+1], the equal contiguous blocks of DataDAM/DM loops).
@@ -11,6 +12,8 @@
 // ||s|| and ||t||. diffs (K, H*W + C): D_k = mean_real_k(x_hat) - mean_syn_k(x_hat) for s then t.
 // The loss is ws * sum_k ||D_k(s)||^2 + wc * sum_k ||D_k(t)||^2. attention_backward gives the
 // gradient of grad_loss * loss for one side (sign +1 real, -1 synthetic) from the saved statistics.
+// attention_stats gives one side's stats alone (the real side of the streamed class-statistics
+// interface, SPEC 2.1); a term whose flag is false is written as zeros.
 // Implementations: attention_cpu.cpp (CPU), cuda/attention_cuda.cu (CUDA, when built).
 // Autograd and fake (meta) kernels are registered from Python (atom_fast/_native.py).
 
@@ -29,6 +32,10 @@ TORCH_LIBRARY(atom_fast, m) {
       "attention_backward(Tensor grad_loss, Tensor features, Tensor stats, Tensor diffs, "
       "Tensor offsets, Tensor? order, float sign, float spatial_power, float channel_power, "
       "float spatial_weight, float channel_weight) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "attention_stats(Tensor features, float spatial_power, float channel_power, bool spatial, "
+      "bool channel) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 }
 

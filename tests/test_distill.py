@@ -17,6 +17,8 @@ from atom_fast.distill.loop import DistillConfig, Distiller, NonFiniteLossError,
 from atom_fast.distill.networks import ConvNet, build_network
 from atom_fast.distill.output import image_grid, write_atomic
 
+from _data import write_folder_dataset
+
 
 # ------------------------------------------------------------------------------------------------
 # networks
@@ -190,16 +192,19 @@ def _toy(classes=3, per_class=20, size=12, channels=1, seed=0, shift=0.5):
 
 
 @pytest.mark.parametrize("method", ["dm", "datadam", "atom", "atom-channel"])
-def test_fused_and_reference_loops_give_the_same_images(method):
+def test_fused_datadam_and_class_by_class_loops_give_the_same_images(method):
     x, y = _toy()
     out = {}
-    for loop, chunk in (("fused", None), ("fused", 2), ("reference", None)):
+    # fused with chunks: 2 synthetic class chunks, real chunks of 5 images that split classes
+    for loop, chunk, real_chunk in (("fused", None, None), ("fused", 2, 5), ("datadam", None, None),
+                                    ("class-by-class", None, None)):
         d = Distiller(x, y, 3, DistillConfig(method=method, ipc=2, batch_real=6, width=8, depth=3,
-                                             loop=loop, class_chunk=chunk), "cpu")
+                                             loop=loop, class_chunk=chunk, real_chunk=real_chunk),
+                      "cpu")
         assert len(d.chunks) == (2 if chunk == 2 else 1)
         losses = [d.step(i).item() for i in range(3)]
         out[loop, chunk] = d.syn.detach().clone(), losses
-    for key in (("fused", 2), ("reference", None)):
+    for key in (("fused", 2), ("datadam", None), ("class-by-class", None)):
         torch.testing.assert_close(out["fused", None][0], out[key][0], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(out["fused", None][1], out[key][1], rtol=1e-4)
     assert (out["fused", None][0] - d.initial_images()).abs().max() > 1e-2  # the images moved
@@ -213,8 +218,7 @@ def test_loop_objective_is_the_spec_formula():
     d = Distiller(x, y, 3, cfg, "cpu")
     syn0 = d.syn.detach().clone()
     loss = d.step(7)
-    real = d.sample_real(torch.Generator().manual_seed(__import__("atom_fast.distill.evaluate",
-                                                                  fromlist=["_mix"])._mix(0, 7)))
+    real = d.real_batch(7)
     d._reset_network(7)
     rm, re_ = d.net.features(real)
     sm, se = d.net.features(syn0)
@@ -288,17 +292,7 @@ def test_outputs_grid_and_atomic_write(tmp_path):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("folder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 3)):
-        for k, name in enumerate(("cat", "dog", "fox")):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                pix = rng.integers(0, 120, (8, 8, 3)).astype(np.uint8)
-                pix[..., k] += 120  # one colour channel per class
-                Image.fromarray(pix).save(d / f"{i}.png")
-    return root
+    return write_folder_dataset(tmp_path_factory.mktemp("folder"))
 
 
 def _cli(folder, out, *extra):
@@ -352,7 +346,7 @@ def test_cli_zca_run_saves_the_transform_and_undoes_it_for_the_png(folder, tmp_p
 def test_cli_methods(folder, tmp_path, method):
     extra = ["--method", method, "--no-baseline", "--iterations", "2"]
     if method == "datadam":
-        extra += ["--loop", "reference"]
+        extra += ["--loop", "datadam"]
     assert _cli(folder, tmp_path / method, *extra) == 0
     r = json.loads((tmp_path / method / "results.json").read_text())
     assert r["method"] == method and r["baseline"] is None
@@ -387,9 +381,13 @@ def test_cli_resume_after_interruption_matches_uninterrupted(folder, tmp_path, m
     assert _cli(folder, tmp_path / "resumed", "--no-baseline", "--resume", "--lr-img", "0.5",
                 "--iterations", "7") == 0
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 7
-    # a run past the checkpoint's end is refused; a fresh run in the same --out starts afresh
+    # a run past the checkpoint's end is refused; a fresh run in the same --out is refused unless
+    # it says --overwrite, and then starts afresh
     assert _cli(folder, tmp_path / "resumed", "--no-baseline", "--resume", "--iterations", "5") == 1
-    assert _cli(folder, tmp_path / "resumed", "--no-baseline", "--iterations", "1") == 0
+    assert _cli(folder, tmp_path / "resumed", "--no-baseline", "--iterations", "1") == 1
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 7
+    assert _cli(folder, tmp_path / "resumed", "--no-baseline", "--iterations", "1",
+                "--overwrite") == 0
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt")["iteration"] == 1
 
 
@@ -447,5 +445,6 @@ def test_cli_errors(folder, tmp_path, capsys):
     for flag in ("--dataset", "--data-path", "--method", "--ipc", "--iterations", "--batch-real",
                  "--lr-img", "--spatial-power", "--channel-power", "--task-balance", "--zca",
                  "--no-zca", "--dsa", "--no-dsa", "--eval-models", "--eval-epochs", "--seed",
-                 "--device", "--out", "--resume", "--loop"):
+                 "--device", "--out", "--resume", "--overwrite", "--loop", "--real-chunk",
+                 "--dist-timeout"):
         assert flag in help_text, flag

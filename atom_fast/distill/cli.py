@@ -1,20 +1,19 @@
 """Command line: distill a dataset and evaluate it (``python -m atom_fast.distill`` / ``atom-fast``).
 
-Writes to ``--out``: ``results.json``, ``synthetic.pt`` (images and labels), ``synthetic.png`` (one
-row per class) and ``checkpoint.pt`` (every ``--checkpoint-every`` iterations, atomically; ``--resume``
-continues from it).
+Arguments only: the run itself (output folder, checkpoints, resume, multi-process) is
+``session.py``. Writes to ``--out``: ``results.json``, ``synthetic.pt`` (images and labels),
+``synthetic.png`` and ``checkpoint.pt`` (every ``--checkpoint-every`` iterations; ``--resume``
+continues from it). Under ``torchrun`` the classes are split over the processes (``distributed.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -22,10 +21,12 @@ import torch
 from atom_fast.distill import augment as dsa
 from atom_fast.distill.data import DATASETS, DatasetNotFoundError, load_dataset
 from atom_fast.distill.evaluate import EvalConfig, evaluate, mean_std
-from atom_fast.distill.loop import (LOOPS, METHODS, DistillConfig, Distiller, NonFiniteLossError,
-                                    class_pools, random_indices)
+from atom_fast.distill import distributed as dist
+from atom_fast.distill import session
+from atom_fast.distill.loop import (LOOPS, METHODS, DistillConfig, NonFiniteLossError, class_pools,
+                                    random_indices)
 from atom_fast.distill.networks import ARCHITECTURES, default_depth
-from atom_fast.distill.output import save_grid, write_atomic
+from atom_fast.distill.output import save_grid
 
 ALL_METHODS = ("random",) + tuple(METHODS)
 
@@ -69,12 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", default=d.init, choices=("real", "noise"),
                    help="initialize the synthetic images from random real ones or from noise")
     g.add_argument("--loop", default=d.loop, choices=LOOPS,
-                   help="fused: batched, fused loss; reference: DataDAM's structure (hooks, per class)")
+                   help="fused: real side streamed as class statistics, fused loss; datadam: the "
+                        "structure of DataDAM's published script (one forward of all classes, hooks, "
+                        "eager loss); class-by-class: one class at a time (DM's low-memory recipe)")
     g.add_argument("--backend", default=d.backend, choices=("auto", "triton", "native", "reference"),
                    help="attention_loss backend of the fused loop")
     g.add_argument("--class-chunk", type=int, default=None,
-                   help="classes per batched forward of the fused loop (gradients accumulate over "
-                        "chunks); default: all, up to 1280 real images per forward")
+                   help="classes per synthetic forward/backward of the fused loop (gradients "
+                        "accumulate over chunks); default: as many as fit 128 synthetic images")
+    g.add_argument("--real-chunk", type=int, default=None,
+                   help="real images per no_grad forward of the fused loop, each reduced to class "
+                        "statistics at once (peak memory does not grow with --batch-real); default 256")
     g.add_argument("--width", type=int, default=d.width, help="ConvNet width")
     g.add_argument("--depth", type=int, default=None, help="ConvNet depth; default 3 up to 32x32, 4 at 64x64")
     g.add_argument("--norm", default=d.norm, choices=("instancenorm", "batchnorm", "none"),
@@ -97,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output directory; default runs/<dataset>-<method>-ipc<IPC>")
     g.add_argument("--resume", action="store_true",
                    help="continue from --out/checkpoint.pt (written every --checkpoint-every iterations)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --out (without it, and without --resume, a folder "
+                        "holding a checkpoint or results is refused)")
+    g.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="under torchrun: seconds a collective may wait before the run stops with an "
+                        "error (a process that died or hung)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="iterations between checkpoints")
     g.add_argument("--log-every", type=int, default=10,
                    help="iterations between loss checks (a non-finite loss stops the run) and progress updates")
@@ -140,7 +152,8 @@ def distill_config(args) -> DistillConfig:
                          spatial_power=args.spatial_power, channel_power=args.channel_power,
                          task_balance=args.task_balance, dsa=args.dsa, init=args.init, loop=args.loop,
                          seed=args.seed, width=args.width, depth=args.depth, norm=args.norm,
-                         backend=args.backend, class_chunk=args.class_chunk)
+                         backend=args.backend, class_chunk=args.class_chunk,
+                         real_chunk=args.real_chunk)
 
 
 def _check_args(args) -> None:
@@ -152,111 +165,72 @@ def _check_args(args) -> None:
         raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
 
 
-# settings a resumed run may change: the length, and the learning rate (to recover from a blow-up)
-RESUMABLE = ("iterations", "lr_img")
-
-
-def _checkpoint_compatible(saved: dict, current: dict) -> None:
-    differ = [k for k in current if k not in RESUMABLE and saved.get(k) != current[k]]
-    if differ:
-        raise ValueError("--resume: the checkpoint was made with different settings: " +
-                         ", ".join(f"{k}={saved.get(k)!r} (now {current[k]!r})" for k in differ))
-
-
 def _run_identity(args, use_zca) -> dict:
     """What the synthetic pixels depend on beyond the distillation config (compared on resume)."""
     return {"dataset": args.dataset, "data_path": args.data_path, "image_size": args.image_size,
             "zca": use_zca}
 
 
-def distill(args, data, device, out: Path, log, use_zca) -> dict:
-    """Run (or resume) the distillation; returns the synthetic set, its config and timings."""
-    config = distill_config(args)
-    distiller = Distiller(data.train_images, data.train_labels, data.num_classes, config, device)
-    c = distiller.config
-    identity = _run_identity(args, use_zca)
-    ckpt_path = out / "checkpoint.pt"
-    start, elapsed, losses = 0, 0.0, []
-    if args.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        _checkpoint_compatible({**state["distiller"]["config"], **state["run"]}, {**asdict(c), **identity})
-        if state["iteration"] > c.iterations:
-            raise ValueError(f"--resume: the checkpoint is at iteration {state['iteration']}, past "
-                             f"--iterations {c.iterations}")
-        distiller.load_state_dict(state["distiller"])
-        start, elapsed, losses = state["iteration"], state["elapsed_s"], state["losses"]
-        log(f"resuming from {ckpt_path} at iteration {start}")
-    elif args.resume:
-        log(f"--resume: no checkpoint at {ckpt_path}; starting from scratch")
-    elif ckpt_path.exists():
-        ckpt_path.unlink()  # a fresh run: never report or resume an earlier run's checkpoint
-        log(f"starting afresh: removed the earlier checkpoint {ckpt_path}")
+def _check_backend(args, device) -> None:
+    """--backend must work on this device before any data is loaded (e.g. triton on a CPU)."""
+    if args.method in ("random", "dm"):
+        return
+    from atom_fast.loss import resolve_backend
 
-    def checkpoint(iteration, seconds):
-        if not bool(torch.isfinite(distiller.syn).all()):  # an update can blow up with a finite loss
-            kept = (f"{ckpt_path} (iteration {last_good})" if last_good is not None
-                    else "none was written yet")
-            raise NonFiniteLossError(
-                f"the synthetic images hold non-finite values at iteration {iteration}; stopping. "
-                f"The last good checkpoint is kept: {kept}. Resume it with a lower --lr-img.")
-        write_atomic(ckpt_path, {"iteration": iteration, "elapsed_s": seconds, "losses": losses,
-                                 "run": identity, "distiller": distiller.state_dict()})
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=c.iterations, initial=start, disable=not args.progress, unit="it",
-               desc=f"{c.method} ipc{c.ipc}", dynamic_ncols=True, file=sys.stderr)
-    pending = []
-    last_good = start if args.resume and ckpt_path.exists() else None
-    session_start = time.perf_counter()
     try:
-        for it in range(start, c.iterations):
-            pending.append(distiller.step(it))
-            done = it + 1
-            if done % args.log_every and done % args.checkpoint_every and done != c.iterations:
-                continue
-            values = torch.stack(pending).tolist()  # one host sync per --log-every iterations
-            pending.clear()
-            for j, v in enumerate(values):
-                if not math.isfinite(v):
-                    kept = (f"{ckpt_path} (iteration {last_good})" if last_good is not None
-                            else "none was written yet")
-                    raise NonFiniteLossError(
-                        f"the distillation loss became {v} at iteration {done - len(values) + j + 1}; "
-                        f"stopping. The last good checkpoint is kept: {kept}. Resume it with a lower "
-                        f"--lr-img (--resume --lr-img ...).")
-            losses.extend((done - len(values) + j + 1, v) for j, v in enumerate(values))
-            bar.update(len(values))
-            bar.set_postfix(loss=f"{values[-1]:.4g}")
-            if done % args.checkpoint_every == 0 or done == c.iterations:
-                checkpoint(done, elapsed + time.perf_counter() - session_start)
-                last_good = done
-    finally:
-        bar.close()
-    session_s = time.perf_counter() - session_start
-    if start >= c.iterations:
-        checkpoint(start, elapsed)
-    return {"config": asdict(c), "images": distiller.syn.detach(), "labels": distiller.syn_labels,
-            "distill_s": elapsed + session_s, "session_s": session_s,
-            "iterations_run": c.iterations - start, "losses": losses}
+        resolve_backend(args.backend, device)
+    except RuntimeError as exc:
+        raise ValueError(f"--backend {args.backend}: {exc}") from None
 
 
-def run(argv: Optional[List[str]] = None) -> dict:
+def run(argv: Optional[List[str]] = None) -> Optional[dict]:
+    """Distill and evaluate as the arguments say; returns results.json's content (on rank 0)."""
     args = build_parser().parse_args(argv)
     _check_args(args)
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout must be > 0, got {args.dist_timeout}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
     device = _device(args.device)
+    ctx = dist.initialize(device, args.dist_timeout)
+    out = session.OutputDir(args.out or f"runs/{args.dataset}-{args.method}-ipc{args.ipc}",
+                            resume=args.resume, overwrite=args.overwrite)
+    try:
+        return _run(args, dist.local_device(device, ctx), ctx, out)
+    finally:
+        out.release()
+        dist.shutdown(ctx)
+
+
+def _run(args, device, ctx, out) -> Optional[dict]:
     malloc_tuned = device.type == "cpu" and keep_freed_memory()
-    out = Path(args.out or f"runs/{args.dataset}-{args.method}-ipc{args.ipc}")
-    out.mkdir(parents=True, exist_ok=True)
+    main_only = ctx.is_main
 
     def log(msg):
-        print(f"atom-fast: {msg}", file=sys.stderr, flush=True)
+        if main_only:
+            print(f"atom-fast: {msg}", file=sys.stderr, flush=True)
 
+    _check_backend(args, device)
+    if ctx.is_main:
+        out.check()  # fail fast: before the data loads
     t_start = time.perf_counter()
     data = load_dataset(args.dataset, args.data_path, image_size=args.image_size)
     timings = {"load_s": time.perf_counter() - t_start}
     log(f"{args.dataset}: {tuple(data.train_images.shape)} train, {tuple(data.test_images.shape)} "
-        f"test, {data.num_classes} classes; device {device}")
+        f"test, {data.num_classes} classes; device {device}" +
+        (f"; {ctx.world_size} processes ({ctx.backend}), each owning "
+         f"~{data.num_classes // ctx.world_size} classes" if ctx.enabled else ""))
+    if ctx.enabled:
+        ctx.classes(data.num_classes)  # more processes than classes: a clear error on every rank
+
+    error = None
+    if ctx.is_main:
+        try:
+            out.open()  # the inputs are good: create --out, lock it, clear what we replace
+        except session.SessionError as exc:
+            error = exc
+    dist.agree(ctx, error, "opening --out")
+    run_id = dist.broadcast_from_main(ctx, session.new_run_id(), "sharing the run id")
 
     use_zca = args.zca if args.zca is not None else args.dataset in ("cifar10", "cifar100")
     zca = None
@@ -268,30 +242,35 @@ def run(argv: Optional[List[str]] = None) -> dict:
         timings["zca_s"] = time.perf_counter() - t
 
     result = None
+    pools = class_pools(data.train_labels, data.num_classes)
+    random_idx = random_indices(pools, args.ipc, args.seed)
     if args.method == "random":
-        pools = class_pools(data.train_labels, data.num_classes)
-        idx = random_indices(pools, args.ipc, args.seed)
-        images, labels = data.train_images[idx], data.train_labels[idx]
+        images, labels = data.train_images[random_idx], data.train_labels[random_idx]
         config = {"method": "random", "ipc": args.ipc, "seed": args.seed, "init": "real"}
         baseline_images = None
     else:
-        result = distill(args, data, device, out, log, use_zca)
-        images, labels = result["images"].cpu(), result["labels"].cpu()
+        result = session.distill(data, distill_config(args), device, out, _run_identity(args, use_zca),
+                                 resume=args.resume, checkpoint_every=args.checkpoint_every,
+                                 log_every=args.log_every, progress=args.progress, log=log, ctx=ctx)
+        # every process evaluates some of the models: they all need the whole set
+        full = dist.broadcast_from_main(ctx, (result["images"], result["labels"]) if ctx.is_main
+                                        else None, "sharing the synthetic set")
+        images, labels = full[0].cpu(), full[1].cpu()
         config = result["config"]
         timings["distill_s"] = result["distill_s"]
         if result["iterations_run"]:  # this session's iterations over this session's time
             timings["iterations_per_s"] = result["iterations_run"] / max(result["session_s"], 1e-9)
         baseline_images = None
         if args.baseline:
-            pools = class_pools(data.train_labels, data.num_classes)
-            idx = random_indices(pools, args.ipc, args.seed)
-            baseline_images = (data.train_images[idx], data.train_labels[idx])
+            baseline_images = (data.train_images[random_idx], data.train_labels[random_idx])
 
-    torch.save({"images": images, "labels": labels, "dataset": args.dataset,
-                "zca": zca.state_dict() if zca is not None else None,
-                "mean": data.mean, "std": data.std}, out / "synthetic.pt")
-    view = zca.inverse(images.to(device)).cpu() if zca is not None else images
-    save_grid(data.denormalize(view), labels, data.num_classes, out / "synthetic.png")
+    if ctx.is_main:
+        out.write(session.SYNTHETIC, {"images": images, "labels": labels, "run_id": run_id,
+                                      "dataset": args.dataset,
+                                      "zca": zca.state_dict() if zca is not None else None,
+                                      "mean": data.mean, "std": data.std})
+        view = zca.inverse(images.to(device)).cpu() if zca is not None else images
+        save_grid(data.denormalize(view), labels, data.num_classes, out.file("synthetic.png"))
 
     ecfg = EvalConfig(model=args.eval_model, epochs=args.eval_epochs, batch_size=args.eval_batch,
                       dsa=args.dsa)
@@ -303,12 +282,16 @@ def run(argv: Optional[List[str]] = None) -> dict:
 
     def eval_set(name, x, y):
         t = time.perf_counter()
-        accs = evaluate(x.to(device), y.to(device), test_x, test_y, data.num_classes,
-                        models=args.eval_models, config=ecfg, seed=args.seed,
-                        network_kwargs=net_kwargs,
-                        progress=lambda m, a: log(f"{name}: evaluation model {m + 1}/{args.eval_models}: "
-                                                  f"{a:.2f}%"))
+        accs = []
+        if ctx.is_main:  # TODO(evaluate split): rank 0 trains every model for now
+            accs = evaluate(x.to(device), y.to(device), test_x, test_y, data.num_classes,
+                            models=args.eval_models, config=ecfg, seed=args.seed,
+                            network_kwargs=net_kwargs,
+                            progress=lambda m, a: log(f"{name}: evaluation model {m + 1}/"
+                                                      f"{args.eval_models}: {a:.2f}%"))
         timings[f"{name}_eval_s"] = time.perf_counter() - t
+        if not ctx.is_main:
+            return None
         mean, std = mean_std(accs)
         return {"accuracies": accs, "accuracy_mean": mean, "accuracy_std": std}
 
@@ -319,15 +302,20 @@ def run(argv: Optional[List[str]] = None) -> dict:
         baseline = eval_set("random", *baseline_images)
         rows.append(("random", baseline))
     timings["total_s"] = time.perf_counter() - t_start
+    if not ctx.is_main:
+        return None
 
     results = {
-        "dataset": args.dataset, "method": args.method, "ipc": args.ipc,
+        "run_id": run_id,
+        "dataset": args.dataset, "data_source": getattr(data, "source", None),
+        "method": args.method, "ipc": args.ipc,
         "iterations": args.iterations if args.method != "random" else 0,
         **summary,
         "baseline": {"method": "random", **baseline} if baseline else None,
         "config": {**config, "zca": use_zca, "dsa": args.dsa},
         "evaluation": {**asdict(ecfg), "models": args.eval_models, "seed": args.seed,
                        "network": net_kwargs},
+        "distributed": {"world_size": ctx.world_size, "backend": ctx.backend},
         "args": vars(args),
         "timings": timings,
         "device": str(device), "device_name": _device_name(device),
@@ -335,7 +323,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
         "malloc_keeps_freed_memory": malloc_tuned,
         "losses": result["losses"] if result else [],
     }
-    write_atomic(out / "results.json", results, as_json=True)
+    out.write(session.RESULTS, results, as_json=True)
 
     print(f"\n| method | dataset | IPC | iterations | accuracy (%), {args.eval_models} models |")
     print("|---|---|---|---|---|")
@@ -343,7 +331,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
         its = results["iterations"] if name != "random" else "-"
         print(f"| {name} | {args.dataset} | {args.ipc} | {its} | "
               f"{r['accuracy_mean']:.2f} +- {r['accuracy_std']:.2f} |")
-    print(f"\nresults: {out / 'results.json'}   images: {out / 'synthetic.png'}   "
+    print(f"\nresults: {out.file(session.RESULTS)}   images: {out.file('synthetic.png')}   "
           f"total {timings['total_s']:.0f} s")
     return results
 
@@ -372,7 +360,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: :func:`run`, with errors reported as one line and exit status 1."""
     try:
         run(argv)
-    except (NonFiniteLossError, DatasetNotFoundError, ValueError, TypeError) as exc:
+    except (NonFiniteLossError, DatasetNotFoundError, session.SessionError,
+            dist.DistributedError, ValueError, TypeError) as exc:
         print(f"atom-fast: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,31 +1,42 @@
-"""The distillation loop of DM / DataDAM / ATOM (SPEC 3), in two structures.
+"""The distillation loop of DM / DataDAM / ATOM (SPEC 3), in three structures.
 
-``fused`` (the default): every iteration draws a fresh random ConvNet, samples ``batch_real`` real
-images per class, applies one siamese DSA draw per class, runs *one* batched forward for all classes'
-real images (under ``torch.no_grad``) and one for the synthetic set, and takes
+``fused`` (the default, memory-lean): every iteration draws a fresh random ConvNet, samples
+``batch_real`` real images per class and one siamese DSA draw per class. The real images go through
+the network under ``torch.no_grad`` in chunks of ``real_chunk`` images, each chunk reduced at once to
+per-class statistics (:func:`atom_fast.class_statistics`: sums of the normalized attention vectors and
+of the embeddings, SPEC 2.1) and freed, so the real side's memory does not grow with ``batch_real``.
+Then the synthetic images go through in chunks of ``class_chunk`` classes, each chunk's
 
-    loss = 100 * attention_loss(blocks 1..L-1) + 100 * task_balance * mmd_loss(embedding)
+    loss = 100 * attention_loss(stats, blocks 1..L-1) + 100 * task_balance * mmd_loss(stats, embedding)
 
-(``dm``: ``mmd_loss`` alone, as DM's code). SGD with momentum 0.5 updates the pixels.
+backpropagated at once (``dm``: ``mmd_loss`` alone, as DM's code). SGD with momentum 0.5 updates the
+pixels.
 
-``reference``: the structure of DataDAM's published loop, kept so the two can be compared end to
-end: forward hooks that clone each ReLU output, one class at a time, the eager reference loss.
+``datadam``: the structure of DataDAM's published script (``main_DataDAM.py``), kept for an honest
+comparison: real images sampled and augmented class by class, then concatenated into *one* forward of
+``K * batch_real`` images and one of the whole synthetic set, forward hooks cloning every ReLU output,
+the real maps ``.detach()``ed (not under ``no_grad``), the eager reference attention, and the class
+means (DataDAM's ``MSE_B`` error) computed after moving them to the CPU.
 
-Both consume the random streams identically, so with one seed they produce the same synthetic
-images (up to float rounding; with batch norm they differ, since the batch statistics do).
-All randomness of iteration ``i`` comes from seeds derived from ``(seed, i)``: a resumed run
-continues exactly as an uninterrupted one.
+``class-by-class``: one class at a time (hooks, eager reference loss): the low-memory recipe DM's
+README gives for large datasets.
+
+All three consume the same random draws, so with one seed they produce the same synthetic images (up
+to float rounding; with batch norm they differ, since the batch statistics do). All randomness of
+iteration ``i`` comes from seeds derived from ``(seed, i)`` and, for the real images of class ``k``,
+``(seed, i, k)``: a resumed run continues exactly as an uninterrupted one, and a process that owns
+only some classes (``classes``, multi-process runs) draws exactly what a single process draws for them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from atom_fast import attention_loss, mmd_loss
+from atom_fast import attention_loss, class_statistics, mmd_loss
 from atom_fast.distill import augment as dsa
 from atom_fast.distill.evaluate import _mix
 from atom_fast.distill.networks import ConvNet, NORMS, POOLINGS, default_depth
@@ -37,12 +48,17 @@ METHODS: Dict[str, Optional[Tuple[float, float]]] = {
     "atom": (1.0, 1.0),
     "atom-channel": (0.0, 1.0),
 }
-LOOPS = ("fused", "reference")
+LOOPS = ("fused", "datadam", "class-by-class")
 ATTENTION_SCALE = 100.0  # DataDAM's code multiplies both terms by 100
-# Real images per batched forward when class_chunk is not given: 10 classes x 128 (one CIFAR-10 step)
-# keeps the layer-1 maps of a 128-wide ConvNet at 32x32 to 0.7 GB; CIFAR-100 or TinyImageNet at
-# batch 128 would need 7-55 GB in one forward, so their classes go in chunks (gradients accumulate).
-CLASS_CHUNK_IMAGES = 1280
+# Real images per no_grad forward of the fused loop when real_chunk is not given: the peak of the
+# real side is one chunk's feature maps (256 x 128 x 32 x 32 fp32 = 134 MB per map at CIFAR layer 1),
+# whatever batch_real is. On the 2-core CPU of bench/results a step took the same time with chunks of
+# 128 to 1280 images (the convolutions are compute-bound there).
+REAL_CHUNK_IMAGES = 256
+# Synthetic images per forward/backward of the fused loop when class_chunk is not given (whole
+# classes; at least one): bounds the autograd graph, which at IPC 50 would otherwise hold every
+# activation of 500 images.
+SYN_CHUNK_IMAGES = 128
 
 
 @dataclass
@@ -67,8 +83,10 @@ class DistillConfig:
     norm: str = "instancenorm"
     pooling: str = "avgpooling"
     backend: str = "auto"               # attention_loss backend of the fused loop
-    class_chunk: Optional[int] = None   # classes per batched forward (fused loop); None: all, up to
-                                        # CLASS_CHUNK_IMAGES real images per chunk
+    class_chunk: Optional[int] = None   # classes per synthetic forward/backward (fused loop); None:
+                                        # as many as fit SYN_CHUNK_IMAGES images (at least one)
+    real_chunk: Optional[int] = None    # real images per no_grad forward (fused loop); None:
+                                        # REAL_CHUNK_IMAGES
 
     def resolve(self, im_size: Sequence[int]) -> "DistillConfig":
         """A copy with the ``None`` defaults filled in for images of ``im_size``; validates."""
@@ -99,8 +117,10 @@ class DistillConfig:
                 raise ValueError(f"{name} must be finite and > 0, got {value!r}")
         if not (math.isfinite(c.task_balance) and c.task_balance >= 0):
             raise ValueError(f"task_balance must be finite and >= 0, got {c.task_balance!r}")
-        if c.class_chunk is not None and (not isinstance(c.class_chunk, int) or c.class_chunk < 1):
-            raise ValueError(f"class_chunk must be a positive integer or None, got {c.class_chunk!r}")
+        for name in ("class_chunk", "real_chunk"):
+            value = getattr(c, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if METHODS[c.method] is not None and c.depth < 2:
             raise ValueError(f"method {c.method!r} matches attention of blocks 1..depth-1, so depth "
                              f"must be >= 2, got {c.depth}")
@@ -127,22 +147,35 @@ class NonFiniteLossError(RuntimeError):
     """The distillation loss became NaN or infinite."""
 
 
+class Draw(NamedTuple):
+    """The random draws of one iteration for the classes a Distiller owns."""
+
+    real_indices: torch.Tensor        # (len(classes) * batch_real,) CPU int64, class-major
+    augmentation: Optional[dsa.DSADraw]  # one DSA draw per owned class, or None without DSA
+
+
 class Distiller:
     """Distills ``data`` (an :class:`atom_fast.distill.data.Dataset`, already whitened if wanted).
 
-    ``syn`` (``(K * ipc, C, H, W)``, leaf, class-major) and ``syn_labels`` hold the synthetic set;
-    :meth:`step` runs one iteration.
+    ``classes`` (default: all) are the classes this process owns in a multi-process run: it holds
+    their synthetic images and optimizer state only and computes their part of the loss (the loss is
+    a sum over classes). ``syn`` (``(len(classes) * ipc, C, H, W)``, leaf, class-major) and
+    ``syn_labels`` (global class ids) hold the synthetic set; :meth:`step` runs one iteration.
     """
 
     def __init__(self, train_images: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
-                 config: DistillConfig, device: torch.device | str = "cpu"):
+                 config: DistillConfig, device: torch.device | str = "cpu",
+                 classes: Optional[Sequence[int]] = None):
         self.device = torch.device(device)
         self.config = config.resolve(train_images.shape[-2:])
         c = self.config
         self.num_classes = num_classes
+        self.classes = list(range(num_classes)) if classes is None else [int(k) for k in classes]
+        if not self.classes or min(self.classes) < 0 or max(self.classes) >= num_classes:
+            raise ValueError(f"classes must be a non-empty subset of 0..{num_classes - 1}")
         self.images = train_images.to(self.device)
         self.pools = class_pools(train_labels, num_classes)
-        smallest = min(len(p) for p in self.pools)
+        smallest = min(len(self.pools[k]) for k in self.classes)
         if smallest < c.batch_real:
             raise ValueError(f"batch_real={c.batch_real} but the smallest class has only {smallest} "
                              f"training images; lower --batch-real")
@@ -150,13 +183,15 @@ class Distiller:
         self.net = ConvNet(self.images.shape[1], num_classes, self.images.shape[-2:], width=c.width,
                            depth=c.depth, norm=c.norm, pooling=c.pooling).to(self.device)
         self.net.requires_grad_(False)
-        self.syn_labels = torch.arange(num_classes, device=self.device).repeat_interleave(c.ipc)
-        self.syn = self.initial_images().requires_grad_(True)
+        own = torch.tensor(self.classes, dtype=torch.long)
+        self.syn_labels = own.repeat_interleave(c.ipc).to(self.device)
+        rows = (own[:, None] * c.ipc + torch.arange(c.ipc)).flatten()
+        self.syn = self.initial_images()[rows.to(self.device)].clone().requires_grad_(True)
         self.optimizer = torch.optim.SGD([self.syn], lr=c.lr_img, momentum=c.momentum)
 
     # -- data -------------------------------------------------------------------------------------
     def initial_images(self) -> torch.Tensor:
-        """``ipc`` random real images per class (or Gaussian noise), class-major."""
+        """``ipc`` random real images of *every* class (or Gaussian noise), class-major."""
         c = self.config
         if c.init == "noise":
             g = torch.Generator().manual_seed(_mix(c.seed, 0x1A17))
@@ -165,11 +200,30 @@ class Distiller:
         idx = random_indices(self.pools, c.ipc, c.seed)
         return self.images[idx.to(self.device)].clone()
 
-    def sample_real(self, generator: torch.Generator) -> torch.Tensor:
-        """``batch_real`` random real images of every class, class-major: ``(K * batch_real, C, H, W)``."""
-        b = self.config.batch_real
-        idx = torch.cat([p[torch.randperm(len(p), generator=generator)[:b]] for p in self.pools])
-        return self.images.index_select(0, idx.to(self.device, non_blocking=True))
+    def draw(self, iteration: int) -> Draw:
+        """Iteration ``iteration``'s real samples and DSA draws for the owned classes.
+
+        The DSA draw of every class comes from one generator seeded by ``(seed, iteration)`` (a vector
+        draw over all classes, then the owned ones are kept); the real samples of class ``k`` from
+        ``(seed, iteration, k)``. So they do not depend on which process owns which class.
+        """
+        c = self.config
+        params = None
+        if c.dsa:
+            g = torch.Generator().manual_seed(_mix(c.seed, iteration))
+            params = dsa.draw(self.num_classes, self.images.shape[-2:], generator=g)
+            if len(self.classes) != self.num_classes:
+                params = params.select(self.classes)
+        idx = []
+        for k in self.classes:
+            g = torch.Generator().manual_seed(_mix(c.seed, iteration, k, 0x5A3))
+            pool = self.pools[k]
+            idx.append(pool[torch.randperm(len(pool), generator=g)[:c.batch_real]])
+        return Draw(torch.cat(idx), params)
+
+    def real_batch(self, iteration: int) -> torch.Tensor:
+        """The real images of iteration ``iteration`` (owned classes, class-major, before DSA)."""
+        return self.images.index_select(0, self.draw(iteration).real_indices.to(self.device))
 
     def _reset_network(self, iteration: int) -> None:
         # a fresh random network: the parameters a new ConvNet would get from this seed (default
@@ -183,27 +237,65 @@ class Distiller:
 
     # -- one iteration ----------------------------------------------------------------------------
     def step(self, iteration: int) -> torch.Tensor:
-        """Run iteration ``iteration``; returns the loss (0-dim tensor, not synced)."""
+        """Run iteration ``iteration``; returns this process's part of the loss (0-dim, not synced)."""
         c = self.config
-        generator = torch.Generator().manual_seed(_mix(c.seed, iteration))
-        real = self.sample_real(generator)
-        params = dsa.draw(self.num_classes, real.shape[-2:], generator=generator) if c.dsa else None
+        draw = self.draw(iteration)
         self._reset_network(iteration)
         self.optimizer.zero_grad(set_to_none=True)
         if c.loop == "fused":
-            loss = self._fused_backward(real, params)
+            loss = self._fused_backward(draw)
         else:
-            loss = self._reference_loss(real, params)
+            loss = (self._datadam_loss(draw) if c.loop == "datadam"
+                    else self._class_by_class_loss(draw))
             loss.backward()
         self.optimizer.step()
         return loss.detach()
 
     @property
     def chunks(self) -> List[range]:
-        """Class ranges of the batched forwards of one fused iteration."""
-        c, K = self.config, self.num_classes
-        size = c.class_chunk or max(1, CLASS_CHUNK_IMAGES // c.batch_real)
-        return [range(k, min(k + size, K)) for k in range(0, K, size)]
+        """Owned-class positions (0..len(classes)-1) of the synthetic forwards of one fused iteration."""
+        c, n = self.config, len(self.classes)
+        size = c.class_chunk or max(1, SYN_CHUNK_IMAGES // c.ipc)
+        return [range(k, min(k + size, n)) for k in range(0, n, size)]
+
+    @property
+    def real_chunk(self) -> int:
+        return self.config.real_chunk or REAL_CHUNK_IMAGES
+
+    def _augment(self, x, params, positions, sizes):
+        """DSA of rows laid out as the owned-class ``positions`` with ``sizes`` rows each."""
+        if params is None:
+            return x
+        p = params if len(positions) == params.groups else params.select(positions)
+        return dsa.apply(x, p, sizes)
+
+    def _real_statistics(self, draw: Draw):
+        """The real side of the loss, streamed: ``real_chunk`` images at a time through the network
+        under no_grad, each chunk reduced to class statistics at once."""
+        c = self.config
+        b, n = c.batch_real, len(self.classes)
+        attention = self.weights is not None
+        ws, wc = self.weights or (0.0, 0.0)
+        total = None
+        idx = draw.real_indices
+        for start in range(0, n * b, self.real_chunk):
+            stop = min(start + self.real_chunk, n * b)
+            first, last = start // b, (stop - 1) // b
+            positions = list(range(first, last + 1))
+            sizes = [min(stop, (k + 1) * b) - max(start, k * b) for k in positions]
+            with torch.no_grad():
+                x = self.images.index_select(0, idx[start:stop].to(self.device, non_blocking=True))
+                x = self._augment(x, draw.augmentation, positions, sizes)
+                maps, emb = self.net.features(x)
+                del x
+                labels = torch.arange(start, stop, device=self.device) // b
+                stats = class_statistics(maps[:-1] if attention else None, n, labels=labels,
+                                         embedding=emb, spatial_power=c.spatial_power,
+                                         channel_power=c.channel_power, spatial=ws != 0,
+                                         channel=wc != 0, backend=c.backend)
+                del maps, emb
+            total = stats if total is None else total + stats
+        return total
 
     def _terms(self, real_maps, real_emb, syn_maps, syn_emb, num_classes, backend):
         c = self.config
@@ -216,46 +308,94 @@ class Distiller:
                              backend=backend)
         return ATTENTION_SCALE * att + ATTENTION_SCALE * c.task_balance * mmd
 
-    def _fused_backward(self, real: torch.Tensor, params) -> torch.Tensor:
-        """Loss of all classes, one batched forward per chunk of classes; backpropagates each
-        chunk's loss at once (so its graph is freed) and returns the total (detached)."""
+    def _fused_backward(self, draw: Draw) -> torch.Tensor:
+        """Real statistics (streamed), then the synthetic classes chunk by chunk, each chunk's loss
+        backpropagated at once (so its graph is freed); returns the total (detached)."""
         c = self.config
+        stats = self._real_statistics(draw)
         total = torch.zeros((), device=self.device)
+        whole = len(self.chunks) == 1
         for chunk in self.chunks:
-            n = len(chunk)
-            r = real[chunk.start * c.batch_real:chunk.stop * c.batch_real]
             syn = self.syn[chunk.start * c.ipc:chunk.stop * c.ipc]
-            if params is not None:
-                p = params if n == params.groups else params.select(chunk)
-                with torch.no_grad():
-                    r = dsa.apply(r, p, [c.batch_real] * n)
-                syn = dsa.apply(syn, p, [c.ipc] * n)
-            with torch.no_grad():
-                real_maps, real_emb = self.net.features(r)
-                del r
-                real_maps = real_maps[:-1]  # the last block is matched through the embedding only
+            syn = self._augment(syn, draw.augmentation, list(chunk), [c.ipc] * len(chunk))
             syn_maps, syn_emb = self.net.features(syn)
-            loss = self._terms(real_maps, real_emb, syn_maps[:-1], syn_emb, n, c.backend)
-            del real_maps, real_emb
+            part = stats if whole else stats.select(chunk)
+            loss = self._terms(part, part, syn_maps[:-1], syn_emb, len(chunk), c.backend)
             loss.backward()
             total += loss.detach()
         return total
 
-    def _reference_loss(self, real: torch.Tensor, params) -> torch.Tensor:
-        """DataDAM's structure: hooks clone every ReLU output; one class at a time; eager loss."""
-        c, K = self.config, self.num_classes
+    def _hooked(self):
+        """Forward hooks on every block's ReLU that clone its output (as DataDAM's code does)."""
         activations: List[torch.Tensor] = []
         hooks = [block.act.register_forward_hook(lambda m, i, o: activations.append(o.clone()))
                  for block in self.net.blocks]
+        return activations, hooks
+
+    def _datadam_loss(self, draw: Draw) -> torch.Tensor:
+        """DataDAM's script: per-class sampling and DSA, then one forward of all real images and one
+        of the whole synthetic set with hooks, .detach()ed real maps, eager attention, MSE_B on the
+        CPU."""
+        c, n = self.config, len(self.classes)
+        b = c.batch_real
+        img_real, img_syn = [], []
+        for pos in range(n):
+            real = self.images.index_select(
+                0, draw.real_indices[pos * b:(pos + 1) * b].to(self.device))
+            syn = self.syn[pos * c.ipc:(pos + 1) * c.ipc]
+            img_real.append(self._augment(real, draw.augmentation, [pos], [b]))
+            img_syn.append(self._augment(syn, draw.augmentation, [pos], [c.ipc]))
+        img_real, img_syn = torch.cat(img_real), torch.cat(img_syn)
+        activations, hooks = self._hooked()
+        try:
+            output_real = self.net.embed(img_real).detach()
+            act_real = [a.detach() for a in activations]
+            activations.clear()
+            output_syn = self.net.embed(img_syn)
+            act_syn = list(activations)
+        finally:
+            for h in hooks:
+                h.remove()
+        cpu = torch.device("cpu")
+
+        def mse_b(real_vectors, syn_vectors):
+            # DataDAM's error(..., "MSE_B"): class means (moved to the CPU) of (K, B, L) reshapes
+            real_mean = real_vectors.reshape(n, b, -1).mean(dim=1).to(cpu)
+            syn_mean = syn_vectors.to(cpu).reshape(n, c.ipc, -1).mean(dim=1)
+            return ((real_mean - syn_mean) ** 2).sum()
+
+        from atom_fast import reference
+        loss = torch.zeros((), device=cpu)
+        if self.weights is not None:
+            ws, wc = self.weights
+            for fr, fs in zip(act_real[:-1], act_syn[:-1]):
+                if ws:
+                    loss = loss + ATTENTION_SCALE * ws * mse_b(
+                        reference.spatial_attention(fr, c.spatial_power),
+                        reference.spatial_attention(fs, c.spatial_power))
+                if wc:
+                    loss = loss + ATTENTION_SCALE * wc * mse_b(
+                        reference.channel_attention(fr, c.channel_power),
+                        reference.channel_attention(fs, c.channel_power))
+            mmd_scale = ATTENTION_SCALE * c.task_balance
+        else:
+            mmd_scale = 1.0
+        loss = loss + mmd_scale * mse_b(output_real, output_syn)
+        return loss.to(self.device)
+
+    def _class_by_class_loss(self, draw: Draw) -> torch.Tensor:
+        """One class at a time: hooks clone every ReLU output; eager reference loss."""
+        c = self.config
+        b = c.batch_real
+        activations, hooks = self._hooked()
         try:
             loss = torch.zeros((), device=self.device)
-            for k in range(K):
-                img_real = real[k * c.batch_real:(k + 1) * c.batch_real]
-                img_syn = self.syn[k * c.ipc:(k + 1) * c.ipc]
-                if params is not None:
-                    one = params.select([k])
-                    img_real = dsa.apply(img_real, one, [c.batch_real])
-                    img_syn = dsa.apply(img_syn, one, [c.ipc])
+            for pos in range(len(self.classes)):
+                img_real = self.images.index_select(
+                    0, draw.real_indices[pos * b:(pos + 1) * b].to(self.device))
+                img_syn = self.syn[pos * c.ipc:(pos + 1) * c.ipc]
+                img_real = self._augment(img_real, draw.augmentation, [pos], [b])
+                img_syn = self._augment(img_syn, draw.augmentation, [pos], [c.ipc])
                 activations.clear()
                 out_real = self.net.embed(img_real)
                 act_real = list(activations)
@@ -270,16 +410,35 @@ class Distiller:
         return loss
 
     # -- state ------------------------------------------------------------------------------------
+    def momentum(self) -> Optional[torch.Tensor]:
+        """The optimizer's momentum buffer of ``syn`` (None before the first step)."""
+        state = self.optimizer.state.get(self.syn, {})
+        return state.get("momentum_buffer")
+
     def state_dict(self) -> dict:
+        """This process's synthetic images and momentum (its classes' rows), detached, on the CPU."""
+        m = self.momentum()
         return {"syn": self.syn.detach().cpu(), "syn_labels": self.syn_labels.cpu(),
-                "optimizer": self.optimizer.state_dict(), "config": asdict(self.config)}
+                "momentum": None if m is None else m.detach().cpu(),
+                "config": asdict(self.config)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["syn"].shape != self.syn.shape:
-            raise ValueError(f"checkpoint holds synthetic images of shape {tuple(state['syn'].shape)}, "
+        """Load images (and momentum) of *every* class, as :meth:`full_state` gathers them, or of
+        exactly this process's classes; the owned rows are taken."""
+        c = self.config
+        syn = state["syn"]
+        rows = None
+        if syn.shape[0] == self.num_classes * c.ipc and len(self.classes) != self.num_classes:
+            own = torch.tensor(self.classes, dtype=torch.long)
+            rows = (own[:, None] * c.ipc + torch.arange(c.ipc)).flatten()
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        if pick(syn).shape != self.syn.shape:
+            raise ValueError(f"checkpoint holds synthetic images of shape {tuple(syn.shape)}, "
                              f"this run makes {tuple(self.syn.shape)}")
         with torch.no_grad():
-            self.syn.copy_(state["syn"].to(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.syn.copy_(pick(syn).to(self.device))
+        self.optimizer.state.clear()
+        if state.get("momentum") is not None:
+            self.optimizer.state[self.syn]["momentum_buffer"] = pick(state["momentum"]).to(self.device).clone()
         for group in self.optimizer.param_groups:  # a resumed run may lower --lr-img
-            group["lr"] = self.config.lr_img
+            group["lr"] = c.lr_img

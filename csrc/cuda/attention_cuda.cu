@@ -337,6 +337,29 @@ at::Tensor attention_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
   return dF;
 }
 
+at::Tensor attention_stats_cuda(const at::Tensor& features, double ps, double pc, bool spatial,
+                               bool channel) {
+  const char* op = "atom_fast::attention_stats";
+  check_features(features, "features", op);
+  check_power(ps, "spatial_power", op);
+  check_power(pc, "channel_power", op);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor F = sample_contiguous(features);
+  const int64_t C = F.size(1), HW = F.size(2) * F.size(3);
+  at::Tensor stats = at::empty({F.size(0), HW + C + 2},
+                               F.options().dtype(accumulation_type(F.scalar_type())));
+  const bool same = spatial && channel && ps == pc;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(), "attention_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stats_kernel<scalar_t, acc_t><<<F.size(0), kThreads, 0, stream>>>(
+        F.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(), C, HW, F.stride(0), make_power(ps),
+        make_power(pc), spatial, channel, same);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return stats;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace atom_fast
@@ -344,4 +367,5 @@ at::Tensor attention_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
 TORCH_LIBRARY_IMPL(atom_fast, CUDA, m) {
   m.impl("attention_forward", &atom_fast::cuda::attention_forward_cuda);
   m.impl("attention_backward", &atom_fast::cuda::attention_backward_cuda);
+  m.impl("attention_stats", &atom_fast::cuda::attention_stats_cuda);
 }

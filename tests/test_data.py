@@ -235,6 +235,16 @@ def test_mnist_missing(tmp_path, monkeypatch):
         load_dataset("mnist", tmp_path)
 
 
+def test_mnist_gzipped_content_under_a_plain_name(tmp_path):
+    # a browser may save train-images-idx3-ubyte.gz as train-images-idx3-ubyte, still gzipped
+    arrays = _write_mnist(tmp_path, np.random.default_rng(4))
+    for gz in tmp_path.glob("*.gz"):
+        gz.rename(gz.with_suffix(""))
+    ds = load_dataset("mnist", tmp_path)
+    np.testing.assert_array_equal(_pixels(ds, ds.train_images)[:, 0], arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(ds.test_labels.numpy(), arrays["t10k-labels-idx1-ubyte"])
+
+
 def test_idx_parser_rejects_corrupt_files(tmp_path):
     good = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28) % 251
     _write_idx(tmp_path / "ok.gz", good, 2051, True)
@@ -723,7 +733,8 @@ def _png_claiming(width, height):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -898,3 +909,28 @@ def test_data_path_must_be_an_existing_folder(tmp_path, name):
     (tmp_path / "data.tar.gz").write_bytes(b"\x1f\x8b")
     with pytest.raises(DatasetNotFoundError, match=r"is a file, not a folder \(extract archives first\)"):
         load_dataset(name, tmp_path / "data.tar.gz")
+
+
+def test_unreadable_files_are_one_clear_error(tmp_path, monkeypatch):
+    root, *_ = _write_tiny(tmp_path, np.random.default_rng(24), n_train=1, n_val=1)
+    (root / "wnids.txt").write_bytes(b"n01443537\n\xff\xfe\n")
+    with pytest.raises(D.DatasetFileError, match=r"wnids.txt is not a UTF-8 text file"):
+        load_dataset("tinyimagenet", root)
+    (root / "wnids.txt").write_text("\n".join(WNIDS))
+    # permission problems cannot be made as root: raise one where the folder is listed
+    denied = root / "train" / WNIDS[0] / "images"
+
+    def no_access(*a):
+        raise PermissionError(13, "Permission denied", str(denied))
+
+    monkeypatch.setattr(D, "_tiny_files", no_access)
+    with pytest.raises(D.DatasetFileError, match=f"tinyimagenet: cannot read {denied}: Permission denied"):
+        load_dataset("tinyimagenet", root)
+
+    def not_found(*a):
+        raise DatasetNotFoundError("tinyimagenet: some file not found")
+
+    # a missing file stays a DatasetNotFoundError, not rewrapped
+    monkeypatch.setattr(D, "_tiny_files", not_found)
+    with pytest.raises(DatasetNotFoundError, match="some file not found"):
+        load_dataset("tinyimagenet", root)

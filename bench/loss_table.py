@@ -22,25 +22,40 @@ above the inputs; CPU, growth of the resident set (VmHWM after resetting it thro
 The warm-up call (and torch.compile's compilation) happens before the reset.
 
     python bench/loss_table.py --device cpu                  # the native op's acceptance shape
-    python bench/loss_table.py --device cpu --json out.json --providers eager,native
+    python -m bench.loss_table --device cpu --json out.json --providers eager,native
+
+bench/run.py's loss table is this table at each matched layer shape (:data:`LAYERS`) and IPC
+(:func:`run_job`).
 """
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
-import torch
+if __package__ in (None, ""):  # run as a file (python bench/loss_table.py): make `bench` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import atom_fast
-from atom_fast import reference
-from atom_fast.layout import ClassLayout
+import torch  # noqa: E402
+
+import atom_fast  # noqa: E402
+from atom_fast import environment, reference  # noqa: E402
+from atom_fast.layout import ClassLayout  # noqa: E402
+from bench import measure  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 PROVIDERS = ("eager", "compile", "native", "triton")
 MODES = ("fwd", "bwd", "fwd+bwd")
+# bench/run.py's loss table: (C, H, W) of the matched layers -> which network layers have it
+LAYERS = {
+    (128, 64, 64): "TinyImageNet block 1",
+    (128, 32, 32): "CIFAR block 1, TinyImageNet block 2",
+    (128, 16, 16): "CIFAR block 2, TinyImageNet block 3",
+}
+SETTINGS = {"dtype": "float32", "ps": 4.0, "pc": 4.0, "ws": 1.0, "wc": 1.0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,28 +97,23 @@ def bytes_moved(real, syn, mode):
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_once(fn, real, syn, mode):
     """One call in ``mode``; returns the seconds of the timed part."""
     device = real.device
     syn.grad = None
     if mode == "bwd":
         loss = fn(real, syn)
-        _sync(device)
+        measure.sync(device)
         t0 = time.perf_counter()
         loss.backward()
-        _sync(device)
+        measure.sync(device)
         return time.perf_counter() - t0
-    _sync(device)
+    measure.sync(device)
     t0 = time.perf_counter()
     loss = fn(real, syn)
     if mode == "fwd+bwd":
         loss.backward()
-    _sync(device)
+    measure.sync(device)
     elapsed = time.perf_counter() - t0
     if mode == "fwd":
         del loss
@@ -113,37 +123,13 @@ def run_once(fn, real, syn, mode):
 def time_provider(fn, real, syn, mode, warmup, repeats):
     # the warm-up times are kept: the first one holds torch.compile's compilation
     warm = [run_once(fn, real, syn, mode) for _ in range(warmup)]
-    times = sorted(run_once(fn, real, syn, mode) for _ in range(repeats))
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-    return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3], "repeats": repeats,
-            "warmup_s": warm}
-
-
-def copy_bandwidth(real, repeats=10):
-    """GB/s of dst.copy_(src) for a tensor of the real features' size (bytes read + written)."""
-    src = real.detach().clone()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 2):
-        _sync(src.device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(src.device)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / statistics.median(times[2:]) / 1e9
+    times = [run_once(fn, real, syn, mode) for _ in range(repeats)]
+    return {**measure.quantiles(times), "repeats": repeats, "warmup_s": warm}
 
 
 # --------------------------------------------------------------------------------------------------
 # peak extra memory, in a fresh process
 # --------------------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure_memory_here(args, provider, mode):
@@ -154,25 +140,19 @@ def measure_memory_here(args, provider, mode):
     run_once(fn, real, syn, mode)  # warm-up: compilation, lazy initialization, first allocations
     syn.grad = None
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run_once(fn, real, syn, mode)
-        return torch.cuda.max_memory_allocated() - base
+        _, before, peak = measure.cuda_peak(lambda: run_once(fn, real, syn, mode), device)
+        return peak - before
     if mode == "bwd":
         raise ValueError("CPU peak memory is measured for fwd and fwd+bwd")
-    base = _proc_status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM (the peak resident set) to the current resident set
-    run_once(fn, real, syn, mode)
-    return (_proc_status_kib("VmHWM") - base) * 1024
+    _, grown = measure.rss_growth(lambda: run_once(fn, real, syn, mode))
+    return grown
 
 
 def measure_memory(args, provider, mode):
     """Run measure_memory_here in a fresh interpreter; returns bytes, or None if it failed."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--memory-child", provider, mode]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    env = dict(os.environ, **measure.RETURN_TO_OS_ENV)
+    cmd = [sys.executable, "-m", "bench.loss_table", *args.argv, "--memory-child", provider, mode]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"memory child failed for {provider}/{mode}:\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -210,7 +190,7 @@ def run_table(args):
     providers = [p for p in args.providers if p in available_providers(device)]
     input_bytes = (real.numel() + syn.numel()) * real.element_size()
     rows = []
-    copy_gbs = copy_bandwidth(real)
+    copy_gbs = measure.copy_bandwidth(real)
     for mode in args.modes:
         for provider in providers:
             fn = loss_fn(provider, args.classes, args.ps, args.pc, args.ws, args.wc,
@@ -234,7 +214,7 @@ def run_table(args):
             row["peak_extra_bytes"] = peak
             row["peak_extra_fraction"] = None if peak is None else peak / input_bytes
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device": environment.device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "native_isa": atom_fast._native.cpu_isa(),
@@ -249,15 +229,43 @@ def run_table(args):
     }
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores visible)"
-    except OSError:
-        pass
-    return "cpu"
+# --------------------------------------------------------------------------------------------------
+# bench/run.py's loss table: one job per (layer shape, IPC)
+# --------------------------------------------------------------------------------------------------
+
+
+def memory_needed(job):
+    """Bytes a loss job needs at once: a memory child's inputs and the eager reference's peak
+    (its |F|^p temporaries: ~2x the inputs, measured) while the parent keeps its own inputs."""
+    C, H, W = job["shape"]
+    inputs = job["classes"] * (job["real"] + job["ipc"]) * C * H * W * 4
+    return 4 * inputs
+
+
+def job_argv(job, args):
+    """This file's command line for a bench/run.py loss ``job`` (its memory children re-parse it)."""
+    s = SETTINGS
+    argv = ["--device", args.device, "--classes", str(job["classes"]), "--real", str(job["real"]),
+            "--ipc", str(job["ipc"]), "--shape", "x".join(map(str, job["shape"])),
+            "--dtype", s["dtype"], "--ps", str(s["ps"]), "--pc", str(s["pc"]), "--ws", str(s["ws"]),
+            "--wc", str(s["wc"]), "--providers", ",".join(job["providers"]),
+            "--modes", ",".join(job["modes"]), "--warmup", str(args.timing["loss_warmup"]),
+            "--repeats", str(args.timing["loss_repeats"]), "--compile-dynamic", "false"]
+    return argv + ([] if args.memory else ["--no-memory"])
+
+
+def run_job(job, args):
+    """The rows of one bench/run.py loss job, each with its layer's conditions."""
+    # a fresh dynamo cache per shape: each shape gets its own static graph, and the graphs of earlier
+    # shapes would otherwise count towards the recompile limit (past it, dynamo silently runs eager)
+    torch._dynamo.reset()
+    result = run_table(parse_args(job_argv(job, args)))
+    C, H, W = job["shape"]
+    common = {"C": C, "H": H, "W": W, "layers": LAYERS.get(job["shape"], "test shape"),
+              "classes": job["classes"], "real_per_class": job["real"], "ipc": job["ipc"],
+              "dtype": SETTINGS["dtype"], "input_bytes": result["input_bytes"],
+              "copy_gbs": result["copy_gbs"], "unit": "one layer per call"}
+    return [{**common, **row} for row in result["rows"]]
 
 
 def markdown(result):

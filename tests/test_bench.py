@@ -14,26 +14,27 @@ them, ``ATOM_FAST_BENCH=1`` or ``-m benchmark`` does).
 """
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 import atom_fast
+from atom_fast import environment
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-import loss_table as lt  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` without `python -m`: the repository root is not on sys.path
+    sys.path.insert(0, str(ROOT))
+BENCH = ROOT / "bench"
 
-# bench/run.py under a name of its own ("run" is too common a module name to put on sys.path)
-_spec = importlib.util.spec_from_file_location("atom_fast_bench_run", BENCH / "run.py")
-bench_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_run)
+from bench import loss_table as lt  # noqa: E402
+from bench import plan, report, step_table  # noqa: E402
+from bench import run as bench_run  # noqa: E402
 
 # a string condition: pytest evaluates it with `config` in scope, so `-m benchmark` can enable it
 BENCH_CASE = [
@@ -67,7 +68,7 @@ def test_loss_fwd_bwd_benchmark(benchmark, provider):
 
 
 def test_quick_plan_covers_the_judged_items():
-    jobs, notes = bench_run.build_plan(bench_run.parse_args(["--quick"]))
+    jobs, notes = plan.build_plan(bench_run.parse_args(["--quick"]))
     required = [j for j in jobs if j["required"]]
     loss = [j for j in required if j["kind"] == "loss"]
     assert any(j["shape"] == (128, 32, 32) and j["ipc"] == 10 and j["classes"] == 10 and j["real"] == 128
@@ -77,17 +78,17 @@ def test_quick_plan_covers_the_judged_items():
     assert steps == {("ATOM (fused loop)", 10), ("ATOM (reference loop)", 10)}
     # every paper row at IPC 10 comes before anything at IPC 1 or 50
     order = [(j["label"], j["ipc"]) for j in jobs if j["kind"] == "step"]
-    ipc10 = {(label, 10) for label, _, _ in bench_run.PAPER_ROWS}
+    ipc10 = {(label, 10) for label, _, _ in step_table.PAPER_ROWS}
     assert set(order[:len(ipc10)]) == ipc10 and {i for _, i in order[len(ipc10):]} == {1, 50}
     assert any("not run" in n for n in notes)
 
 
 def test_full_plan_covers_every_shape_ipc_and_row():
-    jobs, _ = bench_run.build_plan(bench_run.parse_args([]))
+    jobs, _ = plan.build_plan(bench_run.parse_args([]))
     loss = {(j["shape"], j["ipc"]) for j in jobs if j["kind"] == "loss"}
-    assert loss == {(s, i) for s in bench_run.LAYERS for i in bench_run.IPCS}
+    assert loss == {(s, i) for s in lt.LAYERS for i in plan.IPCS}
     steps = {(j["label"], j["ipc"]) for j in jobs if j["kind"] == "step"}
-    assert steps == {(label, i) for label, _, _ in bench_run.STEP_ROWS for i in bench_run.IPCS}
+    assert steps == {(label, i) for label, _, _ in step_table.STEP_ROWS for i in plan.IPCS}
     assert all(j["required"] for j in jobs)
 
 
@@ -98,11 +99,11 @@ def test_optional_jobs_stop_at_the_budget(monkeypatch):
         ran.append(job)
         return []
 
-    monkeypatch.setattr(bench_run, "run_loss_job", fake)
-    monkeypatch.setattr(bench_run, "run_step_job", fake)
+    monkeypatch.setattr(plan, "run_loss_job", fake)
+    monkeypatch.setattr(plan, "run_step_job", fake)
     args = bench_run.parse_args(["--quick", "--budget", "0"])
-    jobs, _ = bench_run.build_plan(args)
-    _, _, skipped, done = bench_run.run_plan(jobs, args, start=0.0)
+    jobs, _ = plan.build_plan(args)
+    _, _, skipped, done = plan.run_plan(jobs, args, start=0.0)
     assert [j for j in ran if not j["required"]] == []  # every optional one is past a 0 s budget
     assert len(ran) == sum(j["required"] for j in jobs)
     assert len(skipped) == len(jobs) - len(ran) and all("budget" in s for s in skipped)
@@ -110,15 +111,15 @@ def test_optional_jobs_stop_at_the_budget(monkeypatch):
 
 def test_output_paths(tmp_path):
     args = bench_run.parse_args(["--out", str(tmp_path / "new")])
-    paths = bench_run.output_paths(args, "cpu")
+    paths = report.output_paths(args.out, "cpu")
     assert [Path(p).suffix for p in paths] == [".json", ".csv", ".png"]
     assert all(Path(p).parent == tmp_path / "new" and Path(p).name.startswith("cpu-") for p in paths)
     args = bench_run.parse_args(["--out", str(tmp_path / "x.json")])
-    assert bench_run.output_paths(args, "h100")[1] == str(tmp_path / "x.csv")
+    assert report.output_paths(args.out, "h100")[1] == str(tmp_path / "x.csv")
 
 
 def test_device_slug():
-    assert bench_run.device_slug(torch.device("cpu")) == "cpu"
+    assert environment.device_slug(torch.device("cpu")) == "cpu"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,3 +176,90 @@ def test_tiny_run_writes_json_csv_png(tiny_run):
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert "| layer (C,H,W) |" in stdout and "| method (loop) |" in stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# the package's pieces: environment, step rows, outputs without matplotlib, the plot
+# --------------------------------------------------------------------------------------------------
+
+
+def test_environment_names_and_versions():
+    assert environment.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert environment.gpu_slug("NVIDIA H200") == "h200"
+    assert environment.gpu_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert environment.gpu_slug("Some Future GPU") == "cuda"
+    assert environment.device_name("cpu")
+    v = environment.versions()
+    assert {"python", "platform", "atom_fast", "torch", "triton", "kornia", "numpy", "cuda"} <= set(v)
+    assert v["torch"] == torch.__version__ and v["atom_fast"] == atom_fast.__version__
+
+
+def test_a_new_step_row_is_one_entry(monkeypatch):
+    new = step_table.StepRow("ATOM (fused loop, batch_real 512, 2 ranks)",
+                             {"method": "atom", "loop": "fused", "batch_real": 512}, step_table.torchrun(2))
+    monkeypatch.setattr(step_table, "STEP_ROWS", step_table.STEP_ROWS + (new,))
+    args = bench_run.parse_args(["--only", "step"])
+    jobs, _ = plan.build_plan(args)
+    assert {j["ipc"] for j in jobs if j["label"] == new.label} == set(plan.IPCS)
+    spec = step_table.job_spec(next(j for j in jobs if j["label"] == new.label), args)
+    assert spec["config"] == {**step_table.BASE_CONFIG, "method": "atom", "loop": "fused", "batch_real": 512}
+    assert "--nproc-per-node=2" in new.launcher.argv
+    # --quick runs the paper's rows only, and says which rows it leaves out
+    jobs, notes = plan.build_plan(bench_run.parse_args(["--quick", "--only", "step"]))
+    assert new.label not in {j["label"] for j in jobs} and any(new.label in n for n in notes)
+
+
+def _fake_rows():
+    loss = [{"C": 128, "H": h, "W": h, "layers": "x", "ipc": ipc, "mode": "fwd+bwd", "provider": p,
+             "classes": 10, "real_per_class": 128, "median_s": t, "p20_s": t, "p80_s": t, "gbs": 1.0,
+             "copy_fraction": 0.1, "speedup_vs_eager": 0.02 / t, "speedup_vs_compile": None,
+             "peak_extra_bytes": 1e6, "peak_extra_fraction": 0.1}
+            for h in (16, 32) for ipc in (10, 1, 50) for p, t in (("eager", 0.02), ("native", 0.001))]
+    step = [{"row": label, "ipc": ipc, "median_s": t, "p20_s": t, "p80_s": t, "classes": 10,
+             "image": "3x32x32", "width": 128, "depth": 3, "norm": "instancenorm", "batch_real": 128,
+             "steps": 5, "warmup": 1, "peak_bytes": 1e9, "speedup_vs_atom_reference": 1.7 / t / 1.7}
+            for ipc in (10, 1, 50) for label, t in (("ATOM (reference loop)", 1.7), ("ATOM (fused loop)", 1.0))]
+    return loss, step
+
+
+def test_outputs_survive_a_missing_matplotlib(monkeypatch, tmp_path, capsys):
+    loss, step = _fake_rows()
+    monkeypatch.setattr(plan, "run_plan", lambda jobs, args, start: (loss, step, [], []))
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` raises ImportError
+    with pytest.warns(UserWarning, match="matplotlib"):
+        bench_run.main(["--out", str(tmp_path / "r.json")])
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert len(result["loss"]) == len(loss) and len(result["step"]) == len(step)
+    with open(tmp_path / "r.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(loss) + len(step)
+    assert not (tmp_path / "r.png").exists()
+    out = capsys.readouterr().out
+    assert "| method (loop) |" in out and "r.png" not in out
+
+
+def test_plot_shows_speedups_and_peak_memory_in_ipc_order():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    loss, step = _fake_rows()
+    fig = report.figure(loss, step, "test")
+    try:
+        (loss_speed, step_speed), (loss_mem, step_mem) = [fig.axes[:2], fig.axes[2:]]
+        assert "memory" in loss_mem.get_ylabel() and "memory" in step_mem.get_ylabel()
+        assert "speedup" in loss_speed.get_ylabel() and "speedup" in step_speed.get_ylabel()
+        for ax in (step_speed, step_mem):
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["IPC 1", "IPC 10", "IPC 50"]
+        ipcs = [t.get_text().split("IPC ")[1].split()[0] for t in loss_mem.get_xticklabels()]
+        assert ipcs == ["1", "10", "50", "1", "10", "50"]
+        assert sum(len(c) for c in step_mem.containers) == len(step)  # one bar per row and IPC
+    finally:
+        plt.close(fig)
+
+
+def test_both_entry_points_parse_the_same_options():
+    for cmd in ([sys.executable, "-m", "bench.run", "--help"], [sys.executable, str(BENCH / "run.py"), "--help"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        for option in ("--device", "--quick", "--only", "--out", "--providers", "--budget", "--no-memory"):
+            assert option in proc.stdout

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_cuda_kernels_compile_for_sm90():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile_cuda.py")],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_check", "cuda.py")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for kernel in ("stats_kernel", "class_kernel", "vector_grad_kernel", "grad_kernel"):

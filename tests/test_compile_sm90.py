@@ -1,7 +1,7 @@
 """The Triton kernels compile for an H100 (sm_90) without spilling, checked on any machine.
 
 The interpreter runs the kernels as NumPy; only a real compile shows code that does not lower for the
-GPU. ``bench/compile_sm90.py`` compiles ahead of time with the assembler bundled in the triton wheel.
+GPU. ``tools/compile_check/sm90.py`` compiles ahead of time with the assembler bundled in the triton wheel.
 """
 
 import os
@@ -26,7 +26,7 @@ def _bundled_assembler():
 def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compile_sm90.py"), "--quick"],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_check", "sm90.py"), "--quick"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     report = result.stdout[-4000:] + result.stderr[-4000:]
     assert result.returncode == 0, report

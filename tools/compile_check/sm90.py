@@ -10,7 +10,7 @@ and loads that did not vectorize. It prints one row per variant (registers, spil
 stack frame, shared memory, widest global load) and exits 1 if any variant failed to compile or
 spilled more than SPILL_LIMIT bytes.
 
-    python bench/compile_sm90.py [--quick] [--out FILE.md]
+    python tools/compile_check/sm90.py [--quick] [--out FILE.md]
 
 TRITON_INTERPRET must be unset: the interpreter replaces the kernels by Python functions.
 """
@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("compile_sm90.py: unset TRITON_INTERPRET (the interpreter does not compile)")
+    sys.exit("tools/compile_check/sm90.py: unset TRITON_INTERPRET (the interpreter does not compile)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -7,7 +7,7 @@ C10_CUDA_NO_CMAKE_CONFIGURE_FILE), prints ptxas's registers / spills / shared me
 exits 1 on a compile error or when a kernel spills more than SPILL_LIMIT bytes. Nothing is linked
 and nothing runs: run the test suite on a GPU for that (the GPU issue).
 
-    python bench/compile_cuda.py [--arch sm_90]
+    python tools/compile_check/cuda.py [--arch sm_90]
 """
 
 import argparse
@@ -22,7 +22,7 @@ import tempfile
 
 SPILL_LIMIT = 64
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 
 def nvcc_command(source, output, arch):
@@ -66,7 +66,7 @@ def main(argv=None):
     p.add_argument("--arch", default="sm_90")
     args = p.parse_args(argv)
     if shutil.which("nvcc") is None:
-        sys.exit("compile_cuda.py: nvcc is not on PATH")
+        sys.exit("tools/compile_check/cuda.py: nvcc is not on PATH")
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
         for source in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):

@@ -24,7 +24,7 @@ from atom_fast.distill.data import DATASETS, DatasetNotFoundError, load_dataset
 from atom_fast.distill.evaluate import EvalConfig, evaluate, mean_std
 from atom_fast.distill.loop import (LOOPS, METHODS, DistillConfig, Distiller, NonFiniteLossError,
                                     class_pools, random_indices)
-from atom_fast.distill.networks import ARCHITECTURES, default_depth
+from atom_fast.distill.architectures import ARCHITECTURES, default_depth
 from atom_fast.distill.output import save_grid, write_atomic
 
 ALL_METHODS = ("random",) + tuple(METHODS)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from atom_fast import attention_loss, mmd_loss
 from atom_fast.distill import augment as dsa
 from atom_fast.distill import cli
-from atom_fast.distill.evaluate import EvalConfig, evaluate, mean_std
+from atom_fast.distill.evaluate import EvalConfig, final_accuracies as evaluate, mean_std
 from atom_fast.distill.loop import DistillConfig, Distiller, NonFiniteLossError, random_indices, class_pools
 from atom_fast.distill.networks import ConvNet, build_network
 from atom_fast.distill.output import image_grid, write_atomic

@@ -21,7 +21,7 @@ import torch
 
 from atom_fast.distill import augment as dsa
 from atom_fast.distill.data import DATASETS, DatasetNotFoundError, load_dataset
-from atom_fast.distill.evaluate import EvalConfig, evaluate, mean_std
+from atom_fast.distill.evaluate import EvalConfig, final_accuracies as evaluate, mean_std
 from atom_fast.distill.loop import (LOOPS, METHODS, DistillConfig, Distiller, NonFiniteLossError,
                                     class_pools, random_indices)
 from atom_fast.distill.architectures import ARCHITECTURES, default_depth

@@ -20,12 +20,12 @@ import torch
 
 from atom_fast.distill import augment as dsa
 from atom_fast.distill.data import DATASETS, DatasetNotFoundError, load_dataset
-from atom_fast.distill.evaluate import EvalConfig, evaluate, mean_std
 from atom_fast.distill import distributed as dist
 from atom_fast.distill import session
+from atom_fast.distill.architectures import ARCHITECTURES, default_depth
+from atom_fast.distill.evaluate import EvalConfig, final_accuracies as evaluate, mean_std
 from atom_fast.distill.loop import (LOOPS, METHODS, DistillConfig, NonFiniteLossError, class_pools,
                                     random_indices)
-from atom_fast.distill.networks import ARCHITECTURES, default_depth
 from atom_fast.distill.output import save_grid
 
 ALL_METHODS = ("random",) + tuple(METHODS)

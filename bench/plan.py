@@ -27,8 +27,8 @@ CLASSES = 10
 REAL_PER_CLASS = 128
 IPCS = (1, 10, 50)
 QUICK_BUDGET_S = 165.0   # 3 minutes less a margin for misestimates and the output files
-# the rows --tiny runs (CI-sized: every code path in seconds)
-TINY_ROWS = ("ATOM (DataDAM script loop)", "ATOM (fused loop)")
+# ATOM's two loops: the rows --quick always runs (at IPC 10) and the only ones --tiny runs
+ATOM_LOOPS = ("ATOM (DataDAM script loop)", "ATOM (fused loop)")
 
 
 def timing(device, quick, tiny):
@@ -72,7 +72,7 @@ def build_plan(args):
             jobs.append(loss_job((16, 8, 8), 2, args.providers or ["eager", "native"], ["bwd", "fwd+bwd"],
                                  real=4))
         if step_on:
-            jobs += [step_job(r, 1, width=8, batch_real=4) for r in rows if r.label in TINY_ROWS]
+            jobs += [step_job(r, 1, width=8, batch_real=4) for r in rows if r.label in ATOM_LOOPS]
         notes.append("tiny: test-sized shapes (loss 16x8x8 with 4 real per class; step width 8, "
                      "batch_real 4), not figures to quote")
         return jobs, notes
@@ -85,7 +85,7 @@ def build_plan(args):
         return jobs, notes
     # --quick: the loss at CIFAR layer 1 and ATOM's two loops at IPC 10 always run; every other item,
     # in order of interest, only while the projected total stays within the budget
-    atom_loops = [r for r in paper if r.config["method"] == "atom" and r.config["loop"] in ("fused", "datadam")]
+    atom_loops = [r for r in paper if r.label in ATOM_LOOPS]
     if loss_on:
         jobs.append(loss_job((128, 32, 32), 10, providers, ["fwd+bwd"]))
     if step_on:

@@ -17,8 +17,9 @@ that step. CUDA: ``max_memory_allocated`` after a reset, minus the resident data
 tensors' bytes plus the resident-set growth during the step, with glibc switched (mallopt) to return
 every block >= 64 KiB to the OS after the timed steps. The timed steps run with the allocator setting
 the CLI uses on CPU (``keep_freed_memory``: glibc keeps freed feature maps). DM has no attention; its
-row uses the fused loop. Under a multi-process launcher every rank owns its block of classes (as the
-CLI shards them), runs the steps, and rank 0 reports its own time and memory.
+row uses the batched ("fused") loop. Under torchrun (``torchrun(n)``) each process owns its block of
+classes, as ``atom-fast`` under torchrun does; a step's time is the slowest process's, its peak memory
+the largest process's (``*_per_rank`` keep each), ``last_loss`` is rank 0's part.
 """
 
 import gc
@@ -123,28 +124,41 @@ def step_memory(d, device, iteration):
                              ("" if mmap_mode else " (glibc mallopt unavailable: heap may hide frees)")}
 
 
-def _distributed(device):
-    """Join the process group a multi-process launcher set up; (rank, world size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
 def step_child(spec):
-    """Time ``Distiller.step`` for one row's config at one IPC; runs in a fresh process."""
+    """Time ``Distiller.step`` for one row's config at one IPC; runs in a fresh process. Under
+    torchrun every process runs the classes it owns (as ``atom-fast`` does); a step's time is the
+    slowest process's, its peak memory the largest process's (each process's in ``*_per_rank``)."""
+    from atom_fast.distill import distributed
+
+    ctx = distributed.initialize(torch.device(spec["device"]), timeout_s=600)
+    device = distributed.local_device(torch.device(spec["device"]), ctx)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        out = _time_steps(spec, device, ctx.classes(CLASSES))
+        per_rank = distributed.gather_to_main(ctx, out, "gathering the step times")
+    finally:
+        distributed.shutdown(ctx)
+    if not ctx.is_main:
+        return None
+    if ctx.world_size == 1:
+        return {**out, "times_s": sorted(out["times_s"]), "world_size": 1}
+    slowest = [max(ts) for ts in zip(*(r["times_s"] for r in per_rank))]
+    merged = {**out, **measure.quantiles(slowest), "times_s": sorted(slowest), "world_size": ctx.world_size,
+              "times_s_per_rank": [r["times_s"] for r in per_rank]}
+    for key in ("peak_bytes", "held_bytes", "transient_bytes"):
+        if key in out:
+            merged[key] = max(r[key] for r in per_rank)
+            merged[f"{key}_per_rank"] = [r[key] for r in per_rank]
+    return merged
+
+
+def _time_steps(spec, device, classes):
+    """One process's part of step_child: its classes' Distiller, timed, then its peak memory."""
     from atom_fast.distill.cli import keep_freed_memory
     from atom_fast.distill.distributed import shard_classes
     from atom_fast.distill.loop import DistillConfig, Distiller
 
-    rank, world, device = _distributed(torch.device(spec["device"]))
     # time the steps with the allocator setting the CLI uses on CPU (glibc keeps freed feature
     # maps instead of page-faulting them back every step)
     malloc_kept = device.type == "cpu" and keep_freed_memory()
@@ -173,12 +187,11 @@ def step_child(spec):
         loss = d.step(i)
         measure.sync(device)
         times.append(time.perf_counter() - t0)
-    out = {"init_s": init_s, "warmup_s": warm, **measure.quantiles(times), "times_s": sorted(times),
-           "steps": len(times), "last_loss": float(loss), "malloc_keeps_freed_memory": malloc_kept,
-           "world_size": world}
+    out = {"init_s": init_s, "warmup_s": warm, **measure.quantiles(times), "times_s": times,
+           "steps": len(times), "last_loss": float(loss), "malloc_keeps_freed_memory": malloc_kept}
     if spec["memory"]:
         out.update(step_memory(d, device, spec["warmup"] + spec["steps"]))
-    return out if rank == 0 else None
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

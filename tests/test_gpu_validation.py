@@ -99,8 +99,10 @@ def test_sanitizer_case_check_catches_a_wrong_result(monkeypatch):
     assert not sanitizer_cases.run_case("native", device=torch.device("cpu"), **case)
 
 
-def test_a_sanitizer_case_runs_the_triton_backend():
+@pytest.mark.parametrize("which", ["16x8x8 float32 labels, real requires grad",
+                                   "7x5x3 float32 labels, real side as class statistics"])
+def test_a_sanitizer_case_runs_the_triton_backend(which):
     # interpreted on a CPU machine (conftest.py), compiled on a GPU one
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name, case = next((n, c) for n, c in sanitizer_cases.cases() if "labels, real requires grad" in n)
+    case = dict(sanitizer_cases.cases())[which]
     assert sanitizer_cases.run_case("triton", device=device, **case)

@@ -9,7 +9,9 @@ forward and backward of ``attention_loss`` with
 - integer and fractional powers,
 - an odd shape (C, H, W not powers of two), a layer whose H*W spans several blocks,
 - float32, float16, bfloat16 and float64,
-- real features that also require a gradient (the backward runs on both sides).
+- real features that also require a gradient (the backward runs on both sides),
+- the real side given as class statistics (``class_statistics``, then ``attention_loss`` of the
+  statistics: the statistics kernels and the from-sums loss and backward).
 
 Each result is checked against the reference loosely (the point is memory and race errors, the
 accuracy is the test suite's job); a mismatch exits 1.
@@ -49,10 +51,16 @@ def cases():
     out.append(("7x5x3 float32 labels", dict(base, ps=4.0, pc=4.0, ws=1.0, wc=1.0, labels=True)))
     out.append(("16x8x8 float32 labels, real requires grad",
                 dict(base, shape=(16, 8, 8), ps=2.5, pc=4.0, ws=1.0, wc=0.5, labels=True, real_grad=True)))
+    for shape, dtype, labels in [((16, 8, 8), d, False) for d in DTYPES] + [((7, 5, 3), torch.float32, True),
+                                                                           ((4, 48, 40), torch.float32, False)]:
+        out.append((f"{'x'.join(map(str, shape))} {str(dtype)[6:]} {'labels' if labels else 'blocks'}, "
+                    "real side as class statistics",
+                    dict(base, shape=shape, dtype=dtype, ps=4.0, pc=2.5, ws=1.0, wc=1.0, labels=labels,
+                         stats=True)))
     return out
 
 
-def run_case(backend, shape, dtype, ps, pc, ws, wc, labels, real_grad, device):
+def run_case(backend, shape, dtype, ps, pc, ws, wc, labels, real_grad, device, stats=False):
     import atom_fast
 
     K, B, IPC = 3, 4, 2
@@ -66,7 +74,13 @@ def run_case(backend, shape, dtype, ps, pc, ws, wc, labels, real_grad, device):
         where = dict(real_labels=rl, syn_labels=sl)
     else:
         where = dict(num_classes=K)
-    loss = atom_fast.attention_loss(real, syn, backend=backend, **where, **kw)
+    if stats:  # the real side reduced to class statistics by the backend first
+        sums = atom_fast.class_statistics([real], K, labels=where.get("real_labels"), spatial_power=ps,
+                                          channel_power=pc, backend=backend)
+        syn_where = {"syn_labels": where["syn_labels"]} if labels else where
+        loss = atom_fast.attention_loss(sums, [syn], backend=backend, **syn_where, **kw)
+    else:
+        loss = atom_fast.attention_loss(real, syn, backend=backend, **where, **kw)
     grad_out = torch.rand((), generator=g).item() + 0.5
     loss.backward(torch.tensor(grad_out, device=device, dtype=loss.dtype))
     if device.type == "cuda":

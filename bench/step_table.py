@@ -156,7 +156,6 @@ def step_child(spec):
 def _time_steps(spec, device, classes):
     """One process's part of step_child: its classes' Distiller, timed, then its peak memory."""
     from atom_fast.distill.cli import keep_freed_memory
-    from atom_fast.distill.distributed import shard_classes
     from atom_fast.distill.loop import DistillConfig, Distiller
 
     # time the steps with the allocator setting the CLI uses on CPU (glibc keeps freed feature
@@ -169,9 +168,8 @@ def _time_steps(spec, device, classes):
     images = torch.randn(CLASSES * per_class, *IMAGE, generator=g)
     labels = torch.arange(CLASSES).repeat_interleave(per_class)
     t0 = time.perf_counter()
-    # several ranks: each owns its block of classes, as the CLI shards them
     d = Distiller(images, labels, CLASSES, DistillConfig(**config, ipc=spec["ipc"], seed=0), device,
-                  classes=shard_classes(CLASSES, world, rank))
+                  classes=classes)
     measure.sync(device)
     init_s = time.perf_counter() - t0
     warm = []

@@ -7,7 +7,7 @@ A job is a dict: ``{"kind": "loss", "shape", "ipc", "providers", "modes", "class
 ``width``/``depth``/``batch_real`` keys override the row's config, as --tiny does).
 
 ``--quick`` keeps the whole run under 3 minutes on 2 CPU cores. It always runs the loss at the CIFAR
-layer-1 shape (128x32x32) and IPC 10, fwd+bwd, and the ATOM fused and reference loops at IPC 10;
+layer-1 shape (128x32x32) and IPC 10, fwd+bwd, and the ATOM fused and DataDAM-script loops at IPC 10;
 then, in this order, the other paper rows at IPC 10, ATOM's loops at IPC 1 and 50, the 16x16 layer
 and the other rows at IPC 1 and 50, each only while the projected total (from the items already run)
 stays within the budget (165 s, counted from the process start). The output lists everything quick
@@ -28,7 +28,7 @@ REAL_PER_CLASS = 128
 IPCS = (1, 10, 50)
 QUICK_BUDGET_S = 165.0   # 3 minutes less a margin for misestimates and the output files
 # ATOM's two loops: the rows --quick always runs (at IPC 10) and the only ones --tiny runs
-ATOM_LOOPS = ("ATOM (reference loop)", "ATOM (fused loop)")
+ATOM_LOOPS = ("ATOM (DataDAM script loop)", "ATOM (fused loop)")
 
 
 def timing(device, quick, tiny):

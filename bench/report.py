@@ -92,7 +92,7 @@ def _step_cell(r, key):
     if key == "time":
         return f"{r['median_s']:.3f} ({r['p20_s']:.3f}-{r['p80_s']:.3f})"
     if key == "speedup":
-        return _x(r.get("speedup_vs_atom_reference"))
+        return _x(r.get("speedup_vs_base"))
     return "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 1e6:.0f}"
 
 
@@ -210,7 +210,7 @@ def figure(loss_rows, step_rows, title):
         else:
             group = lambda r: f"IPC {r['ipc']}"  # noqa: E731
             _bars(top, step_rows, group=group, series=lambda r: r["row"],
-                  value=lambda r: r.get("speedup_vs_atom_reference"), skip=lambda r: False, fmt="%.1fx",
+                  value=lambda r: r.get("speedup_vs_base"), skip=lambda r: False, fmt="%.1fx",
                   order=labels)
             top.set_ylabel(f"speedup vs {step_table.SPEEDUP_BASE}")
             top.set_title("distillation step (CIFAR-10 shapes)")

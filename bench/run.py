@@ -33,7 +33,7 @@ images, ConvNet width 128 depth 3 instancenorm, batch_real 128, DSA on), one fre
 step.
 
 ``--quick`` (bench/plan.py) keeps the whole run under 3 minutes on 2 CPU cores: the loss at the CIFAR
-layer-1 shape (128x32x32) and IPC 10, fwd+bwd, and the ATOM fused and reference loops at IPC 10
+layer-1 shape (128x32x32) and IPC 10, fwd+bwd, and the ATOM fused and DataDAM-script loops at IPC 10
 always run; the other items only while the projected total stays within ``--budget`` seconds (165,
 counted from the process start). The output lists everything quick left out.
 """

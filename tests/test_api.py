@@ -271,3 +271,17 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(atom_fast.loss, "_triton_interpreted", lambda: False)
     with pytest.raises(RuntimeError, match=r"^backend='triton' runs on CUDA tensors, got cpu"):
         resolve_backend("triton", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_a_huge_num_classes_with_labels_costs_what_the_present_classes_cost(backend):
+    """num_classes only bounds the labels' range: the work follows the classes that occur (a K of
+    10**9 once made the native op allocate K-sized buffers and get killed)."""
+    r, s = _batch(K=3, B=4, IPC=2)
+    rl = torch.arange(3).repeat_interleave(4) * 7 + 5          # classes 5, 12, 19
+    sl = torch.arange(3).repeat_interleave(2) * 7 + 5
+    want = atom_fast.attention_loss(r, s, real_labels=rl, syn_labels=sl, backend=backend)
+    got = atom_fast.attention_loss(r, s, 10 ** 9, real_labels=rl, syn_labels=sl, backend=backend)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(atom_fast.mmd_loss(r, s, 10 ** 9, real_labels=rl, syn_labels=sl),
+                               atom_fast.mmd_loss(r, s, real_labels=rl, syn_labels=sl))

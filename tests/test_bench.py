@@ -75,7 +75,7 @@ def test_quick_plan_covers_the_judged_items():
                and {"eager", "compile", "native"} <= set(j["providers"]) and "fwd+bwd" in j["modes"]
                for j in loss)
     steps = {(j["label"], j["ipc"]) for j in required if j["kind"] == "step"}
-    assert steps == {("ATOM (fused loop)", 10), ("ATOM (reference loop)", 10)}
+    assert steps == {("ATOM (fused loop)", 10), ("ATOM (DataDAM script loop)", 10)}
     # every paper row at IPC 10 comes before anything at IPC 1 or 50
     order = [(j["label"], j["ipc"]) for j in jobs if j["kind"] == "step"]
     ipc10 = {(label, 10) for label, _, _ in step_table.PAPER_ROWS}
@@ -161,11 +161,11 @@ def test_tiny_run_writes_json_csv_png(tiny_run):
             assert r["peak_extra_bytes"] is not None and r["peak_extra_bytes"] >= 0
 
     labels = {r["row"] for r in result["step"]}
-    assert labels == {"ATOM (reference loop)", "ATOM (fused loop)"}
+    assert labels == {"ATOM (DataDAM script loop)", "ATOM (fused loop)"}
     for r in result["step"]:
         assert "error" not in r, r
         assert {"method", "loop", "ipc", "median_s", "p20_s", "p80_s", "steps", "peak_bytes",
-                "held_bytes", "transient_bytes", "speedup_vs_atom_reference"} <= set(r)
+                "held_bytes", "transient_bytes", "speedup_vs_base"} <= set(r)
         assert r["steps"] == 2 and r["peak_bytes"] >= r["held_bytes"] > 0
         assert torch.isfinite(torch.tensor(r["last_loss"]))
 
@@ -217,8 +217,8 @@ def _fake_rows():
             for h in (16, 32) for ipc in (10, 1, 50) for p, t in (("eager", 0.02), ("native", 0.001))]
     step = [{"row": label, "ipc": ipc, "median_s": t, "p20_s": t, "p80_s": t, "classes": 10,
              "image": "3x32x32", "width": 128, "depth": 3, "norm": "instancenorm", "batch_real": 128,
-             "steps": 5, "warmup": 1, "peak_bytes": 1e9, "speedup_vs_atom_reference": 1.7 / t / 1.7}
-            for ipc in (10, 1, 50) for label, t in (("ATOM (reference loop)", 1.7), ("ATOM (fused loop)", 1.0))]
+             "steps": 5, "warmup": 1, "peak_bytes": 1e9, "speedup_vs_base": 1.7 / t / 1.7}
+            for ipc in (10, 1, 50) for label, t in (("ATOM (DataDAM script loop)", 1.7), ("ATOM (fused loop)", 1.0))]
     return loss, step
 
 

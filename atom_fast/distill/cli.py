@@ -281,8 +281,8 @@ def _run(args, device, ctx, out) -> Optional[dict]:
                                       "zca": zca.state_dict() if zca is not None else None,
                                       "mean": data.mean, "std": data.std})
         view = zca.inverse(images.to(device)).cpu() if zca is not None else images
-        save_grid(data.denormalize(view), labels, data.num_classes, out.file("synthetic.png"),
-                  class_names=data.class_names)
+        out.write_with("synthetic.png", lambda tmp: save_grid(
+            data.denormalize(view), labels, data.num_classes, tmp, class_names=data.class_names))
 
     sets = {args.method: (images, labels)}
     if baseline_images is not None:
@@ -354,9 +354,10 @@ def finish(args, out, results, *, ipc, iterations) -> dict:
     sets = {results["method"]: results["architectures"]}
     if results.get("baseline"):
         sets["random"] = results["baseline"]["architectures"]
-    plot = save_accuracy_plot(report.plot_rows(sets), out.file("accuracy.png"),
-                              title=f"{results['dataset']}, IPC {ipc}: test accuracy by architecture")
-    results["plot"] = str(plot) if plot else None
+    plot = out.write_with("accuracy.png", lambda tmp: save_accuracy_plot(
+        report.plot_rows(sets), tmp, title=f"{results['dataset']}, IPC {ipc}: test accuracy by "
+                                           f"architecture"))
+    results["plot"] = str(out.file("accuracy.png")) if plot else None
     out.write(session.RESULTS, results, as_json=True)
     rows = [(name, arch, r) for name, per_arch in sets.items() for arch, r in per_arch.items()]
     report.print_table(rows, results["dataset"], ipc, iterations, args.eval_models)
@@ -544,8 +545,8 @@ def _run_evaluate(args, s, device, ctx, out) -> Optional[dict]:
         sets["random"] = (data.train_images[idx], data.train_labels[idx])
     if ctx.is_main:
         view = zca.inverse(images.to(device)).cpu() if zca is not None else images
-        save_grid(data.denormalize(view), labels, data.num_classes, out.file("synthetic.png"),
-                  class_names=data.class_names)
+        out.write_with("synthetic.png", lambda tmp: save_grid(
+            data.denormalize(view), labels, data.num_classes, tmp, class_names=data.class_names))
     results = evaluate_and_report(args, data, device, ctx, out, sets, log, timings, t_start)
     if results is None:
         return None

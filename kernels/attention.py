@@ -79,8 +79,13 @@ def _num_warps(elements, per_warp=1024):
 def feature_launch_config(C, HW, acc_bytes=4):
     """Tile (BLOCK_C, BLOCK_HW) and warps for the kernels that stream over F.
 
-    Warps follow the live registers: the tile plus the running spatial vector, in 32-bit words
-    (float64 accumulation doubles them), one warp per 1024 words.
+    Warps follow the live registers of the main pass: the tile plus the running spatial vector, in
+    32-bit words (float64 accumulation doubles them), one warp per 1024 words. The stats kernel's
+    first pass (the per-sample max |F|) holds two tiles in F's dtype instead, at most as many words
+    for 16-bit features and up to 1.6x for float32 (4096 + 4096 vs 4096 + 1024) at the same warps;
+    in the sm_90 compile check (bench/compile_sm90.py --quick, 80 variants) that pass moved the
+    float64 fractional-power stats variant at 128x32x32 from 0 to 20 spilled bytes (limit 64) and
+    left every other stats variant unspilled; registers per variant rose by up to 24.
     """
     block_hw = min(triton.next_power_of_2(HW), MAX_BLOCK_HW)
     block_c = max(1, min(triton.next_power_of_2(C), TILE_ELEMENTS // block_hw))

@@ -235,7 +235,8 @@ class AttentionLossFromSums(torch.autograd.Function):
         acc_dtype = _accumulation_dtype(syn)
         stats = kernels.attention_stats(syn, spatial_power, channel_power, spatial_weight != 0,
                                         channel_weight != 0, acc_dtype)
-        real_counts = real_counts.to(device=syn.device, dtype=acc_dtype).clamp_min(1)
+        # Counts kept on the host (K values) are copied without waiting for the device.
+        real_counts = real_counts.to(syn.device, non_blocking=True).to(acc_dtype).clamp_min(1)
         if syn_labels is None:
             syn_counts = None
             side_layout = dict(per_class=syn.shape[0] // num_classes)

@@ -151,3 +151,19 @@ def test_tensors_on_a_gpu_that_is_not_the_current_device():
         assert value.device == device and grad.device == device
         torch.testing.assert_close(value.cpu(), ref, rtol=1e-5, atol=0)
         torch.testing.assert_close(grad.cpu(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_large_power_with_block_loops_that_run_more_than_once(monkeypatch):
+    # The scale pass and the main pass over several spatial and channel blocks (T accumulated in place).
+    monkeypatch.setattr(kernels, "MAX_BLOCK_HW", 4)
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 8)
+    monkeypatch.setattr(kernels, "MAX_BLOCK_VEC", 4)
+    monkeypatch.setattr(kernels, "BLOCK_MEMBERS", 2)
+    K, B, IPC, shape = 2, 3, 2, (7, 5, 3)
+    real = per_sample_magnitudes(K * B, *shape, 1.0, 10.0, signed=False).float().to(DEVICE)
+    syn = per_sample_magnitudes(K * IPC, *shape, 1.0, 10.0).float().to(DEVICE)
+    ref_loss, ref_grad = _loss_and_grad(real, syn, K, 50, "reference", torch.float64)
+    loss, grad = _loss_and_grad(real, syn, K, 50, "triton", torch.float32)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-3 * ref_grad.abs().max().item())

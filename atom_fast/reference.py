@@ -16,13 +16,17 @@ def _accumulation_dtype(x):
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def abs_pow(x, p):
-    """|x|^p elementwise, with derivative 0 at x == 0 for every p > 0.
+def abs_pow(x, p, scale=None):
+    """|x / scale|^p elementwise (scale: a detached tensor broadcast over x, or None for 1), with
+    derivative 0 at x == 0 for every p > 0.
 
-    For p >= 1 this is ``x.abs().pow(p)``; below 1 torch's derivative at 0 would be 0 * inf = NaN,
-    which post-ReLU features (full of exact zeros) would hit, so zeros are routed around ``pow``.
+    For p >= 1 this is ``(x.abs() / scale).pow(p)``; below 1 torch's derivative at 0 would be
+    0 * inf = NaN, which post-ReLU features (full of exact zeros) would hit, so zeros are routed
+    around ``pow``. Dividing |x| (not x) keeps autograd's saved tensors to those of ``x.abs().pow(p)``.
     """
     a = x.abs()
+    if scale is not None:
+        a = a / scale
     if p >= 1:
         return a.pow(p)
     nonzero = a != 0
@@ -36,7 +40,9 @@ def sample_scale(f):
     underflows at large p. The normalized vectors do not depend on m_n (see ``normalize_scaled``),
     so no gradient flows through it.
     """
-    m = f.detach().abs().amax(dim=(1, 2, 3), keepdim=True)
+    flat = f.detach().flatten(1)
+    # max(amax, -amin): no |F| temporary, and faster on CPU than abs().amax() or aminmax()
+    m = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1)).reshape(-1, 1, 1, 1)
     return torch.where(m == 0, 1.0, m)
 
 
@@ -54,7 +60,7 @@ def spatial_attention(features, p):
     """s_n[hw] = sum_c |F[n, c, hw]|^p, L2-normalized per sample: (N, C, H, W) -> (N, H*W)."""
     f = features.to(_accumulation_dtype(features))
     m = sample_scale(f)
-    s = abs_pow(f / m, p).sum(dim=1).flatten(1)  # s_n / m_n^p
+    s = abs_pow(f, p, m).sum(dim=1).flatten(1)  # s_n / m_n^p
     return normalize_scaled(s, m, p)
 
 
@@ -62,7 +68,7 @@ def channel_attention(features, p):
     """t_n[c] = sum_hw |F[n, c, hw]|^p, L2-normalized per sample: (N, C, H, W) -> (N, C)."""
     f = features.to(_accumulation_dtype(features))
     m = sample_scale(f)
-    t = abs_pow(f / m, p).flatten(2).sum(dim=2)  # t_n / m_n^p
+    t = abs_pow(f, p, m).flatten(2).sum(dim=2)  # t_n / m_n^p
     return normalize_scaled(t, m, p)
 
 

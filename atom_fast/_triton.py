@@ -70,7 +70,7 @@ def _side_layout_arguments(layout, side):
 
 def _pack(stats):
     """Tensors of a SideStats for save_for_backward; Nones where that side needs no gradient."""
-    return tuple(stats) if stats is not None else (None,) * 5
+    return tuple(stats) if stats is not None else (None,) * len(_kernels().SideStats._fields)
 
 
 class _FeatureGradient(torch.autograd.Function):
@@ -145,7 +145,8 @@ class FusedAttentionLoss(torch.autograd.Function):
         features = list(itertools.islice(saved, 2 * ctx.num_layers))
         layers = []
         for _ in range(ctx.num_layers):
-            real, syn = (kernels.SideStats(*itertools.islice(saved, 5)) for _ in range(2))
+            width = len(kernels.SideStats._fields)
+            real, syn = (kernels.SideStats(*itertools.islice(saved, width)) for _ in range(2))
             layers.append(LayerStats(real=real if real.spatial is not None else None,
                                      syn=syn if syn.spatial is not None else None,
                                      spatial_diff=next(saved), channel_diff=next(saved)))

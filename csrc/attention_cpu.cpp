@@ -16,6 +16,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -115,11 +116,15 @@ Classes read_classes(const at::Tensor& offsets_t, const c10::optional<at::Tensor
   return out;
 }
 
-// stats[n] = [s (HW) | t (C) | ||s|| | ||t||]; a disabled term is written as zeros.
+// stats[n] = [s' (HW) | t' (C) | m | ||s'|| | ||t'||] with x' = x / m^p, m = max |F[n]| (1 for an
+// all-zero or non-finite sample); a disabled term is written as zeros. m is found in the same pass:
+// each row's max is taken while the row is in L1, and when it exceeds the running m the partial
+// sums are rescaled by (m_old / m_new)^p (a few times per sample: the running max of random data
+// has ~ln(C) records).
 template <typename scalar_t, typename acc_t>
 void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bool has_s,
                 bool has_t) {
-  const int64_t N = F.size(0), C = F.size(1), HW = F.size(2) * F.size(3), L = HW + C + 2;
+  const int64_t N = F.size(0), C = F.size(1), HW = F.size(2) * F.size(3), L = HW + C + kStatsExtra;
   const int64_t stride_n = F.stride(0);
   const scalar_t* f = F.data_ptr<scalar_t>();
   acc_t* out = stats.data_ptr<acc_t>();
@@ -133,35 +138,57 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
       acc_t* s = out + n * L;
       acc_t* t = s + HW;
       std::fill(s, s + L, acc_t(0));
-      if (!has_s && !has_t) continue;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t* x = load_row<scalar_t, acc_t>(fn + c * HW, buf.data(), HW);
-        if (same) {
-          t[c] = k.both(x, s, HW, aps);
-        } else {
-          if (has_s) k.spatial(x, s, HW, aps);
-          if (has_t) t[c] = k.channel(x, HW, apc);
+      acc_t m = 0;  // running max |F| of the rows so far
+      constexpr acc_t tiny = std::numeric_limits<acc_t>::min();
+      if (has_s || has_t) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* x = load_row<scalar_t, acc_t>(fn + c * HW, buf.data(), HW);
+          const acc_t row_m = k.row_max(x, HW);
+          if (row_m > m && row_m >= tiny) {  // subnormal rows keep the scale 1: 1/m would overflow
+            if (m > 0) {  // rows 0..c-1 were scaled by 1/m: rescale them to 1/row_m
+              const double ratio = static_cast<double>(m) / static_cast<double>(row_m);
+              if (has_s) k.scale(s, HW, static_cast<acc_t>(std::pow(ratio, ps)));
+              if (has_t) k.scale(t, c, static_cast<acc_t>(std::pow(ratio, pc)));
+            }
+            m = row_m;
+          }
+          const acc_t inv = m > 0 ? acc_t(1) / m : acc_t(1);
+          if (same) {
+            t[c] = k.both(x, s, HW, aps, inv);
+          } else {
+            if (has_s) k.spatial(x, s, HW, aps, inv);
+            if (has_t) t[c] = k.channel(x, HW, apc, inv);
+          }
         }
       }
-      if (has_s) s[HW + C] = std::sqrt(k.sum_squares(s, HW));
-      if (has_t) s[HW + C + 1] = std::sqrt(k.sum_squares(t, C));
+      // an infinite feature makes m infinite and x' = inf * 0 = NaN: the reference's NaN too
+      s[HW + C] = (m > 0 && std::isfinite(m)) ? m : acc_t(1);
+      if (has_s) s[HW + C + 1] = std::sqrt(k.sum_squares(s, HW));
+      if (has_t) s[HW + C + 2] = std::sqrt(k.sum_squares(t, C));
     }
   });
 }
 
-// Sum over the class's samples of the normalized vectors: acc[l] += x[l] / max(||x||, eps).
+// (r_s, r_t): x_hat = x' * r for the spatial and channel parts of a stats row (constants.h).
 template <typename acc_t>
-void class_sum(const acc_t* stats, const Classes& cls, int64_t k, int64_t HW, int64_t C,
-               acc_t* acc) {
-  const int64_t L = HW + C + 2;
-  const acc_t eps = static_cast<acc_t>(kNormEps);
+inline std::pair<Normalizer, Normalizer> normalizers(const acc_t* row, int64_t HW, int64_t C,
+                                                     double ps, double pc) {
+  const double m = row[HW + C];
+  return {normalizer(m, row[HW + C + 1], ps), normalizer(m, row[HW + C + 2], pc)};
+}
+
+// Sum over the class's samples of the normalized vectors: acc[l] += x'[l] * r.
+template <typename acc_t>
+void class_sum(const acc_t* stats, const Classes& cls, int64_t k, int64_t HW, int64_t C, double ps,
+               double pc, acc_t* acc) {
+  const int64_t L = HW + C + kStatsExtra;
   std::fill(acc, acc + HW + C, acc_t(0));
   for (int64_t i = cls.offsets[k]; i < cls.offsets[k + 1]; ++i) {
     const acc_t* x = stats + cls.rows[i] * L;
-    const acc_t inv_s = acc_t(1) / std::max(x[HW + C], eps);
-    const acc_t inv_t = acc_t(1) / std::max(x[HW + C + 1], eps);
-    for (int64_t l = 0; l < HW; ++l) acc[l] += x[l] * inv_s;
-    for (int64_t l = HW; l < HW + C; ++l) acc[l] += x[l] * inv_t;
+    const auto [ns, nt] = normalizers(x, HW, C, ps, pc);
+    const acc_t rs = static_cast<acc_t>(ns.r), rt = static_cast<acc_t>(nt.r);
+    for (int64_t l = 0; l < HW; ++l) acc[l] += x[l] * rs;
+    for (int64_t l = HW; l < HW + C; ++l) acc[l] += x[l] * rt;
   }
 }
 
@@ -173,8 +200,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
   const int64_t C = real.size(1), HW = real.size(2) * real.size(3);
   const auto opts = real.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const bool has_s = ws != 0, has_t = wc != 0;
-  at::Tensor real_stats = at::empty({real.size(0), HW + C + 2}, opts);
-  at::Tensor syn_stats = at::empty({syn.size(0), HW + C + 2}, opts);
+  at::Tensor real_stats = at::empty({real.size(0), HW + C + kStatsExtra}, opts);
+  at::Tensor syn_stats = at::empty({syn.size(0), HW + C + kStatsExtra}, opts);
   at::Tensor diffs = at::empty({K, HW + C}, opts);
   side_stats<scalar_t, acc_t>(real, real_stats, ps, pc, has_s, has_t);
   side_stats<scalar_t, acc_t>(syn, syn_stats, ps, pc, has_s, has_t);
@@ -187,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
     std::vector<acc_t> mean_s(HW + C);
     for (int64_t k = begin; k < end; ++k) {
       acc_t* dk = d + k * (HW + C);
-      class_sum(rs, rc, k, HW, C, dk);
-      class_sum(ss, sc, k, HW, C, mean_s.data());
+      class_sum(rs, rc, k, HW, C, ps, pc, dk);
+      class_sum(ss, sc, k, HW, C, ps, pc, mean_s.data());
       const acc_t nr = static_cast<acc_t>(std::max<int64_t>(rc.offsets[k + 1] - rc.offsets[k], 1));
       const acc_t ns = static_cast<acc_t>(std::max<int64_t>(sc.offsets[k + 1] - sc.offsets[k], 1));
       acc_t sq_s = 0, sq_t = 0;
@@ -231,18 +258,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu
   });
 }
 
-// G_n = power * dL/dx_n for x = s_n or t_n, with dL/dx_hat_n = coef * D_k:
-//   dL/dx = (g - x_hat (x_hat . g)) / ||x||, or g / eps when ||x|| < eps (torch's clamp_min).
+// G = power * dL/dx' / m for x' the scaled s_n or t_n (stats layout), with dL/dx_hat = coef * D_k:
+// above the floor (r = 1/||x'||) dL/dx' = (g - x_hat (x_hat . g)) r, below it g r (torch's
+// clamp_min). dF = |F/m|^(p-1) sgn(F) * G, so the 1/m of the chain rule is folded in here.
 template <typename acc_t>
-void normalize_grad(const acc_t* x, acc_t nrm, const acc_t* D, acc_t coef, acc_t power, int64_t L,
-                    acc_t* out) {
-  const acc_t eps = static_cast<acc_t>(kNormEps);
+void normalize_grad(const acc_t* x, Normalizer nz, acc_t inv_m, const acc_t* D, acc_t coef,
+                    acc_t power, int64_t L, acc_t* out) {
+  const acc_t r = static_cast<acc_t>(nz.r);
   acc_t dot = 0;
   for (int64_t l = 0; l < L; ++l) dot += x[l] * (coef * D[l]);
-  const bool above = nrm >= eps;
-  const acc_t inv = acc_t(1) / (above ? nrm : eps);
-  const acc_t proj = above ? dot * inv * inv * inv : acc_t(0);
-  for (int64_t l = 0; l < L; ++l) out[l] = power * ((coef * D[l]) * inv - x[l] * proj);
+  const acc_t proj = nz.above ? dot * r * r * r : acc_t(0);
+  const acc_t f = power * inv_m;
+  for (int64_t l = 0; l < L; ++l) out[l] = f * ((coef * D[l]) * r - x[l] * proj);
 }
 
 template <typename scalar_t>
@@ -250,7 +277,7 @@ at::Tensor backward_typed(const at::Tensor& grad_loss, const at::Tensor& F, cons
                           const at::Tensor& diffs, const Classes& cls, double sign, double ps,
                           double pc, double ws, double wc) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const int64_t N = F.size(0), C = F.size(1), HW = F.size(2) * F.size(3), L = HW + C + 2;
+  const int64_t N = F.size(0), C = F.size(1), HW = F.size(2) * F.size(3), L = HW + C + kStatsExtra;
   at::Tensor dF = at::empty(F.sizes(), F.options().memory_format(at::MemoryFormat::Contiguous));
   const bool has_s = ws != 0, has_t = wc != 0;
   if (!has_s && !has_t) return dF.zero_();
@@ -272,20 +299,21 @@ at::Tensor backward_typed(const at::Tensor& grad_loss, const at::Tensor& F, cons
       const acc_t coef = static_cast<acc_t>(sign) * acc_t(2) * go / count;
       const acc_t* sn = st + n * L;
       const acc_t* Dk = d + cl * (HW + C);
-      if (has_s) normalize_grad(sn, sn[HW + C], Dk, coef * static_cast<acc_t>(ws), aps, HW, gs.data());
+      const auto [ns, nt] = normalizers(sn, HW, C, ps, pc);
+      const acc_t inv = acc_t(1) / sn[HW + C];
+      if (has_s) normalize_grad(sn, ns, inv, Dk, coef * static_cast<acc_t>(ws), aps, HW, gs.data());
       if (has_t)
-        normalize_grad(sn + HW, sn[HW + C + 1], Dk + HW, coef * static_cast<acc_t>(wc), apc, C,
-                       gt.data());
+        normalize_grad(sn + HW, nt, inv, Dk + HW, coef * static_cast<acc_t>(wc), apc, C, gt.data());
       for (int64_t c = 0; c < C; ++c) {
         const int64_t off = (n * C + c) * HW;  // in dF (contiguous)
         const acc_t* x = load_row<scalar_t, acc_t>(f + n * stride_n + c * HW, xbuf.data(), HW);
         acc_t* o;
         if constexpr (direct) o = df + off; else o = obuf.data();
         if (same) {
-          k.grad_both(x, gs.data(), gt[c], o, HW, aps);
+          k.grad_both(x, gs.data(), gt[c], o, HW, aps, inv);
         } else {
-          if (has_s) k.grad_spatial(x, gs.data(), o, HW, aps);
-          if (has_t) k.grad_channel(x, gt[c], o, HW, apc, has_s);
+          if (has_s) k.grad_spatial(x, gs.data(), o, HW, aps, inv);
+          if (has_t) k.grad_channel(x, gt[c], o, HW, apc, inv, has_s);
         }
         if constexpr (!direct)
           for (int64_t i = 0; i < HW; ++i) df[off + i] = static_cast<scalar_t>(o[i]);
@@ -317,7 +345,7 @@ at::Tensor attention_stats_cpu(const at::Tensor& features, double ps, double pc,
   check_power(pc, "channel_power", op);
   const at::Tensor F = sample_contiguous(features);
   const int64_t C = F.size(1), HW = F.size(2) * F.size(3);
-  at::Tensor stats = at::empty({F.size(0), HW + C + 2},
+  at::Tensor stats = at::empty({F.size(0), HW + C + kStatsExtra},
                                F.options().dtype(accumulation_type(F.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(), "attention_stats_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -21,6 +21,8 @@ namespace ATOM_FAST_ISA {
 
 inline float fabs_(float x) { return __builtin_fabsf(x); }
 inline double fabs_(double x) { return __builtin_fabs(x); }
+inline float copysign_(float m, float x) { return __builtin_copysignf(m, x); }
+inline double copysign_(double m, double x) { return __builtin_copysign(m, x); }
 
 inline int32_t bits_of(float x) {
   int32_t b;
@@ -60,10 +62,12 @@ inline float log_pos(float a) {
   return ef * 0.693359375f + (log_q + ef * -2.12194440e-4f);
 }
 
-// exp(y) for y <= ~88 (larger: +inf), 0 below -87.3 (the float32 normal range). y = n ln2 + r,
-// |r| <= ln2/2; exp(r) by its Taylor series to r^7 (truncation < 6e-9 relative), times 2^n.
+// exp(y) for y <= 88 (above 88.72: +inf; in between it returns e^88), 0 below -86. The result
+// stays a normal float: a subnormal one would cost a ~100-cycle microcode assist per element, and
+// every exact zero of post-ReLU features lands at the lower clamp. y = n ln2 + r, |r| <= ln2/2;
+// exp(r) by its Taylor series to r^7 (truncation < 6e-9 relative), times 2^n.
 inline float exp_(float y) {
-  const float yc = y < -87.3f ? -87.3f : (y > 88.7f ? 88.7f : y);
+  const float yc = y < -86.0f ? -86.0f : (y > 88.0f ? 88.0f : y);
   const float n = __builtin_roundf(yc * 1.44269504f);
   const float r = (yc - n * 0.693359375f) - n * -2.12194440e-4f;
   float poly = 1.0f / 5040.0f;
@@ -74,17 +78,16 @@ inline float exp_(float y) {
   poly = poly * r + 0.5f;
   poly = poly * r + 1.0f;
   poly = poly * r + 1.0f;
-  const float scale = float_of((static_cast<int32_t>(n) + 127) << 23);
-  const float v = poly * scale;
-  return y < -87.3f ? 0.0f : (y > 88.7f ? __builtin_inff() : v);
+  const float v = poly * float_of((static_cast<int32_t>(n) + 127) << 23);
+  return y < -86.0f ? 0.0f : (y > 88.72f ? __builtin_inff() : v);
 }
 
-// a^p for a >= 0 (NaN stays NaN), p not an unrolled integer.
+// a^p for a >= 0 (a NaN gives NaN), p not an unrolled integer.
 inline float pow_general(float a, float p) {
   const float v = exp_(p * log_pos(a));
-  return a > 0.0f ? v : (a == 0.0f ? 0.0f : a);
+  return a > 0.0f ? v : a * 0.0f;
 }
-inline double pow_general(double a, double p) { return a == 0.0 ? 0.0 : std::pow(a, p); }
+inline double pow_general(double a, double p) { return a > 0.0 ? std::pow(a, p) : a * 0.0; }
 
 // |x|^p for a = |x| >= 0 (or NaN).
 template <typename acc_t, int P>
@@ -109,8 +112,9 @@ inline acc_t abs_pow_grad(acc_t x, acc_t p) {
     for (int i = 2; i < P; ++i) r *= a;
     return r;
   } else {
+    // 0 at x == 0 (pow_general gives a * 0); NaN stays NaN
     const acc_t mag = pow_general(fabs_(x), p - acc_t(1));
-    return x > acc_t(0) ? mag : (x < acc_t(0) ? -mag : x);  // 0 at 0; NaN stays NaN
+    return copysign_(mag, x);
   }
 }
 

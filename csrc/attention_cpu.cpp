@@ -14,10 +14,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "checks.h"
 #include "cpu/kernels.h"
@@ -62,6 +67,33 @@ RowKernels<double> row_kernels<double>(double ps, double pc) {
 }  // namespace cpu
 
 namespace {
+
+// An output of `bytes` bytes about to be written for the first time (dF): ask Linux for
+// transparent huge pages on it. Fresh memory is faulted in and zeroed by the kernel on first
+// touch; with 4 KiB pages those faults cost more than writing dF itself (measured here:
+// fill_ of a fresh 52 MB tensor 0.7 GB/s, of a reused one 2.7 GB/s, of a fresh one advised
+// this way 1.4 GB/s). A no-op where THP is off or the call fails.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t huge = uintptr_t{1} << 21;
+  if (bytes < int64_t{4} << 20) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+// Software prefetch of the next row, [p, p + bytes): the hardware streamer stops at every 4 KiB
+// page, i.e. at every row of a 32x32 layer, so the next row's read would otherwise start only when
+// the current row's powers are done (measured: +3-7 points of copy bandwidth at 16x16 and 32x32).
+// A prefetch never faults, so running past the end of F is harmless.
+inline void prefetch(const void* p, size_t bytes) {
+  const char* a = static_cast<const char*>(p);
+  for (const char* end = a + bytes; a < end; a += 64) __builtin_prefetch(a, 0, 3);
+}
 
 // Samples per task: at least ~64K feature elements, so small layers are not split too finely.
 int64_t grain(int64_t per_item) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(per_item, 1)); }
@@ -117,10 +149,12 @@ Classes read_classes(const at::Tensor& offsets_t, const c10::optional<at::Tensor
 }
 
 // stats[n] = [s' (HW) | t' (C) | m | ||s'|| | ||t'||] with x' = x / m^p, m = max |F[n]| (1 for an
-// all-zero or non-finite sample); a disabled term is written as zeros. m is found in the same pass:
-// each row's max is taken while the row is in L1, and when it exceeds the running m the partial
-// sums are rescaled by (m_old / m_new)^p (a few times per sample: the running max of random data
-// has ~ln(C) records).
+// all-zero or non-finite sample); a disabled term is written as zeros. One pass over F[n], row by
+// row: the row's powers go to a scratch row v (in L1) with the current 1/m while the same loop
+// takes the row's max; only when that max exceeds m are the partial sums rescaled by
+// (m_old / m_new)^p and the row's powers recomputed (from L1). The running max of random data has
+// ~ln(C) records, so this is a few rows per sample. (A separate max pass over each row cost ~15%
+// of the forward's bandwidth: it made the row's DRAM read wait alone.)
 template <typename scalar_t, typename acc_t>
 void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bool has_s,
                 bool has_t) {
@@ -131,34 +165,37 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
   const auto k = cpu::row_kernels<acc_t>(ps, pc);
   const bool same = has_s && has_t && ps == pc;
   const acc_t aps = static_cast<acc_t>(ps), apc = static_cast<acc_t>(pc);
+  // the power computed into v: the spatial one, or the channel one for a channel-only loss
+  const auto first_power = has_s ? k.spatial_power : k.channel_power;
+  const acc_t p1 = has_s ? aps : apc;
+  constexpr acc_t tiny = std::numeric_limits<acc_t>::min();  // 1/m of a subnormal m overflows
   at::parallel_for(0, N, grain(C * HW), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : HW);
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : HW), v(HW);
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* fn = f + n * stride_n;
       acc_t* s = out + n * L;
       acc_t* t = s + HW;
       std::fill(s, s + L, acc_t(0));
-      acc_t m = 0;  // running max |F| of the rows so far
-      constexpr acc_t tiny = std::numeric_limits<acc_t>::min();
-      if (has_s || has_t) {
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* x = load_row<scalar_t, acc_t>(fn + c * HW, buf.data(), HW);
-          const acc_t row_m = k.row_max(x, HW);
-          if (row_m > m && row_m >= tiny) {  // subnormal rows keep the scale 1: 1/m would overflow
-            if (m > 0) {  // rows 0..c-1 were scaled by 1/m: rescale them to 1/row_m
-              const double ratio = static_cast<double>(m) / static_cast<double>(row_m);
-              if (has_s) k.scale(s, HW, static_cast<acc_t>(std::pow(ratio, ps)));
-              if (has_t) k.scale(t, c, static_cast<acc_t>(std::pow(ratio, pc)));
-            }
-            m = row_m;
+      acc_t m = 0;  // running max |F| of the rows so far (0: none above `tiny` yet)
+      for (int64_t c = 0; c < C && (has_s || has_t); ++c) {
+        prefetch(c + 1 < C ? fn + (c + 1) * HW : fn + stride_n, HW * sizeof(scalar_t));
+        const acc_t* x = load_row<scalar_t, acc_t>(fn + c * HW, buf.data(), HW);
+        const acc_t row_m = first_power(x, v.data(), HW, p1, m > 0 ? acc_t(1) / m : acc_t(1));
+        if (row_m > m && row_m >= tiny) {
+          if (m > 0) {  // rows 0..c-1 were scaled by 1/m: rescale them to 1/row_m
+            const double ratio = static_cast<double>(m) / static_cast<double>(row_m);
+            if (has_s) k.scale(s, HW, static_cast<acc_t>(std::pow(ratio, ps)));
+            if (has_t) k.scale(t, c, static_cast<acc_t>(std::pow(ratio, pc)));
           }
-          const acc_t inv = m > 0 ? acc_t(1) / m : acc_t(1);
-          if (same) {
-            t[c] = k.both(x, s, HW, aps, inv);
-          } else {
-            if (has_s) k.spatial(x, s, HW, aps, inv);
-            if (has_t) t[c] = k.channel(x, HW, apc, inv);
-          }
+          m = row_m;
+          first_power(x, v.data(), HW, p1, acc_t(1) / m);
+        }
+        if (has_s) {
+          const acc_t row_sum = k.add(v.data(), s, HW);
+          if (same) t[c] = row_sum;
+          else if (has_t) t[c] = k.channel(x, HW, apc, m > 0 ? acc_t(1) / m : acc_t(1));
+        } else {
+          t[c] = k.sum(v.data(), HW);
         }
       }
       // an infinite feature makes m infinite and x' = inf * 0 = NaN: the reference's NaN too
@@ -281,6 +318,7 @@ at::Tensor backward_typed(const at::Tensor& grad_loss, const at::Tensor& F, cons
   at::Tensor dF = at::empty(F.sizes(), F.options().memory_format(at::MemoryFormat::Contiguous));
   const bool has_s = ws != 0, has_t = wc != 0;
   if (!has_s && !has_t) return dF.zero_();
+  advise_huge_pages(dF.data_ptr(), dF.nbytes());
   const acc_t go = grad_loss.item<acc_t>();
   const int64_t stride_n = F.stride(0);
   const scalar_t* f = F.data_ptr<scalar_t>();

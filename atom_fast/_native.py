@@ -36,7 +36,7 @@ else:
 
 AVAILABLE = _C is not None
 # values per stats row beyond the H*W + C attention entries: m, ||s'||, ||t'|| (csrc/constants.h)
-STATS_EXTRA = 3
+STATS_EXTRA = _C.constants()["STATS_EXTRA"] if AVAILABLE else None
 HAS_CUDA = AVAILABLE and _C.has_cuda()
 
 

@@ -1,11 +1,14 @@
 // CPU implementation of the atom_fast ops: the fused one-pass algorithm of the Triton kernels.
 //
 // Forward, per side, parallel over samples (at::parallel_for: OpenMP, torch.get_num_threads()):
-//   one pass over F[n] channel row by channel row: s[hw] += |x|^ps, t[c] = sum_hw |x|^pc, then the
-//   two norms. The running s (H*W values) stays in L1/L2 while F streams through once.
+//   one pass over F[n] channel row by channel row: s'[hw] += |x/m|^ps, t'[c] = sum_hw |x/m|^pc
+//   with m = max |F[n]| found on the way (side_stats), then the two norms. The running s' (H*W
+//   values) stays in L1/L2 while F streams through once. Powers of |x/m| <= 1 cannot overflow;
+//   the eps floor is decided on the unscaled norm m^p ||s'|| (constants.h).
 // Then per class (parallel over classes): D_k from the normalized per-sample vectors, and the loss.
-// Backward, per sample: the gradient w.r.t. s_n and t_n through the normalization (O(H*W + C)),
-// then one pass F -> dF. Nothing full-size is allocated besides dF.
+// Backward, per sample: the gradient w.r.t. s'_n and t'_n through the normalization (O(H*W + C)),
+// then one pass F -> dF. Nothing full-size is allocated besides dF. The attention_stats op is the
+// forward's first step alone (the real side of the class-statistics interface, SPEC 2.1).
 //
 // Every sum runs in a fixed order inside one sample or class, whatever the thread count, so the
 // results are bitwise reproducible. float16/bfloat16 rows are widened to float32 one row at a time.
@@ -149,12 +152,15 @@ Classes read_classes(const at::Tensor& offsets_t, const c10::optional<at::Tensor
 }
 
 // stats[n] = [s' (HW) | t' (C) | m | ||s'|| | ||t'||] with x' = x / m^p, m = max |F[n]| (1 for an
-// all-zero or non-finite sample); a disabled term is written as zeros. One pass over F[n], row by
-// row: the row's powers go to a scratch row v (in L1) with the current 1/m while the same loop
-// takes the row's max; only when that max exceeds m are the partial sums rescaled by
-// (m_old / m_new)^p and the row's powers recomputed (from L1). The running max of random data has
-// ~ln(C) records, so this is a few rows per sample. (A separate max pass over each row cost ~15%
-// of the forward's bandwidth: it made the row's DRAM read wait alone.)
+// all-zero or non-finite sample); a disabled term is written as zeros.
+//
+// One pass over F[n], row by row, with the running max m of the rows so far: each row is added
+// with 1/m while the same loop takes its max. A row that raises the max was added on the old
+// scale, which is exact once everything so far is multiplied by (m_old / m_new)^p (the running max
+// of random data has ~ln(C) records, so a few O(H*W + C) rescales per sample). Only when a row
+// exceeds m by so much that (m_new / m_old)^p could overflow the sums is the sample redone with its
+// full max taken first. (Taking every row's max in a separate pass cost ~15% of the forward's
+// bandwidth, a scratch row of powers ~10%, on the 2-core machine.)
 template <typename scalar_t, typename acc_t>
 void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bool has_s,
                 bool has_t) {
@@ -165,37 +171,52 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
   const auto k = cpu::row_kernels<acc_t>(ps, pc);
   const bool same = has_s && has_t && ps == pc;
   const acc_t aps = static_cast<acc_t>(ps), apc = static_cast<acc_t>(pc);
-  // the power computed into v: the spatial one, or the channel one for a channel-only loss
-  const auto first_power = has_s ? k.spatial_power : k.channel_power;
-  const acc_t p1 = has_s ? aps : apc;
+  const double p_max = std::max(has_s ? ps : 0.0, has_t ? pc : 0.0);
+  // largest log2 of a rescale factor (m_new / m_old)^p that keeps C * H * W such terms finite
+  const double log2_limit = std::is_same_v<acc_t, float> ? 80.0 : 900.0;
   constexpr acc_t tiny = std::numeric_limits<acc_t>::min();  // 1/m of a subnormal m overflows
   at::parallel_for(0, N, grain(C * HW), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : HW), v(HW);
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : HW);
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* fn = f + n * stride_n;
       acc_t* s = out + n * L;
       acc_t* t = s + HW;
       std::fill(s, s + L, acc_t(0));
-      acc_t m = 0;  // running max |F| of the rows so far (0: none above `tiny` yet)
+      acc_t m = 0;        // running max |F| of the rows so far (0: none above `tiny` yet)
+      bool fixed = false;  // m is the sample's max (after a restart)
       for (int64_t c = 0; c < C && (has_s || has_t); ++c) {
         prefetch(c + 1 < C ? fn + (c + 1) * HW : fn + stride_n, HW * sizeof(scalar_t));
         const acc_t* x = load_row<scalar_t, acc_t>(fn + c * HW, buf.data(), HW);
-        const acc_t row_m = first_power(x, v.data(), HW, p1, m > 0 ? acc_t(1) / m : acc_t(1));
-        if (row_m > m && row_m >= tiny) {
-          if (m > 0) {  // rows 0..c-1 were scaled by 1/m: rescale them to 1/row_m
-            const double ratio = static_cast<double>(m) / static_cast<double>(row_m);
-            if (has_s) k.scale(s, HW, static_cast<acc_t>(std::pow(ratio, ps)));
-            if (has_t) k.scale(t, c, static_cast<acc_t>(std::pow(ratio, pc)));
-          }
-          m = row_m;
-          first_power(x, v.data(), HW, p1, acc_t(1) / m);
+        if (m == 0) {  // no scale yet (first row, or all rows so far zero)
+          const acc_t first = k.row_max(x, HW);
+          if (first >= tiny) m = first;
         }
-        if (has_s) {
-          const acc_t row_sum = k.add(v.data(), s, HW);
-          if (same) t[c] = row_sum;
-          else if (has_t) t[c] = k.channel(x, HW, apc, m > 0 ? acc_t(1) / m : acc_t(1));
+        const acc_t inv = m > 0 ? acc_t(1) / m : acc_t(1);
+        acc_t row_m;
+        if (same) {
+          row_m = k.both(x, s, HW, aps, inv, t + c);
         } else {
-          t[c] = k.sum(v.data(), HW);
+          row_m = has_s ? k.spatial(x, s, HW, aps, inv) : k.row_max(x, HW);
+          if (has_t) t[c] = k.channel(x, HW, apc, inv);
+        }
+        if (row_m > m && row_m >= tiny && !fixed) {  // row c raised the max (then m > 0)
+          const double ratio = static_cast<double>(m) / static_cast<double>(row_m);
+          if (-p_max * std::log2(ratio) > log2_limit) {
+            // the sums may have overflowed on the old scale: redo the sample with its max
+            acc_t full = m;
+            for (int64_t r = 0; r < C; ++r) {
+              const acc_t* y = load_row<scalar_t, acc_t>(fn + r * HW, buf.data(), HW);
+              full = std::max(full, k.row_max(y, HW));
+            }
+            std::fill(s, s + HW + C, acc_t(0));
+            m = full;
+            fixed = true;
+            c = -1;
+            continue;
+          }
+          if (has_s) k.scale(s, HW, static_cast<acc_t>(std::pow(ratio, ps)));
+          if (has_t) k.scale(t, c + 1, static_cast<acc_t>(std::pow(ratio, pc)));
+          m = row_m;
         }
       }
       // an infinite feature makes m infinite and x' = inf * 0 = NaN: the reference's NaN too

@@ -21,7 +21,9 @@ def test_constants_have_one_value_in_both_languages():
     c = _native._C.constants()
     assert c["NORM_EPS"] == constants.NORM_EPS
     assert c["MAX_UNROLLED_POWER"] == constants.MAX_UNROLLED_POWER
-    assert c["STATS_EXTRA"] == _native.STATS_EXTRA
+    F = torch.ones(2, 5, 3, 4, device=DEVICE)
+    assert ops.attention_stats(F, 4.0, 4.0, True, True).shape == (2, 12 + 5 + c["STATS_EXTRA"])
+    assert _native._stats_fake(F, 4.0, 4.0, True, True).shape == (2, 12 + 5 + c["STATS_EXTRA"])
 
 
 def _layers(scale_real, scale_syn, C=5, H=3, W=4, K=3, B=4, IPC=2, seed=0):
@@ -177,3 +179,29 @@ def test_labels_at_a_large_power():
     (g32,) = torch.autograd.grad(got, s32)
     (g64,) = torch.autograd.grad(want, s64)
     torch.testing.assert_close(g32.double(), g64, rtol=1e-4, atol=1e-4 * g64.abs().max().item())
+
+
+@pytest.mark.parametrize("p", [4, 16, 50])
+@pytest.mark.parametrize("growth", [4.0, 0.25, 30.0])
+def test_channels_of_growing_magnitude(p, growth):
+    # The forward keeps the running max of the rows read so far: a row that raises it rescales the
+    # partial sums by (m_old / m_new)^p (growth 4 at p <= 16), one that would overflow them on the
+    # old scale restarts the sample with its max (growth 4 at p = 50, growth 30); shrinking
+    # channels (0.25) never rescale.
+    K, B, IPC, (C, H, W) = 3, 4, 2, (6, 3, 5)
+    g = torch.Generator().manual_seed(1)
+    scale = growth ** torch.arange(C, dtype=torch.float64).view(1, C, 1, 1) / growth ** (C / 2)
+    real = torch.randn(K * B, C, H, W, generator=g, dtype=torch.float64).relu() * scale
+    syn = torch.randn(K * IPC, C, H, W, generator=g, dtype=torch.float64) * scale
+    if _reference_overflows(real, p) or _reference_overflows(syn, p):
+        pytest.skip("the float64 reference itself overflows here")
+    kw = dict(spatial_power=p, channel_power=p)
+    want, g_want = _loss_and_grad(real.float().double(), syn.float().double(), K, "reference", **kw)
+    for wc in (1.0, 0.0):  # both terms (one fused kernel) and spatial alone
+        kw["channel_weight"] = wc
+        want, g_want = _loss_and_grad(real.float().double(), syn.float().double(), K, "reference", **kw)
+        got, g_got = _loss_and_grad(real.float().to(DEVICE), syn.float().to(DEVICE), K, "native", **kw)
+        assert want.item() > 1e-3
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
+        gmax = g_want.abs().max().item()
+        torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=max(1e-4, 2e-5 * p) * gmax)

@@ -20,19 +20,17 @@ inline int power_index(double p) {
 template <typename acc_t>
 struct RowKernels {
   // the last acc_t argument `inv` scales the row: x' = x * inv (1/m of its sample)
-  using Power = acc_t (*)(const acc_t*, acc_t*, int64_t, acc_t, acc_t);
+  using Spatial = acc_t (*)(const acc_t*, acc_t*, int64_t, acc_t, acc_t);
   using Channel = acc_t (*)(const acc_t*, int64_t, acc_t, acc_t);
-  using Add = acc_t (*)(const acc_t*, acc_t*, int64_t);
+  using Both = acc_t (*)(const acc_t*, acc_t*, int64_t, acc_t, acc_t, acc_t*);
   using GradSpatial = void (*)(const acc_t*, const acc_t*, acc_t*, int64_t, acc_t, acc_t);
   using GradChannel = void (*)(const acc_t*, acc_t, acc_t*, int64_t, acc_t, acc_t, bool);
   using GradBoth = void (*)(const acc_t*, const acc_t*, acc_t, acc_t*, int64_t, acc_t, acc_t);
   using Reduce = acc_t (*)(const acc_t*, int64_t);
   using Scale = void (*)(acc_t*, int64_t, acc_t);
-  Power spatial_power;      // v[i] = |x'[i]|^ps, returns max_i |x[i]|
-  Power channel_power;      // v[i] = |x'[i]|^pc, returns max_i |x[i]|
+  Spatial spatial;          // s[i] += |x'[i]|^ps, returns max_i |x[i]|
   Channel channel;          // returns sum_i |x'[i]|^pc
-  Add add;                  // s[i] += v[i], returns sum_i v[i]
-  Reduce sum;               // sum_i v[i]
+  Both both;                // both when ps == pc (*t = the sum), returns max_i |x[i]|
   GradSpatial grad_spatial; // out[i] = |x'|^(ps-1) sgn(x) gs[i]
   GradChannel grad_channel; // out[i] (+)= |x'|^(pc-1) sgn(x) gt
   GradBoth grad_both;       // out[i] = |x'|^(p-1) sgn(x) (gs[i] + gt) when ps == pc

@@ -118,24 +118,16 @@ inline acc_t abs_pow_grad(acc_t x, acc_t p) {
   }
 }
 
-// max_i |x[i]| (NaN entries may be skipped: they still reach every result through x')
-template <typename acc_t>
-acc_t row_max(const acc_t* __restrict x, int64_t n) {
-  acc_t m = 0;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = fabs_(x[i]) > m ? fabs_(x[i]) : m;
-  return m;
-}
 
-// v[i] = |x[i] inv|^p; returns max_i |x[i]| (taken in the same pass, so the caller learns whether
-// inv = 1/m was still right for this row without reading it twice).
+// s[i] += |x[i] inv|^p; returns max_i |x[i]| (taken in the same pass: the caller rescales when a
+// row raises the sample's max, see side_stats).
 template <typename acc_t, int P>
-acc_t power_row(const acc_t* __restrict x, acc_t* __restrict v, int64_t n, acc_t p, acc_t inv) {
+acc_t spatial_row(const acc_t* __restrict x, acc_t* __restrict s, int64_t n, acc_t p, acc_t inv) {
   acc_t m = 0;
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
     const acc_t a = fabs_(x[i]);
-    v[i] = abs_pow<acc_t, P>(a * inv, p);
+    s[i] += abs_pow<acc_t, P>(a * inv, p);
     m = a > m ? a : m;
   }
   return m;
@@ -150,25 +142,30 @@ acc_t channel_row(const acc_t* __restrict x, int64_t n, acc_t p, acc_t inv) {
   return t;
 }
 
-// s[i] += v[i]; returns sum_i v[i]
-template <typename acc_t>
-acc_t add_row(const acc_t* __restrict v, acc_t* __restrict s, int64_t n) {
-  acc_t t = 0;
-#pragma omp simd reduction(+ : t)
+// Both at once when ps == pc: s[i] += |x[i] inv|^p, *t = sum_i |x[i] inv|^p; returns max_i |x[i]|.
+template <typename acc_t, int P>
+acc_t both_row(const acc_t* __restrict x, acc_t* __restrict s, int64_t n, acc_t p, acc_t inv,
+               acc_t* __restrict t_out) {
+  acc_t t = 0, m = 0;
+#pragma omp simd reduction(+ : t) reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
-    s[i] += v[i];
-    t += v[i];
+    const acc_t a = fabs_(x[i]);
+    const acc_t v = abs_pow<acc_t, P>(a * inv, p);
+    s[i] += v;
+    t += v;
+    m = a > m ? a : m;
   }
-  return t;
+  *t_out = t;
+  return m;
 }
 
-// sum_i v[i]
+// max_i |x[i]|
 template <typename acc_t>
-acc_t sum_row(const acc_t* __restrict v, int64_t n) {
-  acc_t t = 0;
-#pragma omp simd reduction(+ : t)
-  for (int64_t i = 0; i < n; ++i) t += v[i];
-  return t;
+acc_t row_max(const acc_t* __restrict x, int64_t n) {
+  acc_t m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = fabs_(x[i]) > m ? fabs_(x[i]) : m;
+  return m;
 }
 
 // out[i] = |x inv|^(p-1) sgn(x) * gs[i]
@@ -220,17 +217,16 @@ void scale_row(acc_t* __restrict x, int64_t n, acc_t f) {
 template <typename acc_t, int... Ps>
 RowKernels<acc_t> make_table(int spatial_index, int channel_index, std::integer_sequence<int, Ps...>) {
   using K = RowKernels<acc_t>;
-  static constexpr typename K::Power power[] = {&power_row<acc_t, Ps>...};
+  static constexpr typename K::Spatial spatial[] = {&spatial_row<acc_t, Ps>...};
   static constexpr typename K::Channel channel[] = {&channel_row<acc_t, Ps>...};
+  static constexpr typename K::Both both[] = {&both_row<acc_t, Ps>...};
   static constexpr typename K::GradSpatial grad_spatial[] = {&grad_spatial_row<acc_t, Ps>...};
   static constexpr typename K::GradChannel grad_channel[] = {&grad_channel_row<acc_t, Ps>...};
   static constexpr typename K::GradBoth grad_both[] = {&grad_both_row<acc_t, Ps>...};
   K k;
-  k.spatial_power = power[spatial_index];
-  k.channel_power = power[channel_index];
+  k.spatial = spatial[spatial_index];
   k.channel = channel[channel_index];
-  k.add = &add_row<acc_t>;
-  k.sum = &sum_row<acc_t>;
+  k.both = both[spatial_index];
   k.grad_spatial = grad_spatial[spatial_index];
   k.grad_channel = grad_channel[channel_index];
   k.grad_both = grad_both[spatial_index];

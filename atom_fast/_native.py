@@ -1,15 +1,21 @@
 """Native backend: the C++/CUDA ops of ``csrc/`` (``torch.ops.atom_fast``), made differentiable and
 traceable here.
 
-``atom_fast._C`` registers two ops per layer (see csrc/ops.cpp for their contracts):
-``attention_forward`` (loss and the small per-sample statistics) and ``attention_backward`` (one side's
-feature gradient from those statistics). This module adds their fake (meta) kernels, so they trace
-under ``torch.compile``, and the autograd formula of the forward op. It saves only the statistics
-(``N*(H*W + C + 2)`` values per side), the class differences and the features of the sides that need a
-gradient: real features computed under ``no_grad`` are not kept alive until backward.
+``atom_fast._C`` registers three ops per layer (see csrc/ops.cpp for their contracts):
+``attention_forward`` (loss and the small per-sample statistics), ``attention_backward`` (one side's
+feature gradient from those statistics) and ``attention_stats`` (one side's statistics alone). This
+module adds their fake (meta) kernels, so they trace under ``torch.compile``, and the autograd formula
+of the forward op. It saves only the statistics (``N*(H*W + C + 3)`` values per side), the class
+differences and the features of the sides that need a gradient: real features computed under
+``no_grad`` are not kept alive until backward.
+
+The real side can also be given as per-class sums of normalized attention vectors (SPEC 2.1):
+``class_attention_sums`` computes them (chunk by chunk, summable across processes) and
+``attention_loss_from_sums`` is the loss from them, with the same one-pass backward.
 """
 
 import importlib.util
+import math
 
 import torch
 
@@ -29,6 +35,8 @@ else:
         LOAD_ERROR = None
 
 AVAILABLE = _C is not None
+# values per stats row beyond the H*W + C attention entries: m, ||s'||, ||t'|| (csrc/constants.h)
+STATS_EXTRA = _C.constants()["STATS_EXTRA"] if AVAILABLE else None
 HAS_CUDA = AVAILABLE and _C.has_cuda()
 
 
@@ -57,8 +65,8 @@ if AVAILABLE:
         L = H * W + C
         K = real_offsets.shape[0] - 1
         return (real.new_empty((), dtype=acc),
-                real.new_empty((real.shape[0], L + 2), dtype=acc),
-                syn.new_empty((syn.shape[0], L + 2), dtype=acc),
+                real.new_empty((real.shape[0], L + STATS_EXTRA), dtype=acc),
+                syn.new_empty((syn.shape[0], L + STATS_EXTRA), dtype=acc),
                 real.new_empty((K, L), dtype=acc))
 
     @torch.library.register_fake("atom_fast::attention_backward")
@@ -103,7 +111,7 @@ if AVAILABLE:
     @torch.library.register_fake("atom_fast::attention_stats")
     def _stats_fake(features, spatial_power, channel_power, spatial, channel):
         _, C, H, W = features.shape
-        return features.new_empty((features.shape[0], H * W + C + 2),
+        return features.new_empty((features.shape[0], H * W + C + STATS_EXTRA),
                                   dtype=_acc_dtype(features.dtype))
 
     # Without this, create_graph=True would give a gradient that claims to require grad but whose
@@ -139,11 +147,22 @@ def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_we
 # ---- the real side as class statistics (SPEC 2.1) ------------------------------------------------
 
 
-def _normalized(stats, HW, C):
-    """(N, H*W + C) normalized per-sample vectors [s_hat | t_hat] from the ops' stats layout."""
-    s = stats[:, :HW] / stats[:, HW + C:HW + C + 1].clamp_min(NORM_EPS)
-    t = stats[:, HW:HW + C] / stats[:, HW + C + 1:HW + C + 2].clamp_min(NORM_EPS)
-    return torch.cat([s, t], 1)
+def _factor(m, scaled_norm, p):
+    """r with x_hat = x' * r for x' = x / m^p (csrc/constants.h): 1/||x'|| where the unscaled norm
+    m^p ||x'|| is >= eps (decided in log space, in float64), else m^p / eps."""
+    log_scale = p * m.double().log()
+    n = scaled_norm.double()
+    above = log_scale + n.log() >= math.log(NORM_EPS)
+    return torch.where(above, 1 / n, (log_scale - math.log(NORM_EPS)).exp()).to(scaled_norm.dtype)
+
+
+def _normalized(stats, HW, C, ps, pc):
+    """(N, H*W + C) normalized per-sample vectors [s_hat | t_hat] from the ops' stats layout
+    [s' | t' | m | ||s'|| | ||t'||]."""
+    m = stats[:, HW + C:HW + C + 1]
+    rs = _factor(m, stats[:, HW + C + 1:HW + C + 2], ps)
+    rt = _factor(m, stats[:, HW + C + 2:HW + C + 3], pc)
+    return torch.cat([stats[:, :HW] * rs, stats[:, HW:HW + C] * rt], 1)
 
 
 def _class_sums(x, labels, num_classes):
@@ -176,7 +195,7 @@ def class_attention_sums(features, labels, num_classes, spatial_power, channel_p
     HW = H * W
     stats = ops.attention_stats(features.detach(), float(spatial_power), float(channel_power),
                                 bool(has_spatial), bool(has_channel))
-    sums = _class_sums(_normalized(stats, HW, C), labels, num_classes)
+    sums = _class_sums(_normalized(stats, HW, C, spatial_power, channel_power), labels, num_classes)
     return (sums[:, :HW] if has_spatial else None), (sums[:, HW:] if has_channel else None)
 
 
@@ -191,7 +210,8 @@ class _LossFromSums(torch.autograd.Function):
         has_s, has_t = ws != 0, wc != 0
         stats = ops.attention_stats(syn, ps, pc, has_s, has_t)
         counts = (offsets[1:] - offsets[:-1]).clamp_min(1).to(stats.dtype)
-        diffs = real_means - _class_sums(_normalized(stats, HW, C), syn_labels, num_classes) / counts[:, None]
+        syn_sums = _class_sums(_normalized(stats, HW, C, ps, pc), syn_labels, num_classes)
+        diffs = real_means - syn_sums / counts[:, None]
         loss = stats.new_zeros(())
         if has_s:
             loss = loss + ws * diffs[:, :HW].square().sum()

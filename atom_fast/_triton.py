@@ -1,19 +1,99 @@
-"""Triton backend: an autograd.Function over the fused kernels in ``atom_fast.kernels.attention``.
+"""Triton backend: autograd.Functions over the fused kernels in ``atom_fast.kernels.attention``.
 
-Forward saves only per-sample attention vectors and norms (N*(H*W + C) + 2N floats per side and
-layer) and the class differences (K*(H*W + C)); the features themselves are the caller's tensors.
-No host synchronization happens in forward or backward: the upstream gradient is read on the device.
+Forward saves only per-sample statistics (``SideStats``: scaled attention vectors, norms and scales,
+N*(H*W + C) + 3N floats per side and layer) and the class differences (K*(H*W + C)); the features
+themselves are the caller's tensors. No host synchronization happens in forward or backward: the
+upstream gradient is read on the device. Triton is imported on first use, so ``import atom_fast``
+works where it is not installed.
 """
+
+import itertools
+import math
+from typing import NamedTuple, Optional
 
 import torch
 
 from atom_fast.constants import NORM_EPS
+
+DOUBLE_BACKWARD_ERROR = ("backend='triton' does not support double backward (a gradient of the "
+                         "attention loss's gradient); use backend='reference' for that")
 
 
 def _kernels():
     # Imported on first use so that ``import atom_fast`` works where Triton is not installed.
     from atom_fast.kernels import attention
     return attention
+
+
+def _accumulation_dtype(features):
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+class LayerStats(NamedTuple):
+    """What the forward keeps of one layer for the backward."""
+
+    real: Optional[tuple]  # SideStats of the real features; None when they need no gradient
+    syn: Optional[tuple]  # SideStats of the synthetic features; None when they need no gradient
+    spatial_diff: torch.Tensor  # D_k(s), (K, H*W): mean real minus mean synthetic normalized s
+    channel_diff: torch.Tensor  # D_k(t), (K, C)
+
+
+class ClassOrder(NamedTuple):
+    """One side's samples grouped by class, for the class-mean kernel."""
+
+    order: torch.Tensor  # sample indices sorted by class (stable), int64
+    offsets: torch.Tensor  # (K + 1,) start of each class in ``order``, int64
+
+
+def _class_order(labels, counts):
+    offsets = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return ClassOrder(torch.argsort(labels, stable=True), offsets)
+
+
+def _class_layout_arguments(layout):
+    """``class_differences``'s class-layout keywords for a ``ClassLayout``."""
+    if not layout.has_labels:
+        return dict(real_per_class=layout.real_per_class, syn_per_class=layout.syn_per_class)
+    real = _class_order(layout.real_labels, layout.real_counts)
+    syn = _class_order(layout.syn_labels, layout.syn_counts)
+    return dict(real_order=real.order, real_offsets=real.offsets,
+                syn_order=syn.order, syn_offsets=syn.offsets)
+
+
+def _side_layout_arguments(layout, side):
+    """``vector_grad``'s class-layout keywords for one side ("real" or "syn") of a ``ClassLayout``."""
+    if layout.has_labels:
+        return dict(labels=layout.labels(side), counts=getattr(layout, f"{side}_counts"))
+    return dict(per_class=layout.per_class(side))
+
+
+def _pack(stats):
+    """Tensors of a SideStats for save_for_backward; Nones where that side needs no gradient."""
+    return tuple(stats) if stats is not None else (None,) * len(_kernels().SideStats._fields)
+
+
+class _FeatureGradient(torch.autograd.Function):
+    """dF from the per-sample gradients: one pass over F. Its own gradient is not implemented, and
+    asking for it (double backward) raises instead of returning a silently wrong zero."""
+
+    @staticmethod
+    def forward(ctx, F, scale, GS, GT, ps, pc, has_spatial, has_channel):
+        return _kernels().attention_backward(F, scale, GS, GT, ps, pc, has_spatial, has_channel)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _feature_gradient(F, stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, side_layout):
+    """The gradient of the loss w.r.t. one side's features F (vector_grad, then one pass over F)."""
+    kernels = _kernels()
+    go = grad_output.reshape(1).to(stats.spatial.dtype)
+    GS, GT = kernels.vector_grad(stats, DS, DT, go, side_sign, ps, pc, ws, wc, **side_layout)
+    if torch.is_grad_enabled():  # create_graph=True: record a node whose backward raises
+        return _FeatureGradient.apply(F, stats.scale, GS, GT, ps, pc, ws != 0, wc != 0)
+    return kernels.attention_backward(F, stats.scale, GS, GT, ps, pc, ws != 0, wc != 0)
 
 
 class FusedAttentionLoss(torch.autograd.Function):
@@ -27,25 +107,30 @@ class FusedAttentionLoss(torch.autograd.Function):
         kernels = _kernels()
         num_layers = len(features) // 2
         reals, syns = features[:num_layers], features[num_layers:]
-        acc_dtype = torch.float64 if reals[0].dtype == torch.float64 else torch.float32
+        acc_dtype = _accumulation_dtype(reals[0])
         has_spatial, has_channel = spatial_weight != 0, channel_weight != 0
-        grouped = layout.grouped()
+        # ``features`` are the trailing arguments of apply().
+        needs = ctx.needs_input_grad[-len(features):]
+        needs_real, needs_syn = needs[:num_layers], needs[num_layers:]
         # (layer, class, [spatial, channel]) weighted terms; summed once at the end.
         partials = torch.zeros((num_layers, layout.num_classes, 2), dtype=acc_dtype,
                                device=reals[0].device)
         saved = []
         if has_spatial or has_channel:
+            class_args = _class_layout_arguments(layout)
             for i, (real, syn) in enumerate(zip(reals, syns)):
                 real_stats = kernels.attention_stats(real, spatial_power, channel_power,
                                                      has_spatial, has_channel, acc_dtype)
                 syn_stats = kernels.attention_stats(syn, spatial_power, channel_power,
                                                     has_spatial, has_channel, acc_dtype)
-                DS, DT = kernels.class_differences(real_stats, syn_stats, grouped, spatial_weight,
-                                                   channel_weight, partials[i])
-                saved += [*real_stats, *syn_stats, DS, DT]
+                DS, DT = kernels.class_differences(real_stats, syn_stats, layout.num_classes,
+                                                   spatial_power, channel_power, spatial_weight,
+                                                   channel_weight, partials[i], **class_args)
+                # Statistics of a side that needs no gradient are not kept until backward.
+                saved += [*_pack(real_stats if needs_real[i] else None),
+                          *_pack(syn_stats if needs_syn[i] else None), DS, DT]
         # Features are saved only for the sides that need a gradient: the real features of a
         # distillation step (computed under no_grad) must not stay alive until backward.
-        needs = ctx.needs_input_grad[5:]
         ctx.save_for_backward(*(f if need else None for f, need in zip(features, needs)), *saved)
         ctx.layout = layout
         ctx.params = (spatial_power, channel_power, spatial_weight, channel_weight)
@@ -53,30 +138,40 @@ class FusedAttentionLoss(torch.autograd.Function):
         return partials.sum()
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def _unpack(ctx):
+        """The saved features (real layers, then synthetic) and one LayerStats per layer."""
         kernels = _kernels()
+        saved = iter(ctx.saved_tensors)
+        features = list(itertools.islice(saved, 2 * ctx.num_layers))
+        layers = []
+        for _ in range(ctx.num_layers):
+            width = len(kernels.SideStats._fields)
+            real, syn = (kernels.SideStats(*itertools.islice(saved, width)) for _ in range(2))
+            layers.append(LayerStats(real=real if real.spatial is not None else None,
+                                     syn=syn if syn.spatial is not None else None,
+                                     spatial_diff=next(saved), channel_diff=next(saved)))
+        return features, layers
+
+    @staticmethod
+    def backward(ctx, grad_output):
         ps, pc, ws, wc = ctx.params
-        has_spatial, has_channel = ws != 0, wc != 0
         num_layers = ctx.num_layers
-        saved = ctx.saved_tensors
-        features, stats = saved[:2 * num_layers], saved[2 * num_layers:]
-        needs = ctx.needs_input_grad[5:]
+        needs = ctx.needs_input_grad[-2 * num_layers:]
+        if ws == 0 and wc == 0:  # nothing was computed, only the features were saved
+            grads = [torch.zeros_like(f) if need else None
+                     for f, need in zip(ctx.saved_tensors, needs)]
+            return (None, None, None, None, None, *grads)
+        features, layers = FusedAttentionLoss._unpack(ctx)
         grads = [None] * (2 * num_layers)
-        if not (has_spatial or has_channel):  # both weights 0: nothing was computed or saved
-            return (None,) * 5 + tuple(torch.zeros_like(f) if need else None
-                                       for f, need in zip(features, needs))
-        for i in range(num_layers):
-            layer = stats[10 * i:10 * (i + 1)]
-            DS, DT = layer[8], layer[9]
-            for side, sign, idx, side_stats in (("real", 1.0, i, layer[0:4]),
-                                                 ("syn", -1.0, num_layers + i, layer[4:8])):
-                if not needs[idx]:
+        for i, layer in enumerate(layers):
+            sides = (("real", 1.0, i, layer.real), ("syn", -1.0, num_layers + i, layer.syn))
+            for side, sign, index, stats in sides:
+                if not needs[index]:
                     continue  # no work for a side that needs no gradient
-                F = features[idx]
-                go = grad_output.reshape(1).to(side_stats[0].dtype)
-                GS, GT = kernels.vector_grad(side_stats, DS, DT, go, ctx.layout.side(side), sign,
-                                             ws, wc, ps, pc)
-                grads[idx] = kernels.attention_backward(F, GS, GT, ps, pc, has_spatial, has_channel)
+                grads[index] = _feature_gradient(
+                    features[index], stats, layer.spatial_diff, layer.channel_diff, grad_output,
+                    sign, ps, pc, ws, wc, _side_layout_arguments(ctx.layout, side))
+        # layout and the four scalars get no gradient
         return (None, None, None, None, None, *grads)
 
 
@@ -85,9 +180,11 @@ class FusedAttentionLoss(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------
 
 
-def _normalized(vectors, norms):
-    """x_hat = x / max(||x||, eps) for raw per-sample vectors (N, L) and their norms (N,)."""
-    return vectors / norms.clamp_min(NORM_EPS)[:, None]
+def _normalized(vectors, norms, scale, power):
+    """x_hat = x / max(||x||, eps) from the kernels' scaled x' = x / m^p: x' / max(||x'||, eps / m^p),
+    the floor in log space as in the kernels."""
+    floor = torch.exp2(math.log2(NORM_EPS) - power * torch.log2(scale))
+    return vectors / torch.maximum(norms, floor)[:, None]
 
 
 def _class_sums(x, labels, num_classes):
@@ -97,26 +194,31 @@ def _class_sums(x, labels, num_classes):
     return x.new_zeros((num_classes, x.shape[1])).index_add_(0, labels, x)
 
 
-def _class_counts(labels, num_classes, dtype):
-    """Samples per class, on the labels' device without a host synchronization (unlike bincount)."""
-    ones = torch.ones(labels.shape, dtype=dtype, device=labels.device)
-    return torch.zeros((num_classes,), dtype=dtype, device=labels.device).index_add_(0, labels, ones)
+def _class_counts(labels, num_classes):
+    """Samples per class (int64), on the labels' device without a host synchronization (unlike
+    bincount, which reads the largest label)."""
+    ones = torch.ones(labels.shape, dtype=torch.int64, device=labels.device)
+    return torch.zeros((num_classes,), dtype=torch.int64, device=labels.device).index_add_(0, labels, ones)
 
 
 def class_attention_sums(features, labels, num_classes, spatial_power, channel_power,
                          has_spatial, has_channel):
     """Per-class sums of the normalized spatial (K, H*W) and channel (K, C) attention vectors.
 
-    One pass of the stats kernel over ``features``; the normalization and the class sums are small
+    One run of the stats kernel over ``features``; the normalization and the class sums are small
     torch ops on the (N, H*W + C) per-sample vectors. A disabled side is None. Detached.
     """
     kernels = _kernels()
-    acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        S, T, NS, NT = kernels.attention_stats(features.detach(), spatial_power, channel_power,
-                                               has_spatial, has_channel, acc_dtype)
-        spatial = _class_sums(_normalized(S, NS), labels, num_classes) if has_spatial else None
-        channel = _class_sums(_normalized(T, NT), labels, num_classes) if has_channel else None
+        stats = kernels.attention_stats(features.detach(), spatial_power, channel_power,
+                                        has_spatial, has_channel, _accumulation_dtype(features))
+        spatial = channel = None
+        if has_spatial:
+            spatial = _class_sums(_normalized(stats.spatial, stats.spatial_norm, stats.scale,
+                                              spatial_power), labels, num_classes)
+        if has_channel:
+            channel = _class_sums(_normalized(stats.channel, stats.channel_norm, stats.scale,
+                                              channel_power), labels, num_classes)
     return spatial, channel
 
 
@@ -131,45 +233,51 @@ class AttentionLossFromSums(torch.autograd.Function):
     def forward(ctx, real_spatial, real_channel, real_counts, syn_labels, num_classes,
                 spatial_power, channel_power, spatial_weight, channel_weight, syn):
         kernels = _kernels()
-        acc_dtype = torch.float64 if syn.dtype == torch.float64 else torch.float32
-        has_spatial, has_channel = spatial_weight != 0, channel_weight != 0
-        S, T, NS, NT = kernels.attention_stats(syn, spatial_power, channel_power, has_spatial,
-                                               has_channel, acc_dtype)
-        real_counts = real_counts.to(device=syn.device, dtype=acc_dtype).clamp_min(1)
+        acc_dtype = _accumulation_dtype(syn)
+        stats = kernels.attention_stats(syn, spatial_power, channel_power, spatial_weight != 0,
+                                        channel_weight != 0, acc_dtype)
+        # Counts kept on the host (K values) are copied without waiting for the device.
+        real_counts = real_counts.to(syn.device, non_blocking=True).to(acc_dtype).clamp_min(1)
         if syn_labels is None:
             syn_counts = None
-            per_class = syn.shape[0] // num_classes
-            denom = torch.full((num_classes,), per_class, dtype=acc_dtype, device=syn.device)
+            side_layout = dict(per_class=syn.shape[0] // num_classes)
+            syn_denominator = torch.full((num_classes,), syn.shape[0] // num_classes,
+                                         dtype=acc_dtype, device=syn.device)
         else:
-            syn_counts = _class_counts(syn_labels, num_classes, torch.int64)
-            per_class = 0
-            denom = syn_counts.to(acc_dtype).clamp_min(1)
+            syn_counts = _class_counts(syn_labels, num_classes)
+            side_layout = dict(labels=syn_labels, counts=syn_counts)
+            syn_denominator = syn_counts.to(acc_dtype).clamp_min(1)
+
+        def difference(real_sums, vectors, norms, power):
+            syn_sums = _class_sums(_normalized(vectors, norms, stats.scale, power), syn_labels,
+                                   num_classes)
+            return (real_sums.to(acc_dtype) / real_counts[:, None]
+                    - syn_sums / syn_denominator[:, None])
+
         loss = torch.zeros((), dtype=acc_dtype, device=syn.device)
-        DS = DT = S.new_empty((0,))
-        if has_spatial:
-            DS = (real_spatial.to(acc_dtype) / real_counts[:, None]
-                  - _class_sums(_normalized(S, NS), syn_labels, num_classes) / denom[:, None])
+        DS = DT = stats.spatial.new_empty((0,))  # not read when the weight is 0
+        if spatial_weight != 0:
+            DS = difference(real_spatial, stats.spatial, stats.spatial_norm, spatial_power)
             loss = loss + spatial_weight * DS.pow(2).sum()
-        if has_channel:
-            DT = (real_channel.to(acc_dtype) / real_counts[:, None]
-                  - _class_sums(_normalized(T, NT), syn_labels, num_classes) / denom[:, None])
+        if channel_weight != 0:
+            DT = difference(real_channel, stats.channel, stats.channel_norm, channel_power)
             loss = loss + channel_weight * DT.pow(2).sum()
-        ctx.save_for_backward(syn, S, T, NS, NT, DS, DT, syn_labels, syn_counts)
-        ctx.params = (spatial_power, channel_power, spatial_weight, channel_weight, per_class)
+        ctx.save_for_backward(syn, *stats, DS, DT, syn_labels, syn_counts)
+        ctx.params = (spatial_power, channel_power, spatial_weight, channel_weight)
+        ctx.per_class = side_layout.get("per_class", 0)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        kernels = _kernels()
-        syn, S, T, NS, NT, DS, DT, syn_labels, syn_counts = ctx.saved_tensors
-        ps, pc, ws, wc, per_class = ctx.params
+        syn, S, T, NS, NT, M, DS, DT, syn_labels, syn_counts = ctx.saved_tensors
+        stats = _kernels().SideStats(S, T, NS, NT, M)
+        ps, pc, ws, wc = ctx.params
         if syn_labels is None:
-            side = {"per_class": per_class}
+            side_layout = dict(per_class=ctx.per_class)
         else:
-            side = {"labels": syn_labels, "counts": syn_counts}
-        go = grad_output.reshape(1).to(S.dtype)
-        GS, GT = kernels.vector_grad((S, T, NS, NT), DS, DT, go, side, -1.0, ws, wc, ps, pc)
-        grad = kernels.attention_backward(syn, GS, GT, ps, pc, ws != 0, wc != 0)
+            side_layout = dict(labels=syn_labels, counts=syn_counts)
+        grad = _feature_gradient(syn, stats, DS, DT, grad_output, -1.0, ps, pc, ws, wc, side_layout)
+        # the sums, counts, labels, class count and the four scalars get no gradient
         return (None,) * 9 + (grad,)
 
 
@@ -182,8 +290,7 @@ def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_l
     """
     if spatial_weight == 0 and channel_weight == 0:
         # A zero still connected to syn: backward gives zero gradients.
-        acc_dtype = torch.float64 if syn.dtype == torch.float64 else torch.float32
-        return syn.reshape(-1)[:0].sum().to(acc_dtype)
+        return syn.reshape(-1)[:0].sum().to(_accumulation_dtype(syn))
     if syn_labels is not None:
         syn_labels = syn_labels.contiguous()  # the kernels index labels with unit stride
     return AttentionLossFromSums.apply(

@@ -5,41 +5,71 @@ public entry points in ``atom_fast.loss`` check them first. float16/bfloat16 fea
 float32 before anything is summed; float64 stays float64.
 """
 
-import torch
-import torch.nn.functional as F
+import math
 
-NORM_EPS = 1e-12  # torch.nn.functional.normalize's floor on the norm
+import torch
+
+from atom_fast.constants import NORM_EPS  # torch.nn.functional.normalize's floor on the norm
 
 
 def _accumulation_dtype(x):
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-def abs_pow(x, p):
-    """|x|^p elementwise, with derivative 0 at x == 0 for every p > 0.
+def abs_pow(x, p, scale=None):
+    """|x / scale|^p elementwise (scale: a detached tensor broadcast over x, or None for 1), with
+    derivative 0 at x == 0 for every p > 0.
 
-    For p >= 1 this is ``x.abs().pow(p)``; below 1 torch's derivative at 0 would be 0 * inf = NaN,
-    which post-ReLU features (full of exact zeros) would hit, so zeros are routed around ``pow``.
+    For p >= 1 this is ``(x.abs() / scale).pow(p)``; below 1 torch's derivative at 0 would be
+    0 * inf = NaN, which post-ReLU features (full of exact zeros) would hit, so zeros are routed
+    around ``pow``. Dividing |x| (not x) keeps autograd's saved tensors to those of ``x.abs().pow(p)``.
     """
     a = x.abs()
+    if scale is not None:
+        a = a / scale
     if p >= 1:
         return a.pow(p)
     nonzero = a != 0
     return torch.where(nonzero, torch.where(nonzero, a, 1.0).pow(p), 0.0)
 
 
+def sample_scale(f):
+    """m_n = max |F[n]| per sample (1 for a sample of zeros; NaN stays NaN), detached, (N, 1, 1, 1).
+
+    The attention vectors are computed from F / m_n, so that |F / m_n|^p <= 1 neither overflows nor
+    underflows at large p. The normalized vectors do not depend on m_n (see ``normalize_scaled``),
+    so no gradient flows through it.
+    """
+    flat = f.detach().flatten(1)
+    # max(amax, -amin): no |F| temporary, and faster on CPU than abs().amax() or aminmax()
+    m = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1)).reshape(-1, 1, 1, 1)
+    return torch.where(m == 0, 1.0, m)
+
+
+def normalize_scaled(x, scale, p):
+    """``F.normalize(m^p x, dim=1, eps=NORM_EPS)`` for x = sum |F / m|^p (N, L), without forming m^p.
+
+    m^p x / max(||m^p x||, eps) = x / max(||x||, eps / m^p): the eps floor is decided on the unscaled
+    norm. eps / m^p is formed in log space (0 where m^p would overflow, inf where it would underflow).
+    """
+    floor = torch.exp(math.log(NORM_EPS) - p * torch.log(scale.reshape(-1, 1)))
+    return x / x.norm(p=2.0, dim=1, keepdim=True).clamp_min(floor)
+
+
 def spatial_attention(features, p):
     """s_n[hw] = sum_c |F[n, c, hw]|^p, L2-normalized per sample: (N, C, H, W) -> (N, H*W)."""
     f = features.to(_accumulation_dtype(features))
-    s = abs_pow(f, p).sum(dim=1).flatten(1)
-    return F.normalize(s, p=2.0, dim=1, eps=NORM_EPS)
+    m = sample_scale(f)
+    s = abs_pow(f, p, m).sum(dim=1).flatten(1)  # s_n / m_n^p
+    return normalize_scaled(s, m, p)
 
 
 def channel_attention(features, p):
     """t_n[c] = sum_hw |F[n, c, hw]|^p, L2-normalized per sample: (N, C, H, W) -> (N, C)."""
     f = features.to(_accumulation_dtype(features))
-    t = abs_pow(f, p).flatten(2).sum(dim=2)
-    return F.normalize(t, p=2.0, dim=1, eps=NORM_EPS)
+    m = sample_scale(f)
+    t = abs_pow(f, p, m).flatten(2).sum(dim=2)  # t_n / m_n^p
+    return normalize_scaled(t, m, p)
 
 
 def class_means(x, layout, side):

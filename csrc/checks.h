@@ -5,9 +5,9 @@
 
 #include <cmath>
 
-namespace atom_fast {
+#include "constants.h"
 
-constexpr double kNormEps = 1e-12;  // torch.nn.functional.normalize's floor on the norm
+namespace atom_fast {
 
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -115,8 +115,8 @@ inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& featur
   check_acc(diffs, "diffs");
   TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one element, got shape ",
               grad_loss.sizes());
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == HW + C + 2, op,
-              ": stats must have shape (", N, ", ", HW + C + 2, "), got ", stats.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == N && stats.size(1) == HW + C + kStatsExtra, op,
+              ": stats must have shape (", N, ", ", HW + C + kStatsExtra, "), got ", stats.sizes());
   const int64_t K = check_layout(offsets, order, N, features, "offsets", "order", op);
   TORCH_CHECK(diffs.dim() == 2 && diffs.size(0) == K && diffs.size(1) == HW + C, op,
               ": diffs must have shape (", K, ", ", HW + C, "), got ", diffs.sizes());

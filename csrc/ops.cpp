@@ -8,8 +8,9 @@
 //
 // One layer per call. Class layout: the samples of class k are rows order[offsets[k]:offsets[k+1]]
 // (order omitted: rows offsets[k]:offsets[k+1], the equal contiguous blocks of DataDAM/DM loops).
-// stats (N, H*W + C + 2): per sample the raw spatial attention s (H*W), channel attention t (C),
-// ||s|| and ||t||. diffs (K, H*W + C): D_k = mean_real_k(x_hat) - mean_syn_k(x_hat) for s then t.
+// stats (N, H*W + C + 3): per sample [s' (H*W) | t' (C) | m | ||s'|| | ||t'||], the spatial and
+// channel attention of the scaled features F[n] / m, m = max |F[n]| (so s = m^ps s', t = m^pc t';
+// nothing overflows at large powers), and their norms. x_hat = x' * r, r from constants.h. diffs (K, H*W + C): D_k = mean_real_k(x_hat) - mean_syn_k(x_hat) for s then t.
 // The loss is ws * sum_k ||D_k(s)||^2 + wc * sum_k ||D_k(t)||^2. attention_backward gives the
 // gradient of grad_loss * loss for one side (sign +1 real, -1 synthetic) from the saved statistics.
 // attention_stats gives one side's stats alone (the real side of the streamed class-statistics
@@ -20,6 +21,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "constants.h"
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(atom_fast, m) {
@@ -53,7 +55,15 @@ static PyObject* has_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+static PyObject* constants(PyObject*, PyObject*) {
+  return Py_BuildValue("{s:d,s:i,s:i}", "NORM_EPS", atom_fast::kNormEps, "MAX_UNROLLED_POWER",
+                       atom_fast::kMaxUnrolledPower, "STATS_EXTRA", atom_fast::kStatsExtra);
+}
+
 static PyMethodDef methods[] = {
+    {"constants", constants, METH_NOARGS,
+     "The C++ side's shared numbers (csrc/constants.h): NORM_EPS, MAX_UNROLLED_POWER and "
+     "STATS_EXTRA (values per stats row beyond the H*W + C attention entries)."},
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "Instruction set of the CPU row kernels used now: 'avx2' or 'default' "
      "(ATOM_FAST_CPU_ISA=default forces the baseline)."},

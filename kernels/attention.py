@@ -8,33 +8,45 @@ For one layer with features ``F`` of shape ``(N, C, H*W)`` (post-ReLU, pre-pool)
     D_k     = mean_{n in real_k} x_hat_n - mean_{n in syn_k} x_hat_n
     loss    = ws * sum_k ||D_k(s)||^2 + wc * sum_k ||D_k(t)||^2
 
+Scaled per sample, so large powers neither overflow nor underflow: with m_n = max |F[n]| (1 for a
+sample of zeros) the kernels form x'_n = x_n / m_n^p = sum |F / m_n|^p, whose largest element is at
+least 1, and never m_n^p itself. x_hat = x' / max(||x'||, phi_n) with phi_n = eps / m_n^p =
+exp2(log2(eps) - p log2(m_n)): the eps floor is decided on the unscaled norm, and x_hat is exactly
+the normalized x, floor included. m_n is a constant of the computation (x_hat does not depend on it).
+
 Forward, per side (real, syn):
-    ``_attention_stats_kernel``  one pass over F -> raw s_n, t_n and their norms (N*(H*W + C) floats)
+    ``_attention_stats_kernel``  per sample: a pass for m_n, then one pass over F -> scaled s'_n, t'_n,
+                                 their norms and m_n (N*(H*W + C) + 3N floats)
 then once per layer:
     ``_class_diff_kernel``       per class: D_k for s and t, and the weighted per-class loss terms
 
 Backward, per side that needs a gradient, with g the upstream gradient of the loss:
-    ``_vector_grad_kernel``      per sample: dL/ds_n and dL/dt_n through the normalization,
-                                 dL/dx = (G - x_hat (x_hat . G)) / ||x||  with G = +-2 w g D_k / count_k
-                                 (G / eps when ||x|| < eps, as torch does), premultiplied by the power
-    ``_attention_bwd_kernel``    one pass: dF = ps |F|^(ps-1) sgn(F) dL/ds[hw] + pc |F|^(pc-1) sgn(F) dL/dt[c]
+    ``_vector_grad_kernel``      per sample: dL/ds'_n and dL/dt'_n through the normalization,
+                                 dL/dx' = (G - x_hat (x_hat . G)) / ||x'||  with G = +-2 w g D_k / count_k
+                                 (G / phi_n below the floor, as torch does), times p / m_n
+    ``_attention_bwd_kernel``    one pass: dF = |F/m|^(ps-1) sgn(F) GS[hw] + |F/m|^(pc-1) sgn(F) GT[c]
+                                 (GS, GT: the previous kernel's output, which holds the factors p / m)
 
-Nothing full-size is saved between forward and backward: only the per-sample vectors, norms and D_k.
+Nothing full-size is saved between forward and backward: only the per-sample vectors, norms, scales
+and D_k.
 Every reduction runs in a fixed order inside one program, so results are bitwise reproducible.
 Integer powers are constexpr and unrolled into multiplications; other powers use exp2(p * log2|x|).
 Float scalars (powers, weights, eps) are declared fp64, since Triton would otherwise pass Python
 floats as fp32 and round them for float64 features; each kernel casts them to its accumulation dtype.
 """
 
+import contextlib
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-# Normalization floor of torch.nn.functional.normalize.
-NORM_EPS = 1e-12
-# Largest integer power unrolled into multiplications (p - 1 multiplies per element, one kernel
-# variant per power); the paper's grid stops at 8. Larger or fractional powers use exp2/log2.
-MAX_UNROLLED_POWER = 16
+# NORM_EPS: normalization floor of torch.nn.functional.normalize. MAX_UNROLLED_POWER: largest integer
+# power unrolled into multiplications (p - 1 multiplies per element, one kernel variant per power);
+# the paper's grid stops at 8. Larger or fractional powers use exp2/log2.
+from atom_fast.constants import MAX_UNROLLED_POWER, NORM_EPS
+
 # Tile sizes. HW <= MAX_BLOCK_HW keeps a sample's whole spatial vector in registers (one block covers
 # the 64x64 TinyImageNet layer 1); TILE_ELEMENTS bounds a (BLOCK_C, BLOCK_HW) tile of the F-streaming
 # kernels. 4096 elements on 4 warps is 32 per thread (eight 16-byte loads in flight): the sm_90
@@ -59,10 +71,6 @@ def integer_power(p):
     return int(p) if p.is_integer() and 1 <= p <= MAX_UNROLLED_POWER else 0
 
 
-def _next_pow2(x):
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 def _num_warps(elements, per_warp=1024):
     # One warp per ``per_warp`` elements, rounded down to a power of two, between 1 and 8.
     return 1 << min(3, max(0, (elements // per_warp).bit_length() - 1))
@@ -71,11 +79,16 @@ def _num_warps(elements, per_warp=1024):
 def feature_launch_config(C, HW, acc_bytes=4):
     """Tile (BLOCK_C, BLOCK_HW) and warps for the kernels that stream over F.
 
-    Warps follow the live registers: the tile plus the running spatial vector, in 32-bit words
-    (float64 accumulation doubles them), one warp per 1024 words.
+    Warps follow the live registers of the main pass: the tile plus the running spatial vector, in
+    32-bit words (float64 accumulation doubles them), one warp per 1024 words. The stats kernel's
+    first pass (the per-sample max |F|) holds two tiles in F's dtype instead, at most as many words
+    for 16-bit features and up to 1.6x for float32 (4096 + 4096 vs 4096 + 1024) at the same warps;
+    in the sm_90 compile check (bench/compile_sm90.py --quick, 80 variants) that pass moved the
+    float64 fractional-power stats variant at 128x32x32 from 0 to 20 spilled bytes (limit 64) and
+    left every other stats variant unspilled; registers per variant rose by up to 24.
     """
-    block_hw = min(_next_pow2(HW), MAX_BLOCK_HW)
-    block_c = max(1, min(_next_pow2(C), TILE_ELEMENTS // block_hw))
+    block_hw = min(triton.next_power_of_2(HW), MAX_BLOCK_HW)
+    block_c = max(1, min(triton.next_power_of_2(C), TILE_ELEMENTS // block_hw))
     words = (block_c * block_hw + block_hw) * acc_bytes // 4
     return block_c, block_hw, _num_warps(words)
 
@@ -122,7 +135,7 @@ def _abs_pow_grad(x, P_INT: tl.constexpr, p):
 @triton.jit
 def _attention_stats_kernel(
     # pointers
-    F_ptr, S_ptr, T_ptr, NS_ptr, NT_ptr,
+    F_ptr, S_ptr, T_ptr, NS_ptr, NT_ptr, M_ptr,
     # shapes
     C, HW,
     # strides (a sample's C*H*W block is contiguous)
@@ -133,12 +146,13 @@ def _attention_stats_kernel(
     HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr, SINGLE_HW_BLOCK: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """One program per sample n: S[n, :] = s_n, T[n, :] = t_n (raw), NS[n] = ||s_n||, NT[n] = ||t_n||.
+    """One program per sample n: M[n] = m_n = max |F[n]| (1 if that is 0), S[n, :] = s'_n,
+    T[n, :] = t'_n (scaled by 1/m_n^p, unnormalized), NS[n] = ||s'_n||, NT[n] = ||t'_n||.
 
-    F: (N, C, HW) with stride F_stride_n between samples; S: (N, HW), T: (N, C) in the accumulation
-    dtype (float32, or float64 for float64 features). SINGLE_HW_BLOCK: HW <= BLOCK_HW, so t_n is
-    complete after each channel block and T is written once; otherwise T arrives zeroed and is
-    accumulated in place over the spatial blocks.
+    F: (N, C, HW) with stride F_stride_n between samples; S: (N, HW), T: (N, C), NS, NT, M: (N,) in
+    the accumulation dtype (float32, or float64 for float64 features). SINGLE_HW_BLOCK: HW <= BLOCK_HW,
+    so t_n is complete after each channel block and T is written once; otherwise T arrives zeroed and
+    is accumulated in place over the spatial blocks.
     """
     n = tl.program_id(0).to(tl.int64)
     acc_dtype = S_ptr.dtype.element_ty
@@ -149,6 +163,21 @@ def _attention_stats_kernel(
     t_base = T_ptr + n * C
     c_offs = tl.arange(0, BLOCK_C)
     hw_offs = tl.arange(0, BLOCK_HW)
+
+    # First pass: m = max |F[n]|, elementwise over the tiles and reduced once (exact in F's dtype).
+    # A NaN may be dropped by the max; it still reaches s and t through its own element below.
+    m_tile = tl.zeros([BLOCK_C, BLOCK_HW], dtype=F_ptr.dtype.element_ty)
+    for hw0 in range(0, HW, BLOCK_HW):
+        hw = hw0 + hw_offs
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + c_offs
+            mask = (c < C)[:, None] & (hw < HW)[None, :]
+            x = tl.load(f_base + c[:, None] * HW + hw[None, :], mask=mask, other=0.0)
+            m_tile = tl.maximum(m_tile, tl.abs(x))
+    m = tl.max(tl.max(m_tile, axis=1), axis=0).to(acc_dtype)
+    m = tl.where(m == 0, 1.0, m)
+    tl.store(M_ptr + n, m)
+    inv_m = 1.0 / m
 
     s_sq = tl.zeros([1], dtype=acc_dtype)  # ||s||^2, one partial sum per spatial block
     t_sq = tl.zeros([BLOCK_C], dtype=acc_dtype)
@@ -164,7 +193,7 @@ def _attention_stats_kernel(
             c_mask = c < C
             mask = c_mask[:, None] & hw_mask[None, :]
             x = tl.load(f_base + c[:, None] * HW + hw[None, :], mask=mask, other=0.0)
-            a = tl.abs(x.to(acc_dtype))
+            a = tl.abs(x.to(acc_dtype)) * inv_m
             if HAS_SPATIAL:
                 s += tl.sum(_abs_pow(a, PS_INT, ps), axis=0)
             if HAS_CHANNEL:
@@ -196,9 +225,17 @@ def _attention_stats_kernel(
 
 
 @triton.jit
-def _class_sum(X_ptr, NX_ptr, ORDER_ptr, start, stop, offs, mask, L,
+def _norm_floor(m, power, eps):
+    """phi = eps / m^power, the floor on ||x'|| that is eps on the unscaled ||x|| = m^power ||x'||;
+    formed in log space, so it is 0 where m^power overflows and inf where it underflows."""
+    return tl.exp2(tl.log2(eps) - power * tl.log2(m))
+
+
+@triton.jit
+def _class_sum(X_ptr, NX_ptr, M_ptr, ORDER_ptr, start, stop, offs, mask, L, power,
                HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, eps):
-    """sum over members i in [start, stop) of X[row_i, offs] / max(NX[row_i], eps); row_i = ORDER[i]."""
+    """sum over members i in [start, stop) of X[row_i, offs] / max(NX[row_i], phi(M[row_i])), the
+    normalized vectors; row_i = ORDER[i]."""
     acc = tl.zeros([BLOCK_L], dtype=X_ptr.dtype.element_ty)
     m_offs = tl.arange(0, BLOCK_M)
     for m0 in range(start, stop, BLOCK_M):
@@ -210,7 +247,9 @@ def _class_sum(X_ptr, NX_ptr, ORDER_ptr, start, stop, offs, mask, L,
             rows = m
         rows = rows.to(tl.int64)
         nrm = tl.load(NX_ptr + rows, mask=m_mask, other=1.0)
-        inv = 1.0 / tl.maximum(nrm, eps, propagate_nan=tl.PropagateNan.ALL)
+        scale = tl.load(M_ptr + rows, mask=m_mask, other=1.0)
+        floor = _norm_floor(scale, power, eps)
+        inv = 1.0 / tl.maximum(nrm, floor, propagate_nan=tl.PropagateNan.ALL)
         x = tl.load(X_ptr + rows[:, None] * L + offs[None, :], mask=m_mask[:, None] & mask[None, :],
                     other=0.0)
         acc += tl.sum(x * inv[:, None], axis=0)
@@ -218,8 +257,8 @@ def _class_sum(X_ptr, NX_ptr, ORDER_ptr, start, stop, offs, mask, L,
 
 
 @triton.jit
-def _class_diff(XR_ptr, NR_ptr, XS_ptr, NS_ptr, D_ptr, ROrder_ptr, SOrder_ptr,
-                k, r0, r1, s0, s1, L,
+def _class_diff(XR_ptr, NR_ptr, MR_ptr, XS_ptr, NS_ptr, MS_ptr, D_ptr, ROrder_ptr, SOrder_ptr,
+                k, r0, r1, s0, s1, L, power,
                 HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, eps):
     """D[k, :] = mean real_k(x_hat) - mean syn_k(x_hat); returns ||D[k, :]||^2."""
     offs0 = tl.arange(0, BLOCK_L)
@@ -229,9 +268,9 @@ def _class_diff(XR_ptr, NR_ptr, XS_ptr, NS_ptr, D_ptr, ROrder_ptr, SOrder_ptr,
     for l0 in range(0, L, BLOCK_L):
         offs = l0 + offs0
         mask = offs < L
-        mean_r = _class_sum(XR_ptr, NR_ptr, ROrder_ptr, r0, r1, offs, mask, L,
+        mean_r = _class_sum(XR_ptr, NR_ptr, MR_ptr, ROrder_ptr, r0, r1, offs, mask, L, power,
                             HAS_ORDER, BLOCK_M, BLOCK_L, eps) * inv_r
-        mean_s = _class_sum(XS_ptr, NS_ptr, SOrder_ptr, s0, s1, offs, mask, L,
+        mean_s = _class_sum(XS_ptr, NS_ptr, MS_ptr, SOrder_ptr, s0, s1, offs, mask, L, power,
                             HAS_ORDER, BLOCK_M, BLOCK_L, eps) * inv_s
         d = tl.where(mask, mean_r - mean_s, 0.0)
         tl.store(D_ptr + k * L + offs, d, mask=mask)
@@ -241,15 +280,15 @@ def _class_diff(XR_ptr, NR_ptr, XS_ptr, NS_ptr, D_ptr, ROrder_ptr, SOrder_ptr,
 
 @triton.jit(do_not_specialize=["real_per_class", "syn_per_class"])
 def _class_diff_kernel(
-    # per-sample statistics (raw vectors and their norms), real then synthetic
-    SR_ptr, NSR_ptr, TR_ptr, NTR_ptr,
-    SS_ptr, NSS_ptr, TS_ptr, NTS_ptr,
+    # per-sample statistics (scaled vectors, their norms, the scales), real then synthetic
+    SR_ptr, NSR_ptr, TR_ptr, NTR_ptr, MR_ptr,
+    SS_ptr, NSS_ptr, TS_ptr, NTS_ptr, MS_ptr,
     # outputs: class differences (K, HW) and (K, C), weighted loss terms (K, 2)
     DS_ptr, DT_ptr, P_ptr,
     # class layout: sample order sorted by class and class offsets (HAS_ORDER), else equal blocks
     ROrder_ptr, ROffs_ptr, SOrder_ptr, SOffs_ptr, real_per_class, syn_per_class,
     # shapes and weights
-    C, HW, ws: tl.float64, wc: tl.float64, eps: tl.float64,
+    C, HW, ws: tl.float64, wc: tl.float64, ps: tl.float64, pc: tl.float64, eps: tl.float64,
     HAS_ORDER: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -258,6 +297,8 @@ def _class_diff_kernel(
     acc_dtype = SR_ptr.dtype.element_ty
     ws = tl.cast(ws, acc_dtype)
     wc = tl.cast(wc, acc_dtype)
+    ps = tl.cast(ps, acc_dtype)
+    pc = tl.cast(pc, acc_dtype)
     eps = tl.cast(eps, acc_dtype)
     if HAS_ORDER:
         r0 = tl.load(ROffs_ptr + k)
@@ -270,12 +311,12 @@ def _class_diff_kernel(
         s0 = k * syn_per_class
         s1 = s0 + syn_per_class
     if HAS_SPATIAL:
-        sq = _class_diff(SR_ptr, NSR_ptr, SS_ptr, NSS_ptr, DS_ptr, ROrder_ptr, SOrder_ptr,
-                         k, r0, r1, s0, s1, HW, HAS_ORDER, BLOCK_M, BLOCK_HW, eps)
+        sq = _class_diff(SR_ptr, NSR_ptr, MR_ptr, SS_ptr, NSS_ptr, MS_ptr, DS_ptr, ROrder_ptr,
+                         SOrder_ptr, k, r0, r1, s0, s1, HW, ps, HAS_ORDER, BLOCK_M, BLOCK_HW, eps)
         tl.store(P_ptr + 2 * k, ws * sq)
     if HAS_CHANNEL:
-        sq = _class_diff(TR_ptr, NTR_ptr, TS_ptr, NTS_ptr, DT_ptr, ROrder_ptr, SOrder_ptr,
-                         k, r0, r1, s0, s1, C, HAS_ORDER, BLOCK_M, BLOCK_C, eps)
+        sq = _class_diff(TR_ptr, NTR_ptr, MR_ptr, TS_ptr, NTS_ptr, MS_ptr, DT_ptr, ROrder_ptr,
+                         SOrder_ptr, k, r0, r1, s0, s1, C, pc, HAS_ORDER, BLOCK_M, BLOCK_C, eps)
         tl.store(P_ptr + 2 * k + 1, wc * sq)
 
 
@@ -285,11 +326,13 @@ def _class_diff_kernel(
 
 
 @triton.jit
-def _normalize_grad(X_ptr, NX_ptr, D_ptr, G_ptr, n, k, L, coef, power, eps,
+def _normalize_grad(X_ptr, NX_ptr, D_ptr, G_ptr, n, k, L, coef, power, scale, eps,
                     BLOCK_L: tl.constexpr):
-    """G[n, :] = power * d loss / d x_n, where loss depends on x_hat_n through coef * D[k, :]."""
+    """G[n, :] = (power / scale) * d loss / d x'_n, where loss depends on x_hat_n through
+    coef * D[k, :] and x'_n = x_n / scale^power (so that G times |F/scale|^(power-1) sgn F is dF)."""
     offs0 = tl.arange(0, BLOCK_L)
     nrm = tl.load(NX_ptr + n)
+    floor = _norm_floor(scale, power, eps)
     # x_hat . g, accumulated from raw x and divided once.
     dot_acc = tl.zeros([BLOCK_L], dtype=X_ptr.dtype.element_ty)
     for l0 in range(0, L, BLOCK_L):
@@ -298,23 +341,24 @@ def _normalize_grad(X_ptr, NX_ptr, D_ptr, G_ptr, n, k, L, coef, power, eps,
         x = tl.load(X_ptr + n * L + offs, mask=mask, other=0.0)
         g = coef * tl.load(D_ptr + k * L + offs, mask=mask, other=0.0)
         dot_acc += x * g
-    # torch: x / clamp_min(||x||, eps); below eps the denominator is a constant.
-    above = nrm >= eps
-    inv = 1.0 / tl.where(above, nrm, eps)
+    # torch: x / clamp_min(||x||, eps); below the floor the denominator is a constant.
+    above = nrm >= floor
+    inv = 1.0 / tl.where(above, nrm, floor)
     proj = tl.where(above, tl.sum(dot_acc, axis=0) * inv * inv * inv, 0.0)
+    factor = power / scale
     for l0 in range(0, L, BLOCK_L):
         offs = l0 + offs0
         mask = offs < L
         x = tl.load(X_ptr + n * L + offs, mask=mask, other=0.0)
         g = coef * tl.load(D_ptr + k * L + offs, mask=mask, other=0.0)
-        tl.store(G_ptr + n * L + offs, power * (g * inv - x * proj), mask=mask)
+        tl.store(G_ptr + n * L + offs, factor * (g * inv - x * proj), mask=mask)
 
 
 @triton.jit(do_not_specialize=["per_class"])
 def _vector_grad_kernel(
     # per-sample statistics of this side, class differences, upstream gradient
-    S_ptr, NS_ptr, T_ptr, NT_ptr, DS_ptr, DT_ptr, GO_ptr,
-    # outputs: per-sample gradients (N, HW) and (N, C), premultiplied by the power
+    S_ptr, NS_ptr, T_ptr, NT_ptr, M_ptr, DS_ptr, DT_ptr, GO_ptr,
+    # outputs: per-sample gradients (N, HW) and (N, C), premultiplied by power / scale
     GS_ptr, GT_ptr,
     # class layout: labels and class counts (HAS_ORDER), else equal blocks of per_class samples
     Labels_ptr, Counts_ptr, per_class,
@@ -335,20 +379,21 @@ def _vector_grad_kernel(
     acc_dtype = S_ptr.dtype.element_ty
     eps = tl.cast(eps, acc_dtype)
     go = tl.load(GO_ptr).to(acc_dtype)
+    scale = tl.load(M_ptr + n)
     # d/d mean_k of ||D_k||^2 is 2 D_k; each member contributes 1/count of its side's mean.
     coef = tl.cast(side_sign, acc_dtype) * 2.0 * go / count.to(acc_dtype)
     if HAS_SPATIAL:
         _normalize_grad(S_ptr, NS_ptr, DS_ptr, GS_ptr, n, k, HW, coef * tl.cast(ws, acc_dtype),
-                        tl.cast(ps, acc_dtype), eps, BLOCK_HW)
+                        tl.cast(ps, acc_dtype), scale, eps, BLOCK_HW)
     if HAS_CHANNEL:
         _normalize_grad(T_ptr, NT_ptr, DT_ptr, GT_ptr, n, k, C, coef * tl.cast(wc, acc_dtype),
-                        tl.cast(pc, acc_dtype), eps, BLOCK_C)
+                        tl.cast(pc, acc_dtype), scale, eps, BLOCK_C)
 
 
 @triton.jit
 def _attention_bwd_kernel(
     # pointers
-    F_ptr, GS_ptr, GT_ptr, DF_ptr,
+    F_ptr, M_ptr, GS_ptr, GT_ptr, DF_ptr,
     # shapes
     C, HW,
     # strides (F as in the forward; DF is contiguous)
@@ -359,9 +404,10 @@ def _attention_bwd_kernel(
     HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """Program (n, c-block): DF[n, c, hw] = |F|^(ps-1) sgn(F) GS[n, hw] + |F|^(pc-1) sgn(F) GT[n, c].
+    """Program (n, c-block): DF[n, c, hw] = |F/m|^(ps-1) sgn(F) GS[n, hw] + |F/m|^(pc-1) sgn(F) GT[n, c]
+    with m = M[n], the forward's per-sample scale.
 
-    GS/GT already hold the power factor; reads F once and writes DF once.
+    GS/GT already hold the factor power / m; reads F once and writes DF once.
     """
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -372,6 +418,7 @@ def _attention_bwd_kernel(
     f_base = F_ptr + n * F_stride_n
     df_base = DF_ptr + n * C * HW
     hw_offs = tl.arange(0, BLOCK_HW)
+    inv_m = 1.0 / tl.load(M_ptr + n)
     if HAS_CHANNEL:
         gt = tl.load(GT_ptr + n * C + c, mask=c_mask, other=0.0)
     for hw0 in range(0, HW, BLOCK_HW):
@@ -379,7 +426,7 @@ def _attention_bwd_kernel(
         hw_mask = hw < HW
         mask = c_mask[:, None] & hw_mask[None, :]
         offs = c[:, None] * HW + hw[None, :]
-        x = tl.load(f_base + offs, mask=mask, other=0.0).to(acc_dtype)
+        x = tl.load(f_base + offs, mask=mask, other=0.0).to(acc_dtype) * inv_m
         if HAS_SPATIAL:
             gs = tl.load(GS_ptr + n * HW + hw, mask=hw_mask, other=0.0)
             ds = _abs_pow_grad(x, PS_INT, ps)
@@ -400,6 +447,27 @@ def _attention_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
+class SideStats(NamedTuple):
+    """Per-sample statistics of one side (real or synthetic) of one layer, from ``attention_stats``.
+
+    All in the accumulation dtype. With m_n = max |F[n]| (1 for a sample of zeros) and p the power:
+    ``spatial`` (N, H*W) = s_n / m_n^ps and ``channel`` (N, C) = t_n / m_n^pc (unnormalized),
+    ``spatial_norm``/``channel_norm`` (N,) their L2 norms, ``scale`` (N,) m_n. A disabled side's
+    vectors and norm are left unwritten.
+    """
+
+    spatial: torch.Tensor
+    channel: torch.Tensor
+    spatial_norm: torch.Tensor
+    channel_norm: torch.Tensor
+    scale: torch.Tensor
+
+
+def _launch_device(t):
+    """Make t's GPU current for a launch: Triton launches on the current device, which need not be t's."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _sample_contiguous(F):
     """F with each sample's (C, H, W) block contiguous (a batch slice stays a view; else a copy)."""
     _, C, H, W = F.shape
@@ -409,14 +477,11 @@ def _sample_contiguous(F):
 
 
 def _vector_block(L):
-    return min(_next_pow2(L), MAX_BLOCK_VEC)
+    return min(triton.next_power_of_2(L), MAX_BLOCK_VEC)
 
 
 def attention_stats(F, ps, pc, has_spatial, has_channel, acc_dtype):
-    """Per-sample raw attention vectors and norms of F (N, C, H, W).
-
-    Returns S (N, H*W), T (N, C), NS (N,), NT (N,) in ``acc_dtype``; a disabled side is left unwritten.
-    """
+    """Per-sample scaled attention vectors, norms and scales of F (N, C, H, W): a ``SideStats``."""
     F = _sample_contiguous(F)
     N, C, H, W = F.shape
     HW = H * W
@@ -428,75 +493,80 @@ def attention_stats(F, ps, pc, has_spatial, has_channel, acc_dtype):
     T = (torch.empty if single else torch.zeros)((N, C), dtype=acc_dtype, device=F.device)
     NS = torch.empty((N,), dtype=acc_dtype, device=F.device)
     NT = torch.empty((N,), dtype=acc_dtype, device=F.device)
-    ps_int, pc_int = integer_power(ps), integer_power(pc)
-    _attention_stats_kernel[(N,)](
-        F, S, T, NS, NT,
-        C, HW, F.stride(0),
-        float(ps), float(pc),
-        PS_INT=ps_int, PC_INT=pc_int, SAME_POWER=float(ps) == float(pc),
-        HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel, SINGLE_HW_BLOCK=single,
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
-    )
-    return S, T, NS, NT
+    M = torch.empty((N,), dtype=acc_dtype, device=F.device)
+    with _launch_device(F):
+        _attention_stats_kernel[(N,)](
+            F, S, T, NS, NT, M,
+            C, HW, F.stride(0),
+            float(ps), float(pc),
+            PS_INT=integer_power(ps), PC_INT=integer_power(pc), SAME_POWER=float(ps) == float(pc),
+            HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel, SINGLE_HW_BLOCK=single,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+        )
+    return SideStats(S, T, NS, NT, M)
 
 
-def class_differences(real_stats, syn_stats, layout, ws, wc, partials):
+def class_differences(real, syn, num_classes, ps, pc, ws, wc, partials, *,
+                      real_order=None, real_offsets=None, syn_order=None, syn_offsets=None,
+                      real_per_class=0, syn_per_class=0):
     """Per-class mean differences D_s (K, H*W), D_t (K, C) of the normalized vectors.
 
-    ``layout`` is a dict with ``num_classes`` and either ``real_order/real_offsets/syn_order/syn_offsets``
-    (labels sorted by class) or ``real_per_class/syn_per_class`` (equal contiguous blocks).
-    Writes ``ws ||D_k(s)||^2`` and ``wc ||D_k(t)||^2`` into ``partials`` (K, 2).
+    ``real``/``syn``: ``SideStats``. Class layout: either ``*_order`` (sample indices sorted by class,
+    int64) and ``*_offsets`` (K + 1 class starts in that order, int64), or ``*_per_class`` (equal
+    contiguous blocks). Writes ``ws ||D_k(s)||^2`` and ``wc ||D_k(t)||^2`` into ``partials`` (K, 2).
     """
-    SR, TR, NSR, NTR = real_stats
-    SS, TS, NSS, NTS = syn_stats
-    K = layout["num_classes"]
-    HW, C = SR.shape[1], TR.shape[1]
-    has_spatial, has_channel = ws != 0, wc != 0
-    DS = torch.empty((K, HW), dtype=SR.dtype, device=SR.device)
-    DT = torch.empty((K, C), dtype=SR.dtype, device=SR.device)
-    has_order = "real_order" in layout
+    K = num_classes
+    HW, C = real.spatial.shape[1], real.channel.shape[1]
+    dtype, device = real.spatial.dtype, real.spatial.device
+    DS = torch.empty((K, HW), dtype=dtype, device=device)
+    DT = torch.empty((K, C), dtype=dtype, device=device)
     block_hw, block_c = _vector_block(HW), _vector_block(C)
-    tile = CLASS_TILE_BYTES // SR.element_size()
-    block_m = max(1, min(BLOCK_MEMBERS, tile // max(block_hw, block_c)))
-    _class_diff_kernel[(K,)](
-        SR, NSR, TR, NTR, SS, NSS, TS, NTS,
-        DS, DT, partials,
-        layout.get("real_order"), layout.get("real_offsets"),
-        layout.get("syn_order"), layout.get("syn_offsets"),
-        layout.get("real_per_class", 0), layout.get("syn_per_class", 0),
-        C, HW, float(ws), float(wc), NORM_EPS,
-        HAS_ORDER=has_order, HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel,
-        BLOCK_M=block_m, BLOCK_HW=block_hw, BLOCK_C=block_c,
-        num_warps=_num_warps(block_m * max(block_hw, block_c) * SR.element_size() // 4),
-    )
+    elem = real.spatial.element_size()
+    block_m = max(1, min(BLOCK_MEMBERS, CLASS_TILE_BYTES // elem // max(block_hw, block_c)))
+    with _launch_device(real.spatial):
+        _class_diff_kernel[(K,)](
+            real.spatial, real.spatial_norm, real.channel, real.channel_norm, real.scale,
+            syn.spatial, syn.spatial_norm, syn.channel, syn.channel_norm, syn.scale,
+            DS, DT, partials,
+            real_order, real_offsets, syn_order, syn_offsets, real_per_class, syn_per_class,
+            C, HW, float(ws), float(wc), float(ps), float(pc), NORM_EPS,
+            HAS_ORDER=real_order is not None, HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
+            BLOCK_M=block_m, BLOCK_HW=block_hw, BLOCK_C=block_c,
+            num_warps=_num_warps(block_m * max(block_hw, block_c) * elem // 4),
+        )
     return DS, DT
 
 
-def vector_grad(stats, DS, DT, grad_output, side_layout, side_sign, ws, wc, ps, pc):
-    """Per-sample gradients w.r.t. the raw attention vectors, premultiplied by the powers.
+def vector_grad(stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, *,
+                labels=None, counts=None, per_class=0):
+    """Per-sample gradients w.r.t. the scaled attention vectors, premultiplied by power / scale.
 
-    ``side_layout``: dict with ``labels`` and ``counts`` (int64, on the device) or ``per_class``.
+    ``stats``: this side's ``SideStats``; ``side_sign`` +1 for the real side, -1 for the synthetic one.
+    Class layout: ``labels`` (N,) and ``counts`` (K,), int64 on the device, or ``per_class``.
     Returns GS (N, H*W), GT (N, C).
     """
-    S, T, NS, NT = stats
-    N, HW = S.shape
-    C = T.shape[1]
-    GS = torch.empty_like(S)
-    GT = torch.empty_like(T)
+    N, HW = stats.spatial.shape
+    C = stats.channel.shape[1]
+    GS = torch.empty_like(stats.spatial)
+    GT = torch.empty_like(stats.channel)
     block_hw, block_c = _vector_block(HW), _vector_block(C)
-    _vector_grad_kernel[(N,)](
-        S, NS, T, NT, DS, DT, grad_output,
-        GS, GT,
-        side_layout.get("labels"), side_layout.get("counts"), side_layout.get("per_class", 0),
-        C, HW, float(side_sign), float(ws), float(wc), float(ps), float(pc), NORM_EPS,
-        HAS_ORDER="labels" in side_layout, HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
-        BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=_num_warps(max(block_hw, block_c), per_warp=256),
-    )
+    with _launch_device(GS):
+        _vector_grad_kernel[(N,)](
+            stats.spatial, stats.spatial_norm, stats.channel, stats.channel_norm, stats.scale,
+            DS, DT, grad_output,
+            GS, GT,
+            labels, counts, per_class,
+            C, HW, float(side_sign), float(ws), float(wc), float(ps), float(pc), NORM_EPS,
+            HAS_ORDER=labels is not None, HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
+            BLOCK_HW=block_hw, BLOCK_C=block_c,
+            num_warps=_num_warps(max(block_hw, block_c), per_warp=256),
+        )
     return GS, GT
 
 
-def attention_backward(F, GS, GT, ps, pc, has_spatial, has_channel):
-    """dF (same shape and dtype as F, contiguous) from the per-sample gradients GS, GT."""
+def attention_backward(F, scale, GS, GT, ps, pc, has_spatial, has_channel):
+    """dF (same shape and dtype as F, contiguous) from the per-sample gradients GS, GT and the
+    forward's per-sample scales (``SideStats.scale``)."""
     F = _sample_contiguous(F)
     N, C, H, W = F.shape
     HW = H * W
@@ -504,12 +574,13 @@ def attention_backward(F, GS, GT, ps, pc, has_spatial, has_channel):
     if not (has_spatial or has_channel):
         return dF.zero_()
     block_c, block_hw, num_warps = feature_launch_config(C, HW, GS.element_size())
-    _attention_bwd_kernel[(N, triton.cdiv(C, block_c))](
-        F, GS, GT, dF,
-        C, HW, F.stride(0),
-        float(ps), float(pc),
-        PS_INT=integer_power(ps), PC_INT=integer_power(pc), SAME_POWER=float(ps) == float(pc),
-        HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel,
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
-    )
+    with _launch_device(F):
+        _attention_bwd_kernel[(N, triton.cdiv(C, block_c))](
+            F, scale, GS, GT, dF,
+            C, HW, F.stride(0),
+            float(ps), float(pc),
+            PS_INT=integer_power(ps), PC_INT=integer_power(pc), SAME_POWER=float(ps) == float(pc),
+            HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+        )
     return dF

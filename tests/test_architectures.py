@@ -166,7 +166,7 @@ def test_same_seed_same_initial_weights_and_outputs(name):
         net = build_network(name, 3, 10, (32, 32), **SMALL[name]).eval()
         return net, net(x)
 
-    (a, ya), (b, yb), (c, yc) = make(5), make(5), make(6)
+    (a, ya), (b, yb), (_, yc) = make(5), make(5), make(6)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
     assert torch.equal(ya, yb)

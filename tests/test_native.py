@@ -61,10 +61,13 @@ def test_statistics_are_what_the_schema_says():
     HW, C = real.shape[2] * real.shape[3], real.shape[1]
     s = real.pow(2).sum(1).flatten(1)
     t = real.abs().pow(3).flatten(2).sum(2)
-    torch.testing.assert_close(real_stats[:, :HW], s)
-    torch.testing.assert_close(real_stats[:, HW:HW + C], t)
-    torch.testing.assert_close(real_stats[:, -2], s.norm(dim=1))
-    torch.testing.assert_close(real_stats[:, -1], t.norm(dim=1))
+    # [s' | t' | m | ||s'|| | ||t'||]: the attention of F / m, m = max |F[n]|
+    m = real.abs().flatten(1).amax(1)
+    torch.testing.assert_close(real_stats[:, HW + C], m, rtol=0, atol=0)
+    torch.testing.assert_close(real_stats[:, :HW] * m[:, None] ** 2, s)
+    torch.testing.assert_close(real_stats[:, HW:HW + C] * m[:, None] ** 3, t)
+    torch.testing.assert_close(real_stats[:, -2] * m ** 2, s.norm(dim=1))
+    torch.testing.assert_close(real_stats[:, -1] * m ** 3, t.norm(dim=1))
     assert diffs.shape == (3, HW + C) and loss.shape == ()
     torch.testing.assert_close(loss, diffs.pow(2).sum())
 
@@ -233,7 +236,7 @@ def test_the_op_checks_its_own_arguments():
     g = torch.tensor(1.0, device=DEVICE)
     _raises(r"sign must be \+1 \(real\) or -1 \(syn\)", bwd, g, syn, syn_stats, diffs, so, None, 0.5,
             *params)
-    _raises(r"stats must have shape \(6, 19\)", bwd, g, syn, syn_stats[:, 1:], diffs, so, None,
+    _raises(r"stats must have shape \(6, 20\)", bwd, g, syn, syn_stats[:, 1:], diffs, so, None,
             -1.0, *params)
     _raises(r"diffs must have shape \(3, 17\)", bwd, g, syn, syn_stats, diffs[:2], so, None, -1.0,
             *params)

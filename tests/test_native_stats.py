@@ -172,12 +172,18 @@ def test_float_counts_and_torch_compile():
 def test_opcheck_stats(dtype, ps, pc, spatial, channel):
     reals, _ = make_layers([(5, 3, 4)], 6, 3, dtype, DEVICE)
     torch.library.opcheck(ops.attention_stats.default, (reals[0], ps, pc, spatial, channel))
-    stats = ops.attention_stats(reals[0].double(), ps, pc, spatial, channel)
     F = reals[0].double()
+    stats = ops.attention_stats(F, ps, pc, spatial, channel)
+    assert stats.shape == (6, 12 + 5 + 3)
+    m = F.abs().flatten(1).amax(1, keepdim=True)  # the per-sample scale
     s = F.abs().pow(ps).sum(1).flatten(1) if spatial else torch.zeros(6, 12, dtype=torch.float64, device=DEVICE)
     t = F.abs().pow(pc).flatten(2).sum(2) if channel else torch.zeros(6, 5, dtype=torch.float64, device=DEVICE)
-    torch.testing.assert_close(stats[:, :12], s)
-    torch.testing.assert_close(stats[:, 12:17], t)
+    # [s' (12) | t' (5) | m | ||s'|| | ||t'||] with s = m^ps s', t = m^pc t'
+    torch.testing.assert_close(stats[:, 17:18], m, rtol=0, atol=0)
+    torch.testing.assert_close(stats[:, :12] * m ** ps, s)
+    torch.testing.assert_close(stats[:, 12:17] * m ** pc, t)
+    torch.testing.assert_close(stats[:, 18], stats[:, :12].norm(dim=1))
+    torch.testing.assert_close(stats[:, 19], stats[:, 12:17].norm(dim=1))
 
 
 def test_stats_op_checks_its_arguments():

@@ -62,7 +62,8 @@ def test_columns_are_classes_in_order_and_names_are_drawn(tmp_path):
     # save_grid keeps its positional arguments; class_names is optional
     save_grid(images, labels, 3, tmp_path / "a.png")
     save_grid(images, labels, 3, tmp_path / "b.png", ["cat", "dog", "automobile"])
-    assert Image.open(tmp_path / "a.png").size == Image.open(tmp_path / "b.png").size == pic.size
+    with Image.open(tmp_path / "a.png") as a, Image.open(tmp_path / "b.png") as b:
+        assert a.size == b.size == pic.size
 
 
 def test_many_classes_wrap_into_a_near_square_picture():
@@ -117,10 +118,10 @@ def test_accuracy_plot(tmp_path):
     pytest.importorskip("matplotlib")
     path = save_accuracy_plot(ROWS, tmp_path / "accuracy.png")
     assert path == tmp_path / "accuracy.png"
-    pic = Image.open(path)
-    assert pic.format == "PNG" and pic.size[0] > 400 and pic.size[1] > 300
-    # something is drawn: many colours, not a blank canvas
-    assert len(np.unique(np.array(pic.convert("L")))) > 20
+    with Image.open(path) as pic:
+        assert pic.format == "PNG" and pic.size[0] > 400 and pic.size[1] > 300
+        # something is drawn: many colours, not a blank canvas
+        assert len(np.unique(np.array(pic.convert("L")))) > 20
     with pytest.raises(ValueError, match=r"rows\[1\] has no 'accuracy_std'"):
         save_accuracy_plot([ROWS[0], {"architecture": "x", "method": "y", "accuracy_mean": 1.0}],
                            tmp_path / "x.png")

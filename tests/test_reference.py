@@ -136,3 +136,79 @@ def test_classes_absent_from_both_sides_add_nothing():
     compact = atom_fast.attention_loss(reals, syns, real_labels=(rl > 0).long(),
                                        syn_labels=(sl > 0).long(), backend="reference")
     torch.testing.assert_close(with_gap, compact, rtol=1e-12, atol=0)
+
+
+# ---- large powers: a per-sample scale keeps |F|^p finite (issue 14 item 3) ------------------------
+
+
+def per_sample_magnitudes(n, C, H, W, lo, hi, generator=None, signed=True):
+    """Features whose samples have magnitudes log-uniform in [lo, hi] (one scale per sample)."""
+    base = torch.randn(n, C, H, W, dtype=torch.float64, generator=generator)
+    if not signed:
+        base = base.abs()
+    exponent = torch.rand(n, 1, 1, 1, dtype=torch.float64, generator=generator)
+    return base / base.abs().amax(dim=(1, 2, 3), keepdim=True) * lo * (hi / lo) ** exponent
+
+
+@pytest.mark.parametrize("p", [16, 50, 64])
+def test_float64_reference_at_large_powers_matches_unscaled_numpy(p):
+    # The NumPy loop forms |F|^p without any scaling; in float64 it is finite for |F| in 1e-2..1e2.
+    K, B, IPC, shape = 2, 3, 2, (4, 3, 2)
+    real = per_sample_magnitudes(K * B, *shape, 1e-2, 1e2, signed=False)
+    syn = per_sample_magnitudes(K * IPC, *shape, 1e-2, 1e2)
+    rl, sl = class_labels(K, B, False), class_labels(K, IPC, False)
+    loss = atom_fast.attention_loss(real, syn, K, spatial_power=p, channel_power=p, backend="reference")
+    expected = numpy_attention_loss([real], [syn], rl, sl, p, p, 1.0, 1.0)
+    assert expected > 1e-3
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+# (power, per-sample magnitudes from lo to hi): below, at and far above the eps floor of |F|^p
+LARGE_POWER_ROWS = [(50, 1.0, 3.0), (50, 3.0, 10.0), (64, 1e-2, 1e2), (64, 0.5, 1.0), (8, 30.0, 1e2)]
+
+
+@pytest.mark.parametrize("p,lo,hi", LARGE_POWER_ROWS)
+def test_float32_agrees_with_float64_at_large_powers(p, lo, hi):
+    # Unscaled float32 gave exactly 0 at p = 50, |F| ~ 3 (|F|^p overflows) and NaN at |F| ~ 10.
+    K, B, IPC, shape = 2, 3, 2, (4, 3, 2)
+    real = per_sample_magnitudes(K * B, *shape, lo, hi, signed=False).float()
+    syn = per_sample_magnitudes(K * IPC, *shape, lo, hi).float()
+    losses, grads = [], []
+    for dtype in (torch.float64, torch.float32):
+        s = syn.to(dtype).requires_grad_()
+        loss = atom_fast.attention_loss(real.to(dtype), s, K, spatial_power=p, channel_power=p,
+                                        backend="reference")
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, s)[0].double())
+    assert losses[0].item() > 1e-3 and torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(losses[1].double(), losses[0], rtol=1e-5, atol=0)
+    # float32's own limit at large p: the normalization's backward cancels in float32 (the same
+    # error, ~3e-4 of the largest gradient at p = 50, with or without the fused kernels).
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-3 * grads[0].abs().max().item())
+
+
+def test_eps_floor_is_decided_on_the_unscaled_norm():
+    # p = 50 and |F| around eps^(1/50) = 0.575: some samples' unscaled norms fall below 1e-12 (there
+    # normalize divides by eps, not by the norm), others above; the scaled vectors x' = x / m^p are
+    # far above eps in every sample, so deciding on them would be wrong.
+    p = 50
+    f = per_sample_magnitudes(8, 3, 2, 2, 0.4, 0.8).requires_grad_()
+    raw = (f.abs() ** p).sum(dim=1).flatten(1)
+    norms = raw.norm(dim=1)
+    assert (norms < 1e-12).any() and (norms > 1e-12).any()
+    expected = F.normalize(raw, dim=1, eps=1e-12)
+    ours = atom_fast.spatial_attention(f, p)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+    weights = torch.randn_like(expected)
+    (g,) = torch.autograd.grad((ours * weights).sum(), f)
+    (g_ref,) = torch.autograd.grad((expected * weights).sum(), f)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12 * g_ref.abs().max().item())
+
+
+def test_zero_sample_and_nan_keep_their_meaning():
+    f = torch.randn(3, 2, 2, 2, dtype=torch.float64)
+    f[1] = 0  # a sample of zeros: its normalized vectors are 0 (scale 1, never 0/0)
+    out = atom_fast.channel_attention(f, 50)
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+    f[2, 0, 0, 0] = float("nan")
+    assert torch.isnan(atom_fast.spatial_attention(f, 50)[2]).all()

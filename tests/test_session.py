@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from atom_fast.distill import cli, session
+from atom_fast.distill import cli, report, session
 from atom_fast.distill.output import write_atomic
 
 from _data import write_folder_dataset
@@ -123,7 +123,7 @@ def test_outputs_share_a_run_id_and_an_evaluation_crash_leaves_no_stale_results(
     def crash(*a, **k):
         raise RuntimeError("evaluation died")
 
-    monkeypatch.setattr(cli, "evaluate", crash)
+    monkeypatch.setattr(report, "evaluate", crash)
     with pytest.raises(RuntimeError, match="evaluation died"):
         cli.run(["--dataset", "folder", "--data-path", str(folder), "--ipc", "1", "--batch-real", "4",
                  "--width", "8", "--iterations", "2", "--no-progress", "--no-baseline",
@@ -133,7 +133,7 @@ def test_outputs_share_a_run_id_and_an_evaluation_crash_leaves_no_stale_results(
     second = torch.load(out / "synthetic.pt")["run_id"]
     assert second != first
     assert not (out / "results.json").exists()
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp*"))
     assert not (out / session.LOCK).exists()  # released on the way out
 
 
@@ -142,9 +142,10 @@ def test_temporaries_of_a_killed_write_are_removed_by_the_next_run(folder, tmp_p
     assert _cli(folder, out) == 0
     (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")
     (out / ".results.json.x.tmp").write_bytes(b"{")
+    (out / ".synthetic.png.123.tmp.png").write_bytes(b"half a picture")
     (out / "notes.txt").write_text("mine")  # not ours: kept
     assert _cli(folder, out, "--resume") == 0
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp*"))
     assert (out / "notes.txt").read_text() == "mine"
 
 

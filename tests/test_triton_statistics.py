@@ -138,3 +138,21 @@ def test_empty_class_on_both_sides_and_zero_weights():
     assert zero.item() == 0 and zero.dtype == torch.float64
     (g0,) = torch.autograd.grad(zero, syn)
     assert g0.abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype,grad_tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_half_precision_syn(dtype, grad_tol):
+    # Sums accumulate in float32; the gradient is rounded to syn's dtype, as the full-feature loss's.
+    K, B, IPC = 3, 4, 2
+    reals, syns = make_layers([(7, 5, 3)], K * B, K * IPC, dtype, DEVICE)
+    syn = syns[0].requires_grad_()
+    full = atom_fast.attention_loss(reals[0], syn, K, spatial_power=2.5, channel_power=4, backend="triton")
+    (g_full,) = torch.autograd.grad(full, syn)
+    S, T = _chunked_sums(reals[0], None, K, 2.5, 4, True, True, chunk=5)
+    assert S.dtype == torch.float32
+    loss = _triton.attention_loss_from_sums(S, T, torch.full((K,), B), syn, None, K, 2.5, 4, 1.0, 1.0)
+    (g,) = torch.autograd.grad(loss, syn)
+    assert loss.dtype == torch.float32 and g.dtype == dtype
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g.float(), g_full.float(), rtol=grad_tol,
+                               atol=grad_tol * g_full.abs().max().item())

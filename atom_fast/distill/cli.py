@@ -10,30 +10,30 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import List, Optional
 
 import torch
 
+from atom_fast import environment
 from atom_fast.distill import augment as dsa
-from atom_fast.distill.data import DATASETS, DatasetNotFoundError, load_dataset
 from atom_fast.distill import distributed as dist
-from atom_fast.distill import session
-from atom_fast.distill.architectures import ARCHITECTURES, default_depth
-from atom_fast.distill.evaluate import EvalConfig, evaluate, summarize
+from atom_fast.distill import report, session
+from atom_fast.distill.architectures import ARCHITECTURES
+from atom_fast.distill.data import DATASETS, DatasetNotFoundError, load_dataset
+from atom_fast.distill.evaluate import EvalConfig
 from atom_fast.distill.loop import (LOOPS, METHODS, DistillConfig, NonFiniteLossError, class_pools,
                                     random_indices)
-from atom_fast.distill.output import save_grid
+from atom_fast.distill.output import save_accuracy_plot, save_grid
 
 ALL_METHODS = ("random",) + tuple(METHODS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = DistillConfig()
-    e = EvalConfig()
     p = argparse.ArgumentParser(
         prog="atom-fast",
         description="Distill a dataset with attention matching (ATOM, DataDAM) or distribution "
@@ -89,17 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm", default=d.norm, choices=("instancenorm", "batchnorm", "none"),
                    help="ConvNet normalization (instancenorm = GroupNorm(C, C), as the papers); "
                         "the evaluation networks use the same width, depth and norm")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-models", type=int, default=5,
-                   help="fresh networks trained on the synthetic set; mean and std are reported")
-    g.add_argument("--eval-epochs", type=int, default=e.epochs, help="training epochs of each")
-    g.add_argument("--eval-model", default=e.model, choices=sorted(ARCHITECTURES),
-                   help="architecture of the evaluation networks (with the distillation's width "
-                        "and depth)")
-    g.add_argument("--eval-batch", type=int, default=e.batch_size, help="evaluation training batch")
-    g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="also evaluate the random real images the synthetic set started from, "
-                        "with the same protocol and seeds")
+    add_evaluation_options(p)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -120,6 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_evaluation_options(p: argparse.ArgumentParser, baseline_help: Optional[str] = None) -> None:
+    """The evaluation protocol's options (shared by distilling and ``atom-fast evaluate``)."""
+    e = EvalConfig()
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-models", type=int, default=5,
+                   help="fresh networks trained on the set per architecture; mean and std are reported")
+    g.add_argument("--eval-epochs", type=int, default=e.epochs, help="training epochs of each")
+    g.add_argument("--eval-model", default=e.model,
+                   help="architecture(s) of the evaluation networks, comma-separated, the first being "
+                        "the headline: " + ", ".join(ARCHITECTURES) + " (the ConvNet family takes "
+                        "--width/--depth/--norm; the others their published sizes)")
+    g.add_argument("--eval-batch", type=int, default=e.batch_size, help="evaluation training batch")
+    g.add_argument("--test-every", type=int, default=0,
+                   help="epochs between the test evaluations whose best is recorded as the "
+                        "best-of-schedule accuracy (DataDAM's and DD-Ranking's convention; the result "
+                        "stays the last epoch's); 0: about ten evaluations")
+    g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help=baseline_help or "also evaluate the random real images the synthetic set "
+                        "started from, with the same protocol and seeds")
+    g.add_argument("--score", action="store_true",
+                   help="also report DD-Ranking's label-robust score; needs the full-data accuracy "
+                        "of each architecture under the same protocol (trained once, then cached)")
+    g.add_argument("--score-cache", default=None,
+                   help="folder of cached full-data accuracies; default ~/.cache/atom-fast/full-data")
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,23 +146,6 @@ def _device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available in this torch build/machine")
     return dev
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "platform": platform.platform()}
-    for mod in ("atom_fast", "triton", "kornia", "numpy"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
-    return out
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def distill_config(args) -> DistillConfig:
@@ -162,10 +161,15 @@ def distill_config(args) -> DistillConfig:
 def _check_args(args) -> None:
     for name in ("ipc", "batch_real", "eval_models", "eval_epochs", "eval_batch", "checkpoint_every",
                  "log_every"):
+        if name not in args:
+            continue
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.iterations < 0:
+    if "iterations" in args and args.iterations < 0:
         raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
+    if args.test_every < 0:
+        raise ValueError(f"--test-every must be >= 0, got {args.test_every}")
+    report.parse_architectures(args.eval_model)  # an unknown name fails before anything loads
 
 
 def _run_identity(args, use_zca) -> dict:
@@ -226,6 +230,9 @@ def _run(args, device, ctx, out) -> Optional[dict]:
          f"~{data.num_classes // ctx.world_size} classes" if ctx.enabled else ""))
     if ctx.enabled:
         ctx.classes(data.num_classes)  # more processes than classes: a clear error on every rank
+    report.check_architectures(report.parse_architectures(args.eval_model), data,
+                               lambda a: report.network_options(a, args.width, args.depth, args.norm,
+                                                                data.im_size))
 
     error = None
     if ctx.is_main:
@@ -274,76 +281,280 @@ def _run(args, device, ctx, out) -> Optional[dict]:
                                       "zca": zca.state_dict() if zca is not None else None,
                                       "mean": data.mean, "std": data.std})
         view = zca.inverse(images.to(device)).cpu() if zca is not None else images
-        save_grid(data.denormalize(view), labels, data.num_classes, out.file("synthetic.png"))
+        out.write_with("synthetic.png", lambda tmp: save_grid(
+            data.denormalize(view), labels, data.num_classes, tmp, class_names=data.class_names))
 
-    ecfg = EvalConfig(model=args.eval_model, epochs=args.eval_epochs, batch_size=args.eval_batch,
-                      dsa=args.dsa)
-    # evaluation networks: the distillation's architecture (ConvNet-4 at 64x64, --width, --norm)
-    net_kwargs = {"width": args.width, "depth": args.depth or default_depth(data.im_size)}
-    if args.eval_model == "convnet":
-        net_kwargs["norm"] = args.norm
-    test_x, test_y = data.test_images.to(device), data.test_labels.to(device)
-
-    def eval_set(name, x, y):
-        """Every process trains its share of the models; rank 0 gathers and summarizes them."""
-        t = time.perf_counter()
-        mine = ctx.model_indices(args.eval_models)
-        records = []
-        if mine:
-            records = evaluate(x.to(device), y.to(device), test_x, test_y, data.num_classes,
-                               model_indices=mine, config=ecfg, seed=args.seed,
-                               network_kwargs=net_kwargs,
-                               progress=lambda m, a: log(f"{name}: evaluation model {m + 1}/"
-                                                         f"{args.eval_models}: {a:.2f}%"))
-        gathered = dist.gather_to_main(ctx, records, f"gathering the {name} evaluation")
-        timings[f"{name}_eval_s"] = time.perf_counter() - t
-        if not ctx.is_main:
-            return None
-        summary = summarize([r for part in gathered for r in part])
-        return {"accuracies": summary["accuracies"], "accuracy_mean": summary["accuracy_mean"],
-                "accuracy_std": summary["accuracy_std"],
-                "best_of_schedule": summary["best_of_schedule"], "models": summary["models"]}
-
-    summary = eval_set(args.method, images, labels)
-    rows = [(args.method, summary)]
-    baseline = None
+    sets = {args.method: (images, labels)}
     if baseline_images is not None:
-        baseline = eval_set("random", *baseline_images)
-        rows.append(("random", baseline))
+        sets["random"] = baseline_images
+    results = evaluate_and_report(args, data, device, ctx, out, sets, log, timings, t_start)
+    if results is None:
+        return None
+    results.update({
+        "run_id": run_id, "method": args.method, "ipc": args.ipc,
+        "iterations": args.iterations if args.method != "random" else 0,
+        "config": {**config, "zca": use_zca, "dsa": args.dsa},
+        "distributed": {"world_size": ctx.world_size, "backend": ctx.backend},
+        "args": vars(args),
+        "malloc_keeps_freed_memory": malloc_tuned,
+        "losses": result["losses"] if result else [],
+    })
+    return finish(args, out, results, ipc=args.ipc, iterations=results["iterations"])
+
+
+def evaluate_and_report(args, data, device, ctx, out, sets, log, timings, t_start) -> Optional[dict]:
+    """Evaluate every set on every --eval-model architecture; results.json's evaluation part (rank 0).
+
+    ``sets``: name -> (images, labels); the first is the result, ``random`` the baseline."""
+    architectures = report.parse_architectures(args.eval_model)
+    ecfg = EvalConfig(model=architectures[0], epochs=args.eval_epochs, batch_size=args.eval_batch,
+                      dsa=args.dsa, test_every=args.test_every)
+    evaluator = report.SetEvaluator(
+        data, ecfg, architectures, args.eval_models, args.seed, device, ctx,
+        lambda arch: report.network_options(arch, args.width, args.depth, args.norm, data.im_size),
+        log)
+    per_set = {name: evaluator.evaluate(name, x, y) for name, (x, y) in sets.items()}
+    for name, seconds in evaluator.seconds.items():
+        timings[f"{name}_eval_s"] = seconds
+    scores = None
+    if args.score and ctx.is_main:
+        if "random" not in per_set:
+            raise ValueError("--score needs the random baseline (drop --no-baseline)")
+        first = next(iter(per_set))
+        scores = report.scores(evaluator, args.dataset, per_set[first], per_set["random"],
+                               args.score_cache or report.default_score_cache())
     timings["total_s"] = time.perf_counter() - t_start
     if not ctx.is_main:
         return None
-
-    results = {
-        "run_id": run_id,
+    names = list(per_set)
+    main_set = per_set[names[0]]
+    baseline = per_set.get("random") if names[0] != "random" else None
+    return {
         "dataset": args.dataset, "data_source": data.source,
         "missing_test_classes": data.missing_test_classes,
-        "method": args.method, "ipc": args.ipc,
-        "iterations": args.iterations if args.method != "random" else 0,
-        **summary,
-        "baseline": {"method": "random", **baseline} if baseline else None,
-        "config": {**config, "zca": use_zca, "dsa": args.dsa},
-        "evaluation": {**asdict(ecfg), "models": args.eval_models, "seed": args.seed,
-                       "network": net_kwargs},
-        "distributed": {"world_size": ctx.world_size, "backend": ctx.backend},
-        "args": vars(args),
+        **report.headline(main_set),
+        "architecture": architectures[0],
+        "architectures": main_set,
+        "baseline": ({"method": "random", **report.headline(baseline), "architectures": baseline}
+                     if baseline else None),
+        "label_robust_score": scores,
+        "evaluation": {**asdict(ecfg), "architectures": architectures, "models": args.eval_models,
+                       "seed": args.seed, "accuracy": "test accuracy after the last epoch",
+                       "best_of_schedule": "per architecture under best_of_schedule: the best test "
+                                           "accuracy over the test schedule, as DataDAM's code and "
+                                           "DD-Ranking report it; not the result"},
         "timings": timings,
-        "device": str(device), "device_name": _device_name(device),
-        "versions": _versions(),
-        "malloc_keeps_freed_memory": malloc_tuned,
-        "losses": result["losses"] if result else [],
+        "device": str(device), "device_name": environment.device_name(device),
+        "versions": environment.versions(),
     }
-    out.write(session.RESULTS, results, as_json=True)
 
-    print(f"\n| method | dataset | IPC | iterations | accuracy (%), {args.eval_models} models |")
-    print("|---|---|---|---|---|")
-    for name, r in rows:
-        its = results["iterations"] if name != "random" else "-"
-        print(f"| {name} | {args.dataset} | {args.ipc} | {its} | "
-              f"{r['accuracy_mean']:.2f} +- {r['accuracy_std']:.2f} |")
+
+def finish(args, out, results, *, ipc, iterations) -> dict:
+    """Write results.json and the accuracy plot; print the table (rank 0)."""
+    sets = {results["method"]: results["architectures"]}
+    if results.get("baseline"):
+        sets["random"] = results["baseline"]["architectures"]
+    plot = out.write_with("accuracy.png", lambda tmp: save_accuracy_plot(
+        report.plot_rows(sets), tmp, title=f"{results['dataset']}, IPC {ipc}: test accuracy by "
+                                           f"architecture"))
+    results["plot"] = str(out.file("accuracy.png")) if plot else None
+    out.write(session.RESULTS, results, as_json=True)
+    rows = [(name, arch, r) for name, per_arch in sets.items() for arch, r in per_arch.items()]
+    report.print_table(rows, results["dataset"], ipc, iterations, args.eval_models)
+    if results.get("label_robust_score"):
+        for arch, s in results["label_robust_score"].items():
+            print(f"label-robust score (DD-Ranking) on {arch}: {s['score_mean']:.3f} +- "
+                  f"{s['score_std']:.3f} (full-data accuracy {s['full_data']['accuracy_mean']:.2f}%)")
     print(f"\nresults: {out.file(session.RESULTS)}   images: {out.file('synthetic.png')}   "
-          f"total {timings['total_s']:.0f} s")
+          f"total {results['timings']['total_s']:.0f} s")
     return results
+
+
+# --------------------------------------------------------------------------------------------------
+# atom-fast evaluate PATH: any saved synthetic set
+# --------------------------------------------------------------------------------------------------
+
+EVALUATE_HELP = """Evaluate a saved synthetic set with the same protocol and outputs as a distillation.
+
+PATH is read with torch.load(weights_only=True) and may hold:
+  - atom-fast's synthetic.pt: {"images", "labels", "dataset", "zca", "mean", "std", "run_id"};
+  - a plain dict {"images": (N, C, H, W) float, "labels": (N,) int} as other codebases save them;
+  - DC/DM/DataDAM's res_*.pt: {"data": [[images, labels], ...]} (the first experiment is used);
+  - a pair [images, labels].
+The images must be in the space the dataset loader produces: pixels/255 normalized per channel with
+the dataset's mean and std (MNIST 0.1307/0.3081; CIFAR-10 (0.4914, 0.4822, 0.4465)/(0.2023, 0.1994,
+0.2010), as DC's code) and, for ZCA-whitened sets, whitened with kornia's ZCAWhitening(eps=0.1)
+fitted on the normalized training set. atom-fast's files say whether they are whitened; for other
+files pass --zca when they are. The test split is then whitened the same way."""
+
+
+def build_evaluate_parser() -> argparse.ArgumentParser:
+    d = DistillConfig()
+    p = argparse.ArgumentParser(prog="atom-fast evaluate", description=EVALUATE_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", help="the synthetic set (see above)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None, choices=DATASETS,
+                   help="the real dataset whose test split scores the set (default: the one "
+                        "atom-fast's file names)")
+    g.add_argument("--data-path", default=None, help="as for distilling")
+    g.add_argument("--image-size", type=int, default=None, help="as for distilling")
+    g.add_argument("--allow-missing-test-classes", action="store_true", help="as for distilling")
+    g.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
+                   help="the images are ZCA-whitened (default: what atom-fast's file records; "
+                        "other files: no)")
+    g.add_argument("--width", type=int, default=d.width, help="ConvNet width of the evaluation networks")
+    g.add_argument("--depth", type=int, default=None, help="ConvNet depth; default 3 up to 32x32, 4 at 64x64")
+    g.add_argument("--norm", default=d.norm, choices=("instancenorm", "batchnorm", "none"),
+                   help="ConvNet normalization")
+    g.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True,
+                   help="DSA while training the evaluation networks")
+    add_evaluation_options(p, baseline_help="also evaluate as many random real images per class, "
+                                            "with the same protocol and seeds")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of the evaluation models and the baseline")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--out", default=None, help="output directory; default runs/evaluate-<file name>")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    g.add_argument("--dist-timeout", type=float, default=600.0, help="as for distilling")
+    return p
+
+
+def load_synthetic_set(path) -> dict:
+    """``{"images", "labels", "dataset", "zca", "mean", "std", "format"}`` from a saved set (see
+    EVALUATE_HELP); a one-line ValueError naming the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"{path} is not a readable tensor file ({type(exc).__name__}: {first}); "
+                         "save the set with torch.save({'images': ..., 'labels': ...}, path)") from None
+    meta = {"dataset": None, "zca": None, "mean": None, "std": None}
+    if isinstance(obj, dict) and "data" in obj and "images" not in obj:
+        data = obj["data"]
+        if not (isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple))
+                and len(data[0]) == 2):
+            raise ValueError(f"{path}: 'data' must be a list of [images, labels] pairs (DC's format)")
+        images, labels, fmt = data[0][0], data[0][1], "dc"
+    elif isinstance(obj, dict):
+        missing = [k for k in ("images", "labels") if k not in obj]
+        if missing:
+            raise ValueError(f"{path} has no {' or '.join(repr(k) for k in missing)} (it holds "
+                             f"{sorted(map(str, obj))[:8]}); expected a dict with 'images' and 'labels'")
+        images, labels = obj["images"], obj["labels"]
+        fmt = "atom-fast" if "run_id" in obj else "images-labels"
+        meta.update({k: obj.get(k) for k in meta})
+    elif isinstance(obj, (list, tuple)) and len(obj) == 2:
+        images, labels, fmt = obj[0], obj[1], "pair"
+    else:
+        raise ValueError(f"{path} holds a {type(obj).__name__}; expected a dict with 'images' and "
+                         "'labels', DC's {'data': [[images, labels]]}, or a pair [images, labels]")
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
+        raise ValueError(f"{path}: images must be a float (N, C, H, W) tensor, got "
+                         f"{type(images).__name__} {getattr(images, 'dtype', '')} "
+                         f"{tuple(getattr(images, 'shape', ()))}")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.ndim != 1 \
+            or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{path}: labels must be an integer ({images.shape[0]},) tensor matching the "
+                         f"images, got {type(labels).__name__} {getattr(labels, 'dtype', '')} "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{path} holds no images")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{path}: the images hold NaN or infinite values")
+    return {"images": images.float(), "labels": labels.long(), "format": fmt, **meta}
+
+
+def run_evaluate(argv: Optional[List[str]] = None) -> Optional[dict]:
+    """``atom-fast evaluate PATH``: a saved set, the distillation's protocol and outputs."""
+    args = build_evaluate_parser().parse_args(argv)
+    _check_args(args)
+    device = _device(args.device)
+    s = load_synthetic_set(args.path)
+    dataset = args.dataset or s["dataset"]
+    if dataset is None:
+        raise ValueError(f"{args.path} does not say which dataset it distills: pass --dataset")
+    if s["dataset"] is not None and args.dataset is not None and args.dataset != s["dataset"]:
+        raise ValueError(f"{args.path} was distilled from {s['dataset']} but --dataset is {args.dataset}")
+    args.dataset = dataset
+    ctx = dist.initialize(device, args.dist_timeout)
+    out = session.OutputDir(args.out or f"runs/evaluate-{Path(args.path).stem}", resume=False,
+                            overwrite=args.overwrite)
+    try:
+        return _run_evaluate(args, s, dist.local_device(device, ctx), ctx, out)
+    finally:
+        out.release()
+        dist.shutdown(ctx)
+
+
+def _run_evaluate(args, s, device, ctx, out) -> Optional[dict]:
+    def log(msg):
+        if ctx.is_main:
+            print(f"atom-fast: {msg}", file=sys.stderr, flush=True)
+
+    if ctx.is_main:
+        out.check()
+    t_start = time.perf_counter()
+    data = load_dataset(args.dataset, args.data_path, image_size=args.image_size, log=log,
+                        allow_missing_test_classes=args.allow_missing_test_classes)
+    timings = {"load_s": time.perf_counter() - t_start}
+    report.check_architectures(report.parse_architectures(args.eval_model), data,
+                               lambda a: report.network_options(a, args.width, args.depth, args.norm,
+                                                                data.im_size))
+    images, labels = s["images"], s["labels"]
+    if tuple(images.shape[1:]) != tuple(data.test_images.shape[1:]):
+        raise ValueError(f"{args.path}: images are {tuple(images.shape[1:])} (C, H, W) but the "
+                         f"{args.dataset} test images are {tuple(data.test_images.shape[1:])}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= data.num_classes:
+        raise ValueError(f"{args.path}: labels span [{lo}, {hi}], out of range for {args.dataset}'s "
+                         f"{data.num_classes} classes")
+    counts = torch.bincount(labels, minlength=data.num_classes)
+    if s["mean"] is not None and tuple(round(float(m), 4) for m in s["mean"]) != \
+            tuple(round(float(m), 4) for m in data.mean):
+        raise ValueError(f"{args.path} was normalized with mean {tuple(s['mean'])} but {args.dataset} "
+                         f"loads with {tuple(data.mean)}")
+    use_zca = args.zca if args.zca is not None else s["zca"] is not None
+    error = None
+    if ctx.is_main:
+        try:
+            out.open()
+        except session.SessionError as exc:
+            error = exc
+    dist.agree(ctx, error, "opening --out")
+    zca = None
+    if use_zca:
+        t = time.perf_counter()
+        zca = dsa.ZCA().fit(data.train_images.to(device))
+        data.train_images = zca(data.train_images.to(device)).cpu()
+        data.test_images = zca(data.test_images.to(device)).cpu()
+        timings["zca_s"] = time.perf_counter() - t
+        if s["zca"] is not None and not torch.allclose(zca.state_dict()["transform"].cpu(),
+                                                       s["zca"]["transform"].cpu(), atol=1e-4):
+            log("warning: the ZCA fitted on this training set differs from the one the file records")
+    sets = {"synthetic": (images, labels)}
+    if args.baseline:
+        per_class = int(counts.max())
+        if int(counts.min()) != per_class:
+            log("the set has unequal images per class; the baseline takes the largest count per class")
+        pools = class_pools(data.train_labels, data.num_classes)
+        idx = random_indices(pools, per_class, args.seed)
+        sets["random"] = (data.train_images[idx], data.train_labels[idx])
+    if ctx.is_main:
+        view = zca.inverse(images.to(device)).cpu() if zca is not None else images
+        out.write_with("synthetic.png", lambda tmp: save_grid(
+            data.denormalize(view), labels, data.num_classes, tmp, class_names=data.class_names))
+    results = evaluate_and_report(args, data, device, ctx, out, sets, log, timings, t_start)
+    if results is None:
+        return None
+    results.update({"run_id": session.new_run_id(), "method": "synthetic", "source_file":
+                    str(Path(args.path).resolve()), "format": s["format"], "zca": use_zca,
+                    "images_per_class": counts.tolist(), "args": vars(args)})
+    ipc = int(counts.max()) if int(counts.min()) == int(counts.max()) else "mixed"
+    return finish(args, out, results, ipc=ipc, iterations="-")
 
 
 # glibc serves allocations above 32 MB with fresh mmap()s, so every batch of 128-channel feature maps
@@ -367,9 +578,14 @@ def keep_freed_memory() -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point: :func:`run`, with errors reported as one line and exit status 1."""
+    """Entry point: ``atom-fast [options]`` distills (:func:`run`), ``atom-fast evaluate PATH``
+    evaluates a saved set (:func:`run_evaluate`); errors are one line and exit status 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        run(argv)
+        if argv[:1] == ["evaluate"]:
+            run_evaluate(argv[1:])
+        else:
+            run(argv)
     except (NonFiniteLossError, DatasetNotFoundError, session.SessionError,
             dist.DistributedError, ValueError, TypeError) as exc:
         print(f"atom-fast: error: {exc}", file=sys.stderr)

@@ -109,7 +109,7 @@ class OutputDir:
         except OSError as exc:
             raise SessionError(f"--out {self.path} cannot be created: {exc.strerror}") from None
         self._lock()
-        for tmp in self.path.glob(".*.tmp"):
+        for tmp in self.path.glob(".*.tmp*"):
             if any(tmp.name.startswith(f".{n}.") for n in RUN_FILES):
                 tmp.unlink(missing_ok=True)
         self._check_earlier_run()  # again, now under the lock
@@ -150,6 +150,27 @@ class OutputDir:
                     self.file(LOCK).unlink()
             except OSError:
                 pass
+
+    def write_with(self, name: str, writer: Callable[[Path], object]):
+        """Atomic write of a file produced by ``writer(temporary_path)`` (a PNG, a plot): the file
+        appears whole or not at all. Returns what ``writer`` returned; a writer that writes nothing
+        (returns None and leaves no file) leaves nothing."""
+        final = self.file(name)
+        # the suffix stays last: PIL and matplotlib choose the format from it
+        tmp = self.path / f".{name}.{os.getpid()}.tmp{final.suffix}"
+        try:
+            result = writer(tmp)
+            if tmp.exists():
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            return result
+        except OSError as exc:
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+            raise SessionError(f"could not write {final}: {reason}") from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def write(self, name: str, obj, as_json: bool = False) -> None:
         """Atomic write; a failure (e.g. a full disk) is a one-line SessionError."""

@@ -5,38 +5,41 @@
 #include <cstdint>
 #include <utility>
 
+#include "constants.h"
+
 namespace atom_fast {
 namespace cpu {
 
-// Integer powers 1..kMaxPower (as in the Triton kernels) get their own unrolled, vectorized loops;
-// others take std::pow per element (several times slower: see the README).
-constexpr int kMaxPower = 16;
-
-// 0 (general path) or the integer power p in 1..kMaxPower.
+// 0 (general path: exp(p log x), vectorized in float32) or the integer power p in
+// 1..kMaxUnrolledPower (unrolled multiplications, as in the Triton kernels).
 inline int power_index(double p) {
-  if (p >= 1 && p <= kMaxPower && p == std::floor(p)) return static_cast<int>(p);
+  if (p >= 1 && p <= kMaxUnrolledPower && p == std::floor(p)) return static_cast<int>(p);
   return 0;
 }
 
 template <typename acc_t>
 struct RowKernels {
-  using Spatial = void (*)(const acc_t*, acc_t*, int64_t, acc_t);
-  using Channel = acc_t (*)(const acc_t*, int64_t, acc_t);
-  using Both = acc_t (*)(const acc_t*, acc_t*, int64_t, acc_t);
-  using GradSpatial = void (*)(const acc_t*, const acc_t*, acc_t*, int64_t, acc_t);
-  using GradChannel = void (*)(const acc_t*, acc_t, acc_t*, int64_t, acc_t, bool);
-  using GradBoth = void (*)(const acc_t*, const acc_t*, acc_t, acc_t*, int64_t, acc_t);
-  using SumSquares = acc_t (*)(const acc_t*, int64_t);
-  Spatial spatial;          // s[i] += |x[i]|^ps
-  Channel channel;          // returns sum_i |x[i]|^pc
-  Both both;                // both of the above when ps == pc
-  GradSpatial grad_spatial; // out[i] = |x|^(ps-1) sgn(x) gs[i]
-  GradChannel grad_channel; // out[i] (+)= |x|^(pc-1) sgn(x) gt
-  GradBoth grad_both;       // out[i] = |x|^(p-1) sgn(x) (gs[i] + gt) when ps == pc
-  SumSquares sum_squares;   // sum_i x[i]^2
+  // the last acc_t argument `inv` scales the row: x' = x * inv (1/m of its sample)
+  using Spatial = acc_t (*)(const acc_t*, acc_t*, int64_t, acc_t, acc_t);
+  using Channel = acc_t (*)(const acc_t*, int64_t, acc_t, acc_t);
+  using Both = acc_t (*)(const acc_t*, acc_t*, int64_t, acc_t, acc_t, acc_t*);
+  using GradSpatial = void (*)(const acc_t*, const acc_t*, acc_t*, int64_t, acc_t, acc_t);
+  using GradChannel = void (*)(const acc_t*, acc_t, acc_t*, int64_t, acc_t, acc_t, bool);
+  using GradBoth = void (*)(const acc_t*, const acc_t*, acc_t, acc_t*, int64_t, acc_t, acc_t);
+  using Reduce = acc_t (*)(const acc_t*, int64_t);
+  using Scale = void (*)(acc_t*, int64_t, acc_t);
+  Spatial spatial;          // s[i] += |x'[i]|^ps, returns max_i |x[i]|
+  Channel channel;          // returns sum_i |x'[i]|^pc
+  Both both;                // both when ps == pc (*t = the sum), returns max_i |x[i]|
+  GradSpatial grad_spatial; // out[i] = |x'|^(ps-1) sgn(x) gs[i]
+  GradChannel grad_channel; // out[i] (+)= |x'|^(pc-1) sgn(x) gt
+  GradBoth grad_both;       // out[i] = |x'|^(p-1) sgn(x) (gs[i] + gt) when ps == pc
+  Reduce row_max;           // max_i |x[i]|
+  Reduce sum_squares;       // sum_i x[i]^2
+  Scale scale;              // x[i] *= f
 };
 
-using PowerSequence = std::make_integer_sequence<int, kMaxPower + 1>;  // 0, 1, ..., kMaxPower
+using PowerSequence = std::make_integer_sequence<int, kMaxUnrolledPower + 1>;  // 0, 1, ..., 16
 
 // One definition per instruction set (kernels_default.cpp, kernels_avx2.cpp).
 namespace isa_default {

@@ -1,18 +1,23 @@
 // CUDA implementation of the atom_fast ops (schemas in csrc/ops.cpp): the same fused algorithm as
 // the CPU op and the Triton kernels, for machines where Triton is not installed.
 //
-// Forward, per side:  stats_kernel       one block per sample, one pass over F[n]: each warp takes
+// Forward, per side:  stats_kernel       one block per sample: the sample's max |F| = m first (a
+//                                         block reduction), then one pass over F[n]: each warp takes
 //                                         channel rows (coalesced along H*W), adds |x|^ps into its
 //                                         own shared-memory copy of the spatial vector and reduces
 //                                         |x|^pc along the row with shuffles; the warps' copies are
 //                                         then summed in a fixed order. H*W is walked in chunks
-//                                         that fit shared memory.
+//                                         that fit shared memory. Powers are of |F| / m (<= 1), so
+//                                         nothing overflows at large p (constants.h).
+//                      factor_kernel      per sample, r with x_hat = x' * r (the eps floor decided
+//                                         on the unscaled norm, in log space);
 // Then per layer:      class_kernel       one block per class: D_k and the weighted loss terms;
 //                      sum_kernel         the loss, summed over classes in order.
 // Backward, per side:  class_of_kernel    the class of each sample from offsets/order;
 //                      vector_grad_kernel one block per sample: d loss / d s_n, d t_n through the
 //                                         normalization (premultiplied by the power);
-//                      grad_kernel        one pass: dF = |F|^(ps-1) sgn(F) gs[hw] + |F|^(pc-1) sgn(F) gt[c].
+//                      grad_kernel        one pass: dF = |F/m|^(ps-1) sgn(F) gs[hw] + |F/m|^(pc-1) sgn(F) gt[c]
+//                                         (the 1/m of the chain rule is folded into gs, gt).
 // No atomics: every sum has a fixed order, so results are bitwise reproducible. No host sync.
 // Launch sizes are first choices, not tuned on a GPU yet (see the GPU issue).
 
@@ -22,6 +27,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "checks.h"
 
@@ -33,14 +40,14 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunkBytes = 4096;  // per warp: its copy of one chunk of the spatial vector
 
-// |x|^p for a = |x|: integer powers 1..16 by repeated multiplication, others with pow.
+// |x|^p for a = |x|: integer powers 1..kMaxUnrolledPower by repeated multiplication, others with pow.
 struct Power {
-  int ip;     // the power if it is an integer in 1..16, else 0
+  int ip;     // the power if it is an integer in 1..kMaxUnrolledPower, else 0
   double p;
 };
 
 inline Power make_power(double p) {
-  const bool integer = p >= 1 && p <= 16 && p == std::floor(p);
+  const bool integer = p >= 1 && p <= kMaxUnrolledPower && p == std::floor(p);
   return {integer ? static_cast<int>(p) : 0, p};
 }
 
@@ -88,7 +95,22 @@ __device__ acc_t block_sum(acc_t v, acc_t* scratch) {
   return total;
 }
 
-// stats[n] = [s (HW) | t (C) | ||s|| | ||t||]; a disabled term is written as zeros.
+// Max over the block; every thread gets the result. NaN may be skipped (it reaches the stats
+// through x' anyway).
+template <typename acc_t>
+__device__ acc_t block_max(acc_t v, acc_t* scratch) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  acc_t total = 0;
+  for (int w = 0; w < kWarps; ++w) total = fmax(total, scratch[w]);
+  return total;
+}
+
+// stats[n] = [s' (HW) | t' (C) | m | ||s'|| | ||t'||], x' = x / m^p with m = max |F[n]| (1 for an
+// all-zero, subnormal or non-finite sample); a disabled term is written as zeros.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) stats_kernel(
     const scalar_t* __restrict__ F, acc_t* __restrict__ stats, int64_t C, int64_t HW,
@@ -99,8 +121,13 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(
   const int64_t n = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const scalar_t* f = F + n * stride_n;
-  acc_t* s = stats + n * (HW + C + 2);
+  acc_t* s = stats + n * (HW + C + kStatsExtra);
   acc_t* t = s + HW;
+  acc_t m = 0;
+  for (int64_t i = threadIdx.x; i < C * HW; i += kThreads) m = fmax(m, fabs(static_cast<acc_t>(f[i])));
+  m = block_max(m, scratch);
+  // inf: x' = inf * 0 = NaN, the reference's NaN; 0 or subnormal: no scaling
+  const acc_t inv = m >= std::numeric_limits<acc_t>::min() ? acc_t(1) / m : acc_t(1);
   acc_t s_sq = 0;
   for (int64_t h0 = 0; h0 < HW; h0 += chunk) {
     const int len = static_cast<int>(HW - h0 < chunk ? HW - h0 : chunk);
@@ -110,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(
       const scalar_t* row = f + c * HW + h0;
       acc_t t_part = 0;
       for (int i = lane; i < len; i += 32) {
-        const acc_t a = fabs(static_cast<acc_t>(row[i]));
+        const acc_t a = fabs(static_cast<acc_t>(row[i])) * inv;
         if (has_s) {
           const acc_t v = abs_pow(a, ps);
           part[warp][i] += v;
@@ -135,9 +162,22 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(
   for (int64_t c = threadIdx.x; c < C; c += kThreads) t_sq += t[c] * t[c];
   const acc_t nt = block_sum(t_sq, scratch);
   if (threadIdx.x == 0) {
-    s[HW + C] = sqrt(ns);
-    s[HW + C + 1] = sqrt(nt);
+    s[HW + C] = (m >= std::numeric_limits<acc_t>::min() && isfinite(m)) ? m : acc_t(1);
+    s[HW + C + 1] = sqrt(ns);
+    s[HW + C + 2] = sqrt(nt);
   }
+}
+
+// factors[n] = (r_s, r_t): x_hat = x' * r for sample n's spatial and channel parts.
+template <typename acc_t>
+__global__ void factor_kernel(const acc_t* __restrict__ stats, acc_t* __restrict__ factors,
+                              int64_t N, int64_t C, int64_t HW, double ps, double pc) {
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n >= N) return;
+  const acc_t* x = stats + n * (HW + C + kStatsExtra);
+  const double m = x[HW + C];
+  factors[2 * n] = static_cast<acc_t>(normalizer(m, x[HW + C + 1], ps).r);
+  factors[2 * n + 1] = static_cast<acc_t>(normalizer(m, x[HW + C + 2], pc).r);
 }
 
 // Members of class k: rows order[offsets[k] .. offsets[k+1]) (or the indices themselves).
@@ -148,28 +188,28 @@ __device__ __forceinline__ int64_t member(const int64_t* order, int64_t i) {
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) class_kernel(
     const acc_t* __restrict__ real_stats, const acc_t* __restrict__ syn_stats,
+    const acc_t* __restrict__ real_factors, const acc_t* __restrict__ syn_factors,
     const int64_t* __restrict__ real_offsets, const int64_t* __restrict__ syn_offsets,
     const int64_t* __restrict__ real_order, const int64_t* __restrict__ syn_order,
     acc_t* __restrict__ diffs, acc_t* __restrict__ terms, int64_t C, int64_t HW, acc_t ws,
     acc_t wc) {
   __shared__ acc_t scratch[kWarps];
-  const int64_t k = blockIdx.x, L = HW + C, row_len = HW + C + 2;
-  const acc_t eps = static_cast<acc_t>(kNormEps);
+  const int64_t k = blockIdx.x, L = HW + C, row_len = HW + C + kStatsExtra;
   const int64_t r0 = real_offsets[k], r1 = real_offsets[k + 1];
   const int64_t s0 = syn_offsets[k], s1 = syn_offsets[k + 1];
   const acc_t nr = static_cast<acc_t>(r1 - r0 > 0 ? r1 - r0 : 1);
   const acc_t ns = static_cast<acc_t>(s1 - s0 > 0 ? s1 - s0 : 1);
   acc_t sq_s = 0, sq_t = 0;
   for (int64_t l = threadIdx.x; l < L; l += kThreads) {
-    const int64_t norm_at = l < HW ? HW + C : HW + C + 1;
+    const int part = l < HW ? 0 : 1;
     acc_t sum_r = 0, sum_s = 0;
     for (int64_t i = r0; i < r1; ++i) {
-      const acc_t* x = real_stats + member(real_order, i) * row_len;
-      sum_r += x[l] / fmax(x[norm_at], eps);
+      const int64_t row = member(real_order, i);
+      sum_r += real_stats[row * row_len + l] * real_factors[2 * row + part];
     }
     for (int64_t i = s0; i < s1; ++i) {
-      const acc_t* x = syn_stats + member(syn_order, i) * row_len;
-      sum_s += x[l] / fmax(x[norm_at], eps);
+      const int64_t row = member(syn_order, i);
+      sum_s += syn_stats[row * row_len + l] * syn_factors[2 * row + part];
     }
     const acc_t d = sum_r / nr - sum_s / ns;
     diffs[k * L + l] = d;
@@ -194,19 +234,19 @@ __global__ void class_of_kernel(const int64_t* __restrict__ offsets,
     cls[member(order, i)] = k;
 }
 
-// out = power * d loss / d x for x = stats[n, off : off + len] (raw vector) with norm at `norm_at`.
+// out = power / m * d loss / d x' for x' = a scaled part of a stats row (see the CPU op's
+// normalize_grad): above the floor (x_hat . g) projects out, below it not.
 template <typename acc_t>
-__device__ void normalize_grad(const acc_t* x, acc_t nrm, const acc_t* D, acc_t coef, acc_t power,
-                               int64_t len, acc_t* out, acc_t* scratch) {
-  const acc_t eps = static_cast<acc_t>(kNormEps);
+__device__ void normalize_grad(const acc_t* x, Normalizer nz, acc_t inv_m, const acc_t* D,
+                               acc_t coef, acc_t power, int64_t len, acc_t* out, acc_t* scratch) {
+  const acc_t r = static_cast<acc_t>(nz.r);
   acc_t dot = 0;
   for (int64_t l = threadIdx.x; l < len; l += kThreads) dot += x[l] * (coef * D[l]);
   dot = block_sum(dot, scratch);
-  const bool above = nrm >= eps;
-  const acc_t inv = acc_t(1) / (above ? nrm : eps);
-  const acc_t proj = above ? dot * inv * inv * inv : acc_t(0);
+  const acc_t proj = nz.above ? dot * r * r * r : acc_t(0);
+  const acc_t f = power * inv_m;
   for (int64_t l = threadIdx.x; l < len; l += kThreads)
-    out[l] = power * ((coef * D[l]) * inv - x[l] * proj);
+    out[l] = f * ((coef * D[l]) * r - x[l] * proj);
 }
 
 template <typename acc_t>
@@ -219,24 +259,31 @@ __global__ void __launch_bounds__(kThreads) vector_grad_kernel(
   const int64_t n = blockIdx.x, k = cls[n], L = HW + C;
   const acc_t count = static_cast<acc_t>(offsets[k + 1] - offsets[k]);
   const acc_t coef = sign * acc_t(2) * grad_loss[0] / count;
-  const acc_t* x = stats + n * (L + 2);
-  if (has_s) normalize_grad(x, x[L], diffs + k * L, coef * ws, ps, HW, G + n * L, scratch);
-  if (has_t) normalize_grad(x + HW, x[L + 1], diffs + k * L + HW, coef * wc, pc, C, G + n * L + HW, scratch);
+  const acc_t* x = stats + n * (L + kStatsExtra);
+  const acc_t inv_m = acc_t(1) / x[L];
+  if (has_s)
+    normalize_grad(x, normalizer(x[L], x[L + 1], ps), inv_m, diffs + k * L, coef * ws, ps, HW,
+                   G + n * L, scratch);
+  if (has_t)
+    normalize_grad(x + HW, normalizer(x[L], x[L + 2], pc), inv_m, diffs + k * L + HW, coef * wc,
+                   pc, C, G + n * L + HW, scratch);
 }
 
 // Block (n, row group): rows c of sample n, flattened over (c, hw) so small H*W keeps threads busy.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) grad_kernel(
-    const scalar_t* __restrict__ F, const acc_t* __restrict__ G, scalar_t* __restrict__ dF,
-    int64_t C, int64_t HW, int64_t rows, Power ps, Power pc, bool has_s, bool has_t, bool same) {
+    const scalar_t* __restrict__ F, const acc_t* __restrict__ stats, const acc_t* __restrict__ G,
+    scalar_t* __restrict__ dF, int64_t C, int64_t HW, int64_t rows, Power ps, Power pc, bool has_s,
+    bool has_t, bool same) {
   const int64_t n = blockIdx.x, c0 = blockIdx.y * rows;
   const int64_t c1 = c0 + rows < C ? c0 + rows : C;
   const int64_t base = (n * C + c0) * HW, count = (c1 - c0) * HW;
   const acc_t* gs = G + n * (HW + C);
   const acc_t* gt = gs + HW;
+  const acc_t inv_m = acc_t(1) / stats[n * (HW + C + kStatsExtra) + HW + C];
   for (int64_t idx = threadIdx.x; idx < count; idx += kThreads) {
     const int64_t c = c0 + idx / HW, hw = idx % HW;
-    const acc_t x = static_cast<acc_t>(F[base + idx]);
+    const acc_t x = static_cast<acc_t>(F[base + idx]) * inv_m;
     acc_t g;
     if (same) {
       g = abs_pow_grad(x, ps) * (gs[hw] + gt[c]);
@@ -267,8 +314,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cud
   const int64_t C = a.C, HW = a.HW, K = a.K;
   const auto acc_type = accumulation_type(real.scalar_type());
   const auto opts = real.options().dtype(acc_type);
-  at::Tensor real_stats = at::empty({real.size(0), HW + C + 2}, opts);
-  at::Tensor syn_stats = at::empty({syn.size(0), HW + C + 2}, opts);
+  at::Tensor real_stats = at::empty({real.size(0), HW + C + kStatsExtra}, opts);
+  at::Tensor syn_stats = at::empty({syn.size(0), HW + C + kStatsExtra}, opts);
+  at::Tensor real_factors = at::empty({real.size(0), 2}, opts);
+  at::Tensor syn_factors = at::empty({syn.size(0), 2}, opts);
   at::Tensor diffs = at::empty({K, HW + C}, opts);
   at::Tensor terms = at::empty({K}, opts);
   at::Tensor loss = at::empty({}, opts);
@@ -277,14 +326,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forward_cud
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, real.scalar_type(), "attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for (const auto& [F, st] : {std::pair<const at::Tensor*, at::Tensor*>{&real, &real_stats},
-                                {&syn, &syn_stats}}) {
-      stats_kernel<scalar_t, acc_t><<<F->size(0), kThreads, 0, stream>>>(
+    for (const auto& [F, st, fac] :
+         {std::tuple<const at::Tensor*, at::Tensor*, at::Tensor*>{&real, &real_stats, &real_factors},
+          {&syn, &syn_stats, &syn_factors}}) {
+      const int64_t N = F->size(0);
+      stats_kernel<scalar_t, acc_t><<<N, kThreads, 0, stream>>>(
           F->data_ptr<scalar_t>(), st->data_ptr<acc_t>(), C, HW, F->stride(0), pws, pwc, has_s, has_t, same);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      factor_kernel<acc_t><<<(N + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+          st->data_ptr<acc_t>(), fac->data_ptr<acc_t>(), N, C, HW, ps, pc);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     class_kernel<acc_t><<<K, kThreads, 0, stream>>>(
-        real_stats.data_ptr<acc_t>(), syn_stats.data_ptr<acc_t>(), real_offsets.data_ptr<int64_t>(),
+        real_stats.data_ptr<acc_t>(), syn_stats.data_ptr<acc_t>(), real_factors.data_ptr<acc_t>(),
+        syn_factors.data_ptr<acc_t>(), real_offsets.data_ptr<int64_t>(),
         syn_offsets.data_ptr<int64_t>(), optional_ptr(real_order), optional_ptr(syn_order),
         diffs.data_ptr<acc_t>(), terms.data_ptr<acc_t>(), C, HW,
         static_cast<acc_t>(has_s ? ws : 0.0), static_cast<acc_t>(has_t ? wc : 0.0));
@@ -330,7 +385,7 @@ at::Tensor attention_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
         static_cast<acc_t>(ps), static_cast<acc_t>(pc), has_s, has_t);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        F.data_ptr<scalar_t>(), G.data_ptr<acc_t>(), dF.data_ptr<scalar_t>(), C, HW, rows,
+        F.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(), G.data_ptr<acc_t>(), dF.data_ptr<scalar_t>(), C, HW, rows,
         make_power(ps), make_power(pc), has_s, has_t, same);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -346,7 +401,7 @@ at::Tensor attention_stats_cuda(const at::Tensor& features, double ps, double pc
   const c10::cuda::CUDAGuard guard(features.device());
   const at::Tensor F = sample_contiguous(features);
   const int64_t C = F.size(1), HW = F.size(2) * F.size(3);
-  at::Tensor stats = at::empty({F.size(0), HW + C + 2},
+  at::Tensor stats = at::empty({F.size(0), HW + C + kStatsExtra},
                                F.options().dtype(accumulation_type(F.scalar_type())));
   const bool same = spatial && channel && ps == pc;
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -32,7 +32,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 from atom_fast.kernels import attention as K  # noqa: E402
-from atom_fast.layout import ClassLayout  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
@@ -75,11 +74,16 @@ class Recorder:
 def drive_launchers():
     """Call every launcher for every shape, dtype, power, weight and class layout above."""
     K_CLASSES, B, IPC = 2, 3, 2
-    layouts = [ClassLayout(K_CLASSES, real_per_class=B, syn_per_class=IPC)]
     rl = torch.tensor([1, 0, 1, 0, 0, 1])
     sl = torch.tensor([0, 1, 1, 0])
-    layouts.append(ClassLayout(K_CLASSES, real_labels=rl, syn_labels=sl,
-                               real_counts=torch.bincount(rl), syn_counts=torch.bincount(sl)))
+    rc, sc = torch.bincount(rl), torch.bincount(sl)
+    offsets = lambda c: torch.cat([torch.zeros(1, dtype=torch.int64), c.cumsum(0)])  # noqa: E731
+    layouts = [  # (class_differences keywords, vector_grad keywords of the synthetic side)
+        (dict(real_per_class=B, syn_per_class=IPC), dict(per_class=IPC)),
+        (dict(real_order=torch.argsort(rl, stable=True), real_offsets=offsets(rc),
+              syn_order=torch.argsort(sl, stable=True), syn_offsets=offsets(sc)),
+         dict(labels=sl, counts=sc)),
+    ]
     for C, H, W in SHAPES:
         for dtype in DTYPES:
             acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -90,13 +94,13 @@ def drive_launchers():
                     hs, hc = ws != 0, wc != 0
                     rstats = K.attention_stats(real, ps, pc, hs, hc, acc)
                     sstats = K.attention_stats(syn, ps, pc, hs, hc, acc)
-                    for layout in layouts:
+                    for class_args, side_args in layouts:
                         partials = torch.zeros((K_CLASSES, 2), dtype=acc)
-                        DS, DT = K.class_differences(rstats, sstats, layout.grouped(), ws, wc, partials)
+                        DS, DT = K.class_differences(rstats, sstats, K_CLASSES, ps, pc, ws, wc,
+                                                     partials, **class_args)
                         go = torch.ones(1, dtype=acc)
-                        GS, GT = K.vector_grad(sstats, DS, DT, go, layout.side("syn"), -1.0,
-                                               ws, wc, ps, pc)
-                        K.attention_backward(syn, GS, GT, ps, pc, hs, hc)
+                        GS, GT = K.vector_grad(sstats, DS, DT, go, -1.0, ps, pc, ws, wc, **side_args)
+                        K.attention_backward(syn, sstats.scale, GS, GT, ps, pc, hs, hc)
 
 
 def resource_usage(ptx):

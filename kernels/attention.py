@@ -50,7 +50,7 @@ from atom_fast.constants import MAX_UNROLLED_POWER, NORM_EPS
 # Tile sizes. HW <= MAX_BLOCK_HW keeps a sample's whole spatial vector in registers (one block covers
 # the 64x64 TinyImageNet layer 1); TILE_ELEMENTS bounds a (BLOCK_C, BLOCK_HW) tile of the F-streaming
 # kernels. 4096 elements on 4 warps is 32 per thread (eight 16-byte loads in flight): the sm_90
-# ahead-of-time compile (bench/compile_sm90.py) shows 8192 spilling for bf16 with a fractional power.
+# ahead-of-time compile (tools/compile_check/sm90.py) shows 8192 spilling for bf16 with a fractional power.
 # Not yet tuned on a GPU (see the GPU issue).
 MAX_BLOCK_HW = 4096
 TILE_ELEMENTS = 4096
@@ -83,7 +83,7 @@ def feature_launch_config(C, HW, acc_bytes=4):
     32-bit words (float64 accumulation doubles them), one warp per 1024 words. The stats kernel's
     first pass (the per-sample max |F|) holds two tiles in F's dtype instead, at most as many words
     for 16-bit features and up to 1.6x for float32 (4096 + 4096 vs 4096 + 1024) at the same warps;
-    in the sm_90 compile check (bench/compile_sm90.py --quick, 80 variants) that pass moved the
+    in the sm_90 compile check (tools/compile_check/sm90.py --quick, 80 variants) that pass moved the
     float64 fractional-power stats variant at 128x32x32 from 0 to 20 spilled bytes (limit 64) and
     left every other stats variant unspilled; registers per variant rose by up to 24.
     """

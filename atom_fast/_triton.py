@@ -8,12 +8,9 @@ works where it is not installed.
 """
 
 import itertools
-import math
 from typing import NamedTuple, Optional
 
 import torch
-
-from atom_fast.constants import NORM_EPS
 
 DOUBLE_BACKWARD_ERROR = ("backend='triton' does not support double backward (a gradient of the "
                          "attention loss's gradient); use backend='reference' for that")
@@ -183,8 +180,7 @@ class FusedAttentionLoss(torch.autograd.Function):
 def _normalized(vectors, norms, scale, power):
     """x_hat = x / max(||x||, eps) from the kernels' scaled x' = x / m^p: x' / max(||x'||, eps / m^p),
     the floor in log space as in the kernels."""
-    floor = torch.exp2(math.log2(NORM_EPS) - power * torch.log2(scale))
-    return vectors / torch.maximum(norms, floor)[:, None]
+    return vectors / torch.maximum(norms, _kernels().norm_floor(scale, power))[:, None]
 
 
 def _class_sums(x, labels, num_classes):

@@ -36,6 +36,7 @@ floats as fp32 and round them for float64 features; each kernel casts them to it
 """
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -232,10 +233,10 @@ def _norm_floor(m, power, eps):
 
 
 @triton.jit
-def _class_sum(X_ptr, NX_ptr, M_ptr, ORDER_ptr, start, stop, offs, mask, L, power,
-               HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, eps):
-    """sum over members i in [start, stop) of X[row_i, offs] / max(NX[row_i], phi(M[row_i])), the
-    normalized vectors; row_i = ORDER[i]."""
+def _class_sum(X_ptr, NX_ptr, FX_ptr, ORDER_ptr, start, stop, offs, mask, L,
+               HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """sum over members i in [start, stop) of X[row_i, offs] / max(NX[row_i], FX[row_i]), the
+    normalized vectors (FX: the floors phi); row_i = ORDER[i]."""
     acc = tl.zeros([BLOCK_L], dtype=X_ptr.dtype.element_ty)
     m_offs = tl.arange(0, BLOCK_M)
     for m0 in range(start, stop, BLOCK_M):
@@ -247,8 +248,7 @@ def _class_sum(X_ptr, NX_ptr, M_ptr, ORDER_ptr, start, stop, offs, mask, L, powe
             rows = m
         rows = rows.to(tl.int64)
         nrm = tl.load(NX_ptr + rows, mask=m_mask, other=1.0)
-        scale = tl.load(M_ptr + rows, mask=m_mask, other=1.0)
-        floor = _norm_floor(scale, power, eps)
+        floor = tl.load(FX_ptr + rows, mask=m_mask, other=0.0)
         inv = 1.0 / tl.maximum(nrm, floor, propagate_nan=tl.PropagateNan.ALL)
         x = tl.load(X_ptr + rows[:, None] * L + offs[None, :], mask=m_mask[:, None] & mask[None, :],
                     other=0.0)
@@ -257,9 +257,9 @@ def _class_sum(X_ptr, NX_ptr, M_ptr, ORDER_ptr, start, stop, offs, mask, L, powe
 
 
 @triton.jit
-def _class_diff(XR_ptr, NR_ptr, MR_ptr, XS_ptr, NS_ptr, MS_ptr, D_ptr, ROrder_ptr, SOrder_ptr,
-                k, r0, r1, s0, s1, L, power,
-                HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, eps):
+def _class_diff(XR_ptr, NR_ptr, FR_ptr, XS_ptr, NS_ptr, FS_ptr, D_ptr, ROrder_ptr, SOrder_ptr,
+                k, r0, r1, s0, s1, L,
+                HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     """D[k, :] = mean real_k(x_hat) - mean syn_k(x_hat); returns ||D[k, :]||^2."""
     offs0 = tl.arange(0, BLOCK_L)
     inv_r = 1.0 / tl.maximum(r1 - r0, 1).to(XR_ptr.dtype.element_ty)
@@ -268,10 +268,10 @@ def _class_diff(XR_ptr, NR_ptr, MR_ptr, XS_ptr, NS_ptr, MS_ptr, D_ptr, ROrder_pt
     for l0 in range(0, L, BLOCK_L):
         offs = l0 + offs0
         mask = offs < L
-        mean_r = _class_sum(XR_ptr, NR_ptr, MR_ptr, ROrder_ptr, r0, r1, offs, mask, L, power,
-                            HAS_ORDER, BLOCK_M, BLOCK_L, eps) * inv_r
-        mean_s = _class_sum(XS_ptr, NS_ptr, MS_ptr, SOrder_ptr, s0, s1, offs, mask, L, power,
-                            HAS_ORDER, BLOCK_M, BLOCK_L, eps) * inv_s
+        mean_r = _class_sum(XR_ptr, NR_ptr, FR_ptr, ROrder_ptr, r0, r1, offs, mask, L,
+                            HAS_ORDER, BLOCK_M, BLOCK_L) * inv_r
+        mean_s = _class_sum(XS_ptr, NS_ptr, FS_ptr, SOrder_ptr, s0, s1, offs, mask, L,
+                            HAS_ORDER, BLOCK_M, BLOCK_L) * inv_s
         d = tl.where(mask, mean_r - mean_s, 0.0)
         tl.store(D_ptr + k * L + offs, d, mask=mask)
         sq += d * d
@@ -280,15 +280,15 @@ def _class_diff(XR_ptr, NR_ptr, MR_ptr, XS_ptr, NS_ptr, MS_ptr, D_ptr, ROrder_pt
 
 @triton.jit(do_not_specialize=["real_per_class", "syn_per_class"])
 def _class_diff_kernel(
-    # per-sample statistics (scaled vectors, their norms, the scales), real then synthetic
-    SR_ptr, NSR_ptr, TR_ptr, NTR_ptr, MR_ptr,
-    SS_ptr, NSS_ptr, TS_ptr, NTS_ptr, MS_ptr,
+    # per-sample statistics (scaled vectors, their norms, their floors phi), real then synthetic
+    SR_ptr, NSR_ptr, FSR_ptr, TR_ptr, NTR_ptr, FTR_ptr,
+    SS_ptr, NSS_ptr, FSS_ptr, TS_ptr, NTS_ptr, FTS_ptr,
     # outputs: class differences (K, HW) and (K, C), weighted loss terms (K, 2)
     DS_ptr, DT_ptr, P_ptr,
     # class layout: sample order sorted by class and class offsets (HAS_ORDER), else equal blocks
     ROrder_ptr, ROffs_ptr, SOrder_ptr, SOffs_ptr, real_per_class, syn_per_class,
     # shapes and weights
-    C, HW, ws: tl.float64, wc: tl.float64, ps: tl.float64, pc: tl.float64, eps: tl.float64,
+    C, HW, ws: tl.float64, wc: tl.float64,
     HAS_ORDER: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -297,9 +297,6 @@ def _class_diff_kernel(
     acc_dtype = SR_ptr.dtype.element_ty
     ws = tl.cast(ws, acc_dtype)
     wc = tl.cast(wc, acc_dtype)
-    ps = tl.cast(ps, acc_dtype)
-    pc = tl.cast(pc, acc_dtype)
-    eps = tl.cast(eps, acc_dtype)
     if HAS_ORDER:
         r0 = tl.load(ROffs_ptr + k)
         r1 = tl.load(ROffs_ptr + k + 1)
@@ -311,12 +308,12 @@ def _class_diff_kernel(
         s0 = k * syn_per_class
         s1 = s0 + syn_per_class
     if HAS_SPATIAL:
-        sq = _class_diff(SR_ptr, NSR_ptr, MR_ptr, SS_ptr, NSS_ptr, MS_ptr, DS_ptr, ROrder_ptr,
-                         SOrder_ptr, k, r0, r1, s0, s1, HW, ps, HAS_ORDER, BLOCK_M, BLOCK_HW, eps)
+        sq = _class_diff(SR_ptr, NSR_ptr, FSR_ptr, SS_ptr, NSS_ptr, FSS_ptr, DS_ptr, ROrder_ptr,
+                         SOrder_ptr, k, r0, r1, s0, s1, HW, HAS_ORDER, BLOCK_M, BLOCK_HW)
         tl.store(P_ptr + 2 * k, ws * sq)
     if HAS_CHANNEL:
-        sq = _class_diff(TR_ptr, NTR_ptr, MR_ptr, TS_ptr, NTS_ptr, MS_ptr, DT_ptr, ROrder_ptr,
-                         SOrder_ptr, k, r0, r1, s0, s1, C, pc, HAS_ORDER, BLOCK_M, BLOCK_C, eps)
+        sq = _class_diff(TR_ptr, NTR_ptr, FTR_ptr, TS_ptr, NTS_ptr, FTS_ptr, DT_ptr, ROrder_ptr,
+                         SOrder_ptr, k, r0, r1, s0, s1, C, HAS_ORDER, BLOCK_M, BLOCK_C)
         tl.store(P_ptr + 2 * k + 1, wc * sq)
 
 
@@ -476,6 +473,11 @@ def _sample_contiguous(F):
     return F.contiguous()
 
 
+def norm_floor(scale, power):
+    """phi = eps / scale^power per sample, in log space (as ``_norm_floor`` in the kernels)."""
+    return torch.exp2(math.log2(NORM_EPS) - float(power) * torch.log2(scale))
+
+
 def _vector_block(L):
     return min(triton.next_power_of_2(L), MAX_BLOCK_VEC)
 
@@ -523,13 +525,16 @@ def class_differences(real, syn, num_classes, ps, pc, ws, wc, partials, *,
     block_hw, block_c = _vector_block(HW), _vector_block(C)
     elem = real.spatial.element_size()
     block_m = max(1, min(BLOCK_MEMBERS, CLASS_TILE_BYTES // elem // max(block_hw, block_c)))
+    # The per-sample floors phi (N values per side) are formed here, not per member and block inside
+    # the kernel: float64 exp2/log2 there made the sm_90 compile spill 72 bytes.
+    floors = [norm_floor(side.scale, p) for side in (real, syn) for p in (ps, pc)]
     with _launch_device(real.spatial):
         _class_diff_kernel[(K,)](
-            real.spatial, real.spatial_norm, real.channel, real.channel_norm, real.scale,
-            syn.spatial, syn.spatial_norm, syn.channel, syn.channel_norm, syn.scale,
+            real.spatial, real.spatial_norm, floors[0], real.channel, real.channel_norm, floors[1],
+            syn.spatial, syn.spatial_norm, floors[2], syn.channel, syn.channel_norm, floors[3],
             DS, DT, partials,
             real_order, real_offsets, syn_order, syn_offsets, real_per_class, syn_per_class,
-            C, HW, float(ws), float(wc), float(ps), float(pc), NORM_EPS,
+            C, HW, float(ws), float(wc),
             HAS_ORDER=real_order is not None, HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
             BLOCK_M=block_m, BLOCK_HW=block_hw, BLOCK_C=block_c,
             num_warps=_num_warps(block_m * max(block_hw, block_c) * elem // 4),

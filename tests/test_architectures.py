@@ -13,7 +13,7 @@ from atom_fast.distill.architectures import ARCHITECTURES, build_network, count_
 SMALL = {
     "convnet": {"width": 8}, "convnet-bn": {"width": 8}, "convnet-nn": {"width": 16},
     "convnet-d4": {"width": 8}, "lenet": {}, "alexnet": {"width": 16}, "alexnet-bn": {"width": 8},
-    "vgg11": {"width": 4}, "vgg11-bn": {"width": 4}, "resnet18": {"width": 4},
+    "vgg11": {"width": 4}, "vgg11-bn": {"width": 4}, "vgg11-in": {"width": 4}, "resnet18": {"width": 4},
     "resnet18-ap": {"width": 4}, "resnet18-in": {"width": 4},
     "vit": {"dim": 32, "depth": 2, "heads": 2, "dim_head": 16, "mlp_dim": 32}, "mlp": {"width": 16},
 }
@@ -68,7 +68,7 @@ PUBLISHED_PARAMS = {
 }
 PUBLISHED_PARAMS["convnet-bn"] = PUBLISHED_PARAMS["convnet"]
 PUBLISHED_PARAMS["alexnet-bn"] = PUBLISHED_PARAMS["alexnet"] + 2 * (128 + 192 + 256 + 192 + 192)
-PUBLISHED_PARAMS["vgg11-bn"] = PUBLISHED_PARAMS["vgg11"]
+PUBLISHED_PARAMS["vgg11-bn"] = PUBLISHED_PARAMS["vgg11-in"] = PUBLISHED_PARAMS["vgg11"]
 PUBLISHED_PARAMS["resnet18-in"] = PUBLISHED_PARAMS["resnet18"]
 
 
@@ -98,9 +98,10 @@ def test_norm_layers_are_the_named_ones():
     assert kinds(build_network("alexnet", 3, 10, (32, 32), width=8)) == set()
     assert kinds(build_network("alexnet-bn", 3, 10, (32, 32), width=8)) == {nn.BatchNorm2d}
     assert kinds(build_network("vgg11-bn", 3, 10, (32, 32), width=4)) == {nn.BatchNorm2d}
+    assert kinds(build_network("vgg11", 3, 10, (32, 32), width=4)) == {nn.BatchNorm2d}
     assert kinds(build_network("resnet18", 3, 10, (32, 32), width=4)) == {nn.BatchNorm2d}
     assert kinds(build_network("resnet18-ap", 3, 10, (32, 32), width=4)) == {nn.BatchNorm2d}
-    for name in ("vgg11", "resnet18-in", "convnet"):  # DC's instance norm: one group per channel
+    for name in ("vgg11-in", "resnet18-in", "convnet"):  # DC's instance norm: one group per channel
         groups = [m for m in build_network(name, 3, 10, (32, 32), **SMALL[name]).modules()
                   if isinstance(m, nn.GroupNorm)]
         assert groups and all(g.num_groups == g.num_channels for g in groups), name

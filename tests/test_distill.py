@@ -314,13 +314,14 @@ def test_cli_smoke_run_writes_everything(folder, tmp_path, capsys):
     assert len(r["accuracies"]) == 2 and r["accuracy_mean"] == pytest.approx(np.mean(r["accuracies"]))
     assert r["config"]["lr_img"] == 1.0 and r["config"]["task_balance"] == 0.01
     assert r["config"]["zca"] is False  # ZCA is on by default for CIFAR only
-    assert r["evaluation"]["network"] == {"width": 8, "depth": 3, "norm": "instancenorm"}
+    assert r["architectures"]["convnet"]["network"] == {"width": 8, "depth": 3, "norm": "instancenorm"}
     assert r["versions"]["torch"] == torch.__version__ and r["timings"]["distill_s"] > 0
     assert [i for i, _ in r["losses"]] == list(range(1, 7))
     syn = torch.load(tmp_path / "run" / "synthetic.pt")
     assert syn["images"].shape == (6, 3, 8, 8) and syn["labels"].tolist() == [0, 0, 1, 1, 2, 2]
     png = Image.open(tmp_path / "run" / "synthetic.png")
-    assert png.size == render_grid(syn["images"].clamp(0, 1), syn["labels"], 3).size and png.mode == "RGB"
+    assert png.size == render_grid(syn["images"].clamp(0, 1), syn["labels"], 3,
+                                   ["cat", "dog", "fox"]).size and png.mode == "RGB"
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["iteration"] == 6
 
@@ -335,7 +336,8 @@ def test_cli_zca_run_saves_the_transform_and_undoes_it_for_the_png(folder, tmp_p
     from atom_fast.distill.data import load_dataset
     data = load_dataset("folder", str(folder))
     idx = random_indices(class_pools(data.train_labels, 3), 2, 0)
-    want = render_grid(data.denormalize(data.train_images[idx]), data.train_labels[idx], 3)
+    want = render_grid(data.denormalize(data.train_images[idx]), data.train_labels[idx], 3,
+                       data.class_names)
     want = torch.from_numpy(np.array(want)).permute(2, 0, 1).float() / 255
     png = torch.from_numpy(np.array(Image.open(tmp_path / "zca" / "synthetic.png"))).permute(2, 0, 1)
     assert (png.float() - want * 255).abs().max() <= 1.5

@@ -36,7 +36,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from atom_fast import attention_loss, class_statistics, mmd_loss
+from atom_fast import (attention_loss, channel_attention, class_statistics, mmd_loss,
+                       spatial_attention)
 from atom_fast.distill import augment as dsa
 from atom_fast.distill.seeds import derive_seed
 from atom_fast.distill.networks import ConvNet, NORMS, POOLINGS, default_depth
@@ -364,19 +365,18 @@ class Distiller:
             syn_mean = syn_vectors.to(cpu).reshape(n, c.ipc, -1).mean(dim=1)
             return ((real_mean - syn_mean) ** 2).sum()
 
-        from atom_fast import reference
         loss = torch.zeros((), device=cpu)
         if self.weights is not None:
             ws, wc = self.weights
             for fr, fs in zip(act_real[:-1], act_syn[:-1]):
                 if ws:
                     loss = loss + ATTENTION_SCALE * ws * mse_b(
-                        reference.spatial_attention(fr, c.spatial_power),
-                        reference.spatial_attention(fs, c.spatial_power))
+                        spatial_attention(fr, c.spatial_power),
+                        spatial_attention(fs, c.spatial_power))
                 if wc:
                     loss = loss + ATTENTION_SCALE * wc * mse_b(
-                        reference.channel_attention(fr, c.channel_power),
-                        reference.channel_attention(fs, c.channel_power))
+                        channel_attention(fr, c.channel_power),
+                        channel_attention(fs, c.channel_power))
             mmd_scale = ATTENTION_SCALE * c.task_balance
         else:
             mmd_scale = 1.0

@@ -190,6 +190,27 @@ def _check_backend(args, device) -> None:
         raise ValueError(f"--backend {args.backend}: {exc}") from None
 
 
+def _open_out(ctx, out) -> None:
+    """Rank 0 creates and locks --out; a failure there stops every process alike."""
+    error = None
+    if ctx.is_main:
+        try:
+            out.open()
+        except session.SessionError as exc:
+            error = exc
+    dist.agree(ctx, error, "opening --out")
+
+
+def _whiten(data, device, timings) -> "dsa.ZCA":
+    """Fit ZCA on the training images and whiten both splits in place; returns the transform."""
+    t = time.perf_counter()
+    zca = dsa.ZCA().fit(data.train_images.to(device))
+    data.train_images = zca(data.train_images.to(device)).cpu()
+    data.test_images = zca(data.test_images.to(device)).cpu()
+    timings["zca_s"] = time.perf_counter() - t
+    return zca
+
+
 def run(argv: Optional[List[str]] = None) -> Optional[dict]:
     """Distill and evaluate as the arguments say; returns results.json's content (on rank 0)."""
     args = build_parser().parse_args(argv)
@@ -234,23 +255,11 @@ def _run(args, device, ctx, out) -> Optional[dict]:
                                lambda a: report.network_options(a, args.width, args.depth, args.norm,
                                                                 data.im_size))
 
-    error = None
-    if ctx.is_main:
-        try:
-            out.open()  # the inputs are good: create --out, lock it, clear what we replace
-        except session.SessionError as exc:
-            error = exc
-    dist.agree(ctx, error, "opening --out")
+    _open_out(ctx, out)  # the inputs are good: create --out, lock it, clear what we replace
     run_id = dist.broadcast_from_main(ctx, session.new_run_id(), "sharing the run id")
 
     use_zca = args.zca if args.zca is not None else args.dataset in ("cifar10", "cifar100")
-    zca = None
-    if use_zca:
-        t = time.perf_counter()
-        zca = dsa.ZCA().fit(data.train_images.to(device))
-        data.train_images = zca(data.train_images.to(device)).cpu()
-        data.test_images = zca(data.test_images.to(device)).cpu()
-        timings["zca_s"] = time.perf_counter() - t
+    zca = _whiten(data, device, timings) if use_zca else None
 
     result = None
     pools = class_pools(data.train_labels, data.num_classes)
@@ -518,20 +527,9 @@ def _run_evaluate(args, s, device, ctx, out) -> Optional[dict]:
         raise ValueError(f"{args.path} was normalized with mean {tuple(s['mean'])} but {args.dataset} "
                          f"loads with {tuple(data.mean)}")
     use_zca = args.zca if args.zca is not None else s["zca"] is not None
-    error = None
-    if ctx.is_main:
-        try:
-            out.open()
-        except session.SessionError as exc:
-            error = exc
-    dist.agree(ctx, error, "opening --out")
-    zca = None
-    if use_zca:
-        t = time.perf_counter()
-        zca = dsa.ZCA().fit(data.train_images.to(device))
-        data.train_images = zca(data.train_images.to(device)).cpu()
-        data.test_images = zca(data.test_images.to(device)).cpu()
-        timings["zca_s"] = time.perf_counter() - t
+    _open_out(ctx, out)
+    zca = _whiten(data, device, timings) if use_zca else None
+    if zca is not None:
         if s["zca"] is not None and not torch.allclose(zca.state_dict()["transform"].cpu(),
                                                        s["zca"]["transform"].cpu(), atol=1e-4):
             log("warning: the ZCA fitted on this training set differs from the one the file records")

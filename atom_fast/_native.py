@@ -20,6 +20,7 @@ import math
 import torch
 
 from atom_fast.constants import NORM_EPS
+from atom_fast.reference import class_sums
 
 if importlib.util.find_spec("atom_fast._C") is None:
     # not built: no compiler, ATOM_FAST_BUILD_NATIVE=0, or installed with build isolation
@@ -165,13 +166,6 @@ def _normalized(stats, HW, C, ps, pc):
     return torch.cat([stats[:, :HW] * rs, stats[:, HW:HW + C] * rt], 1)
 
 
-def _class_sums(x, labels, num_classes):
-    """(K, L) per-class sums of the rows of x: labels (int64), or equal contiguous blocks."""
-    if labels is None:
-        return x.view(num_classes, x.shape[0] // num_classes, x.shape[1]).sum(1)
-    return x.new_zeros((num_classes, x.shape[1])).index_add_(0, labels, x)
-
-
 def _grouping(labels, num, num_classes, device):
     """(offsets, order) of the ops for labels, or for equal blocks when labels is None; no host sync."""
     if labels is None:
@@ -195,7 +189,7 @@ def class_attention_sums(features, labels, num_classes, spatial_power, channel_p
     HW = H * W
     stats = ops.attention_stats(features.detach(), float(spatial_power), float(channel_power),
                                 bool(has_spatial), bool(has_channel))
-    sums = _class_sums(_normalized(stats, HW, C, spatial_power, channel_power), labels, num_classes)
+    sums = class_sums(_normalized(stats, HW, C, spatial_power, channel_power), labels, num_classes)
     return (sums[:, :HW] if has_spatial else None), (sums[:, HW:] if has_channel else None)
 
 
@@ -210,7 +204,7 @@ class _LossFromSums(torch.autograd.Function):
         has_s, has_t = ws != 0, wc != 0
         stats = ops.attention_stats(syn, ps, pc, has_s, has_t)
         counts = (offsets[1:] - offsets[:-1]).clamp_min(1).to(stats.dtype)
-        syn_sums = _class_sums(_normalized(stats, HW, C, ps, pc), syn_labels, num_classes)
+        syn_sums = class_sums(_normalized(stats, HW, C, ps, pc), syn_labels, num_classes)
         diffs = real_means - syn_sums / counts[:, None]
         loss = stats.new_zeros(())
         if has_s:

@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from atom_fast.reference import class_sums
+
 DOUBLE_BACKWARD_ERROR = ("backend='triton' does not support double backward (a gradient of the "
                          "attention loss's gradient); use backend='reference' for that")
 
@@ -183,13 +185,6 @@ def _normalized(vectors, norms, scale, power):
     return vectors / torch.maximum(norms, _kernels().norm_floor(scale, power))[:, None]
 
 
-def _class_sums(x, labels, num_classes):
-    """Per-class sums of the rows of x (N, L) -> (K, L); ``labels`` None: equal contiguous blocks."""
-    if labels is None:
-        return x.reshape(num_classes, x.shape[0] // num_classes, x.shape[1]).sum(dim=1)
-    return x.new_zeros((num_classes, x.shape[1])).index_add_(0, labels, x)
-
-
 def _class_counts(labels, num_classes):
     """Samples per class (int64), on the labels' device without a host synchronization (unlike
     bincount, which reads the largest label)."""
@@ -210,10 +205,10 @@ def class_attention_sums(features, labels, num_classes, spatial_power, channel_p
                                         has_spatial, has_channel, _accumulation_dtype(features))
         spatial = channel = None
         if has_spatial:
-            spatial = _class_sums(_normalized(stats.spatial, stats.spatial_norm, stats.scale,
+            spatial = class_sums(_normalized(stats.spatial, stats.spatial_norm, stats.scale,
                                               spatial_power), labels, num_classes)
         if has_channel:
-            channel = _class_sums(_normalized(stats.channel, stats.channel_norm, stats.scale,
+            channel = class_sums(_normalized(stats.channel, stats.channel_norm, stats.scale,
                                               channel_power), labels, num_classes)
     return spatial, channel
 
@@ -245,7 +240,7 @@ class AttentionLossFromSums(torch.autograd.Function):
             syn_denominator = syn_counts.to(acc_dtype).clamp_min(1)
 
         def difference(real_sums, vectors, norms, power):
-            syn_sums = _class_sums(_normalized(vectors, norms, stats.scale, power), syn_labels,
+            syn_sums = class_sums(_normalized(vectors, norms, stats.scale, power), syn_labels,
                                    num_classes)
             return (real_sums.to(acc_dtype) / real_counts[:, None]
                     - syn_sums / syn_denominator[:, None])

@@ -35,12 +35,6 @@ class ClassLayout:
     def per_class(self, side):
         return self.real_per_class if side == "real" else self.syn_per_class
 
-    def side(self, side):
-        """Per-sample class lookup for the kernels: labels + counts, or the block size."""
-        if self.has_labels:
-            return {"labels": self.labels(side), "counts": getattr(self, f"{side}_counts")}
-        return {"per_class": self.per_class(side)}
-
     def grouped(self):
         """Class membership for the class-mean kernels: samples sorted by class (stable) and the
         offsets of each class in that order, or the block sizes."""

@@ -1,11 +1,13 @@
 """Native backend: the C++/CUDA ops of ``csrc/`` (``torch.ops.atom_fast``), made differentiable and
 traceable here.
 
-``atom_fast._C`` registers three ops per layer (see csrc/ops.cpp for their contracts):
+``atom_fast._C`` registers these ops (see csrc/ops.cpp for their contracts), one layer per call:
 ``attention_forward`` (loss and the small per-sample statistics), ``attention_backward`` (one side's
-feature gradient from those statistics) and ``attention_stats`` (one side's statistics alone). This
-module adds their fake (meta) kernels, so they trace under ``torch.compile``, and the autograd formula
-of the forward op. It saves only the statistics (``N*(H*W + C + 3)`` values per side), the class
+feature gradient from those statistics) and ``attention_stats`` (one side's statistics alone), plus
+``instance_norm_relu_pool`` and its backward (a ConvNet block's norm, ReLU and pooling in one pass:
+the driver's ConvNet on CPU). This module adds their fake (meta) kernels, so they trace under
+``torch.compile``, and the autograd formula of the forward op. It saves only the statistics
+(``N*(H*W + C + 3)`` values per side), the class
 differences and the features of the sides that need a gradient: real features computed under
 ``no_grad`` are not kept alive until backward.
 
@@ -115,10 +117,58 @@ if AVAILABLE:
         return features.new_empty((features.shape[0], H * W + C + STATS_EXTRA),
                                   dtype=_acc_dtype(features.dtype))
 
+    @torch.library.register_fake("atom_fast::instance_norm_relu_pool")
+    def _norm_relu_pool_fake(input, weight, bias, eps, pool):
+        N, C, H, W = input.shape
+        pooled = input.new_empty((N, C, H // 2, W // 2) if pool else (0,))
+        return (torch.empty_like(input, memory_format=torch.contiguous_format), pooled,
+                input.new_empty((N, C)), input.new_empty((N, C)))
+
+    @torch.library.register_fake("atom_fast::instance_norm_relu_pool_backward")
+    def _norm_relu_pool_backward_fake(grad_f, grad_pooled, input, weight, bias, mean, rstd):
+        N, C = input.shape[:2]
+        return (torch.empty_like(input, memory_format=torch.contiguous_format),
+                input.new_empty((N, C)), input.new_empty((N, C)))
+
     # Without this, create_graph=True would give a gradient that claims to require grad but whose
     # own gradient is silently wrong; with it, asking for that second gradient raises.
     torch.library.register_autograd("atom_fast::attention_backward", _no_double_backward,
                                     setup_context=_setup_backward_context)
+
+
+class _NormReluPool(torch.autograd.Function):
+    """GroupNorm(C, C) + ReLU (+ 2x2 average pooling) of a ConvNet block, forward and backward each
+    one pass (the native CPU ops); saves the input and the per-row mean and rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, pool):
+        f, pooled, mean, rstd = ops.instance_norm_relu_pool(x, weight, bias, eps, pool)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+        return f, pooled
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_f, grad_pooled):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        pooled_grad = grad_pooled if grad_pooled is not None and grad_pooled.numel() else None
+        gx, gw_rows, gb_rows = ops.instance_norm_relu_pool_backward(grad_f, pooled_grad, x, weight,
+                                                                    bias, mean, rstd)
+        gw = gw_rows.sum(0) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = gb_rows.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
+
+
+def instance_norm_relu_pool(x, weight, bias, eps, pool):
+    """A ConvNet block's tail in one pass (CPU, float32/float64, native ops):
+    ``f = relu(group_norm(x, C, weight, bias, eps))`` and, when ``pool``, ``avg_pool2d(f, 2)``
+    (else None). Returns ``(f, pooled)``; differentiable (once) in x, weight and bias."""
+    eps, pool = float(eps), bool(pool)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        f, pooled = _NormReluPool.apply(x, weight, bias, eps, pool)
+    else:
+        f, pooled, _, _ = ops.instance_norm_relu_pool(x, weight, bias, eps, pool)
+    return f, (pooled if pool else None)
 
 
 def layout_arguments(layout, device):

@@ -52,6 +52,22 @@ def copy_bandwidth(x, repeats=10):
     return 2 * src.numel() * src.element_size() / statistics.median(times[2:]) / 1e9
 
 
+def matmul_gflops(device, n=2048, repeats=10):
+    """GFLOP/s (2 n^3 per call) of a float32 ``n x n`` matmul on ``device``: the median of ``repeats``
+    calls after 2 untimed ones; the ceiling the step table's convolution GFLOP/s is compared with."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    times = []
+    for _ in range(repeats + 2):
+        sync(a.device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(a.device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times[2:]) / 1e9
+
+
 # --------------------------------------------------------------------------------------------------
 # peak memory
 # --------------------------------------------------------------------------------------------------

@@ -69,15 +69,18 @@ def step_markdown(rows, env):
             f"median (p20-p80) over {r0['steps']} steps after {r0['warmup']} warm-up. Peak MB: memory "
             "held between steps except the dataset + peak growth during one step (CUDA: "
             "max_memory_allocated - dataset; CPU: held tensors + resident-set growth, fresh process). "
-            f"Speedup: vs {step_table.SPEEDUP_BASE}.")
+            f"Speedup: vs {step_table.SPEEDUP_BASE}. Conv GFLOP/s: the step's convolution FLOPs "
+            "(real forward, synthetic forward + input-gradient backward) / median"
+            + (f", against a 2048^2 float32 matmul's {env['matmul_gflops']:.0f} GFLOP/s in the same "
+               "run." if env.get("matmul_gflops") else "."))
     by = {(r["row"], r["ipc"]): r for r in rows}
     labels = [r.label for r in step_table.STEP_ROWS if any(x["row"] == r.label for x in rows)]
     cols = [f"s/step IPC {i}" for i in ipcs] + [f"speedup IPC {i}" for i in ipcs] + \
-           [f"peak MB IPC {i}" for i in ipcs]
+           [f"peak MB IPC {i}" for i in ipcs] + [f"conv GFLOP/s IPC {i}" for i in ipcs]
     lines = [head, "", "| method (loop) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for label in labels:
         cells = []
-        for key in ("time", "speedup", "peak"):
+        for key in ("time", "speedup", "peak", "gflops"):
             for ipc in ipcs:
                 cells.append(_step_cell(by.get((label, ipc)), key))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -93,6 +96,8 @@ def _step_cell(r, key):
         return f"{r['median_s']:.3f} ({r['p20_s']:.3f}-{r['p80_s']:.3f})"
     if key == "speedup":
         return _x(r.get("speedup_vs_base"))
+    if key == "gflops":
+        return "-" if r.get("conv_gflops_per_s") is None else f"{r['conv_gflops_per_s']:.0f}"
     return "-" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / 1e6:.0f}"
 
 

@@ -30,7 +30,9 @@ Step table (bench/step_table.py, the layout of the ATOM paper's Table 3): second
 ``Distiller.step`` and its peak memory at IPC 1, 10, 50, CIFAR-10 shapes (10 classes, 3x32x32 random
 images, ConvNet width 128 depth 3 instancenorm, batch_real 128, DSA on), one fresh child process per
 (row, IPC). Peak memory = memory held between steps except the dataset + the peak growth during one
-step.
+step. Conv GFLOP/s: the step's convolution multiply-adds x 2 (real forward, synthetic forward and
+input-gradient backward) over its median time, next to a 2048x2048 float32 matmul's GFLOP/s measured
+in the same run.
 
 ``--quick`` (bench/plan.py) keeps the whole run under 3 minutes on 2 CPU cores: the loss at the CIFAR
 layer-1 shape (128x32x32) and IPC 10, fwd+bwd, and the ATOM fused and DataDAM-script loops at IPC 10
@@ -98,6 +100,8 @@ def main(argv=None):
     jobs, notes = plan.build_plan(args)
     loss_rows, step_rows, skipped, done = plan.run_plan(jobs, args, _T0)
     env = measure.conditions(device)
+    if step_rows:
+        env["matmul_gflops"] = measure.matmul_gflops(device, n=256 if args.tiny else 2048)
     result = {
         "schema": SCHEMA, "started": started, "command": [os.path.basename(sys.executable), *sys.argv],
         "mode": "tiny" if args.tiny else "quick" if args.quick else "full",

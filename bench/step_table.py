@@ -6,6 +6,8 @@ A row is a :class:`StepRow`: a label, the ``DistillConfig`` fields it sets, and 
 (how its child process starts and with which environment). To add a row, append one to
 :data:`STEP_ROWS`, e.g.::
 
+    StepRow("ATOM (fused loop, PyTorch block tail)", {"method": "atom", "loop": "fused"},
+            Launcher("1 process, ATOM_FAST_FUSED_BLOCK_TAIL=0", (), {"ATOM_FAST_FUSED_BLOCK_TAIL": "0"})),
     StepRow("ATOM (fused loop, batch_real 512)", {"method": "atom", "loop": "fused", "batch_real": 512}),
     StepRow("ATOM (fused loop, 2 ranks, gloo)", {"method": "atom", "loop": "fused"}, torchrun(2)),
 
@@ -79,6 +81,8 @@ STEP_ROWS = (
     StepRow("ATOM channel-only (fused loop)", {"method": "atom-channel", "loop": "fused"}),
     StepRow("ATOM (class-by-class loop)", {"method": "atom", "loop": "class-by-class"}),
     StepRow("DataDAM (fused loop)", {"method": "datadam", "loop": "fused"}),
+    StepRow("ATOM (fused loop, PyTorch block tail)", {"method": "atom", "loop": "fused"},
+            Launcher("1 process, ATOM_FAST_FUSED_BLOCK_TAIL=0", (), {"ATOM_FAST_FUSED_BLOCK_TAIL": "0"})),
     StepRow("ATOM (fused loop, batch_real 512)", {"method": "atom", "loop": "fused", "batch_real": 512}),
     StepRow("ATOM (fused loop, 2 ranks, gloo)", {"method": "atom", "loop": "fused"}, torchrun(2)),
 )
@@ -236,12 +240,29 @@ def run_job(job, args):
     return [{**result, **json.loads(proc.stdout.strip().splitlines()[-1])}]
 
 
+def conv_gflop(config, ipc, classes=CLASSES, image=IMAGE):
+    """GFLOP (2 x multiply-adds) of a step's convolutions: the forward of classes x batch_real real
+    images, and forward plus input-gradient backward (the same multiply-adds again; the weights are
+    frozen) of classes x ipc synthetic images. Norms, pooling, DSA and the loss are not counted."""
+    channels, side = image[0], image[1]
+    per_image = 0
+    for _ in range(config["depth"]):
+        per_image += 2 * side * side * config["width"] * channels * 9
+        channels, side = config["width"], side // 2
+    images = classes * config["batch_real"] + 2 * classes * ipc
+    return per_image * images / 1e9
+
+
 def add_speedups(rows):
-    """speedup_vs_base on every row: SPEEDUP_BASE's median / the row's, per IPC."""
+    """speedup_vs_base on every row: SPEEDUP_BASE's median / the row's, per IPC; and the step's
+    convolution GFLOP and achieved GFLOP/s (conv_gflop / median)."""
     base = {r["ipc"]: r["median_s"] for r in rows if r["row"] == SPEEDUP_BASE and "median_s" in r}
     for r in rows:
         r["speedup_vs_base"] = (base[r["ipc"]] / r["median_s"]
                                           if r["ipc"] in base and "median_s" in r else None)
+        if all(k in r for k in ("depth", "width", "batch_real", "median_s")):
+            r["conv_gflop"] = conv_gflop(r, r["ipc"])
+            r["conv_gflops_per_s"] = r["conv_gflop"] / r["median_s"]
 
 
 if __name__ == "__main__":

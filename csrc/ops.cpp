@@ -13,6 +13,11 @@
 // nothing overflows at large powers), and their norms. x_hat = x' * r, r from constants.h. diffs (K, H*W + C): D_k = mean_real_k(x_hat) - mean_syn_k(x_hat) for s then t.
 // The loss is ws * sum_k ||D_k(s)||^2 + wc * sum_k ||D_k(t)||^2. attention_backward gives the
 // gradient of grad_loss * loss for one side (sign +1 real, -1 synthetic) from the saved statistics.
+// instance_norm_relu_pool(input, weight?, bias?, eps, pool) -> (f, pooled, mean, rstd): a ConvNet
+// block's GroupNorm(C, C) + ReLU (+ 2x2 average pooling; pooled is empty when pool is false) in one
+// pass, with the per-(sample, channel) mean and rstd its backward needs;
+// instance_norm_relu_pool_backward(grad_f?, grad_pooled?, input, weight?, bias?, mean, rstd) ->
+// (grad_input, per-row grad_weight, per-row grad_bias), one pass (norm_relu_pool_cpu.cpp; CPU only).
 // attention_stats gives one side's stats alone (the real side of the streamed class-statistics
 // interface, SPEC 2.1); a term whose flag is false is written as zeros.
 // Implementations: attention_cpu.cpp (CPU), cuda/attention_cuda.cu (CUDA, when built).
@@ -38,6 +43,14 @@ TORCH_LIBRARY(atom_fast, m) {
   m.def(
       "attention_stats(Tensor features, float spatial_power, float channel_power, bool spatial, "
       "bool channel) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "instance_norm_relu_pool(Tensor input, Tensor? weight, Tensor? bias, float eps, bool pool) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "instance_norm_relu_pool_backward(Tensor? grad_f, Tensor? grad_pooled, Tensor input, "
+      "Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -37,7 +37,9 @@ def test_convnet_features_are_the_relu_outputs(norm):
     maps, emb = net.features(x)
     assert [tuple(f.shape) for f in maps] == [(4, 6, 16, 12), (4, 6, 8, 6), (4, 6, 4, 3)]
     for f, g in zip(maps, hooked):
-        torch.testing.assert_close(f, g, rtol=0, atol=0)
+        # the hooked forward runs the modules, the plain one the native block tail (instancenorm):
+        # equal to float rounding
+        torch.testing.assert_close(f, g)
         assert (f >= 0).all()
     assert emb.shape == (4, net.embedding_size) == (4, 6 * 2 * 1)
     torch.testing.assert_close(net.classifier(emb), logits)

@@ -11,9 +11,14 @@ require a gradient.
 
 Bytes that must move (SPEC 4): forward reads every real and synthetic feature once; backward reads
 the synthetic features and writes their gradient once. The per-sample vectors (N*(H*W + C)) are
-ignored: at C=128, 16x16 they are 1.5% of F. Achieved GB/s = those bytes / median time, reported
-next to the copy bandwidth (``dst.copy_(src)`` of the real features' size, read + write) measured
-in the same run.
+ignored: at C=128, 16x16 they are 1.5% of F. Achieved GB/s = those bytes / median time. "Of copy"
+compares it with ``dst.copy_(real)`` (read + write): every timed call is preceded by one such copy,
+and the fraction is the median over the pairs of (call GB/s / copy GB/s), so a drifting memory
+bandwidth (this project's CPU machines are shared VMs) moves both sides of each ratio together.
+
+On CPU the timed calls run with the allocator setting of the CLI (``keep_freed_memory``: glibc keeps
+freed blocks instead of returning them, so each call's fresh gradient buffer is not page-faulted in
+again), as in a distillation run and in the step table.
 
 Peak extra memory is measured in a fresh child process per provider and mode: CUDA, peak allocated
 above the inputs; CPU, growth of the resident set (VmHWM after resetting it through
@@ -31,6 +36,7 @@ bench/run.py's loss table is this table at each matched layer shape (:data:`LAYE
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -120,11 +126,41 @@ def run_once(fn, real, syn, mode):
     return elapsed
 
 
-def time_provider(fn, real, syn, mode, warmup, repeats):
+def time_provider(fn, real, syn, mode, warmup, repeats, copy=None):
+    """Median (p20-p80) of ``repeats`` calls after ``warmup``. With ``copy`` (a callable returning
+    one ``copy_``'s GB/s), each timed call is paired with a copy right before it, and
+    ``copy_fraction`` is the median over the pairs of (the call's GB/s / its copy's GB/s): on a
+    machine whose memory bandwidth drifts (a shared VM), a ratio of neighbours is steadier than a
+    ratio of two medians taken minutes apart."""
     # the warm-up times are kept: the first one holds torch.compile's compilation
     warm = [run_once(fn, real, syn, mode) for _ in range(warmup)]
-    times = [run_once(fn, real, syn, mode) for _ in range(repeats)]
-    return {**measure.quantiles(times), "repeats": repeats, "warmup_s": warm}
+    times, copies = [], []
+    for _ in range(repeats):
+        if copy is not None:
+            copies.append(copy())
+        times.append(run_once(fn, real, syn, mode))
+    out = {**measure.quantiles(times), "repeats": repeats, "warmup_s": warm}
+    if copies:
+        moved = bytes_moved(real, syn, mode)
+        out["paired_copy_gbs"] = copies
+        out["copy_fraction"] = statistics.median(moved / t / 1e9 / c for t, c in zip(times, copies))
+    return out
+
+
+def paired_copy(x):
+    """A callable timing one ``copy_`` of ``x``'s size into a buffer kept for the purpose; returns
+    GB/s (bytes read + written)."""
+    dst = torch.empty_like(x)
+
+    def once():
+        measure.sync(x.device)
+        t0 = time.perf_counter()
+        dst.copy_(x)
+        measure.sync(x.device)
+        return 2 * x.numel() * x.element_size() / (time.perf_counter() - t0) / 1e9
+
+    once()  # first touch of dst
+    return once
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,22 +221,28 @@ def available_providers(device):
 
 def run_table(args):
     device = torch.device(args.device)
+    # time with the allocator setting the CLI uses on CPU (glibc keeps freed blocks, so a fresh
+    # gradient buffer is not page-faulted in again on every call), as the step table does; the
+    # memory children undo it (measure.glibc_return_to_os)
+    from atom_fast.distill.cli import keep_freed_memory
+    malloc_kept = device.type == "cpu" and keep_freed_memory()
     torch.manual_seed(0)
     real, syn = make_inputs(args.classes, args.real, args.ipc, *args.shape, _dtype(args.dtype), device)
     providers = [p for p in args.providers if p in available_providers(device)]
     input_bytes = (real.numel() + syn.numel()) * real.element_size()
     rows = []
     copy_gbs = measure.copy_bandwidth(real)
+    copy = paired_copy(real)
     for mode in args.modes:
         for provider in providers:
             fn = loss_fn(provider, args.classes, args.ps, args.pc, args.ws, args.wc,
                          _compile_dynamic(args))
-            t = time_provider(fn, real, syn, mode, args.warmup, args.repeats)
+            t = time_provider(fn, real, syn, mode, args.warmup, args.repeats, copy)
             moved = bytes_moved(real, syn, mode)
             row = {"provider": provider, "mode": mode, **t, "bytes_moved": moved,
                    "gbs": moved / t["median_s"] / 1e9}
-            row["copy_fraction"] = row["gbs"] / copy_gbs
             rows.append(row)
+    del copy
     by_mode = {}
     for row in rows:
         by_mode.setdefault(row["mode"], {})[row["provider"]] = row
@@ -225,6 +267,7 @@ def run_table(args):
                    "compile_dynamic": getattr(args, "compile_dynamic", "auto")},
         "input_bytes": input_bytes,
         "copy_gbs": copy_gbs,
+        "malloc_keeps_freed_memory": malloc_kept,
         "rows": rows,
     }
 

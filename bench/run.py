@@ -21,9 +21,9 @@ it, compiled afresh for each timed shape; the compilation is the first warm-up c
 alone), fwd+bwd. Times: median with 20th/80th percentiles, the device synchronized around every
 call. Achieved GB/s counts the bytes that must move (SPEC 4): forward reads every real and synthetic
 feature once, backward reads the synthetic features and writes their gradient once; it is compared
-with the bandwidth of ``copy_`` measured in the same run. Peak extra memory, in a fresh process per
-provider and mode: CUDA, peak allocated above the inputs; CPU, growth of the resident set during one
-call with glibc returning every block >= 64 KiB to the OS (so freed temporaries cannot hide in the
+with a ``copy_`` of the real features timed just before each call (the median of the paired
+ratios). Peak extra memory, in a fresh process per provider and mode: CUDA, peak allocated above
+the inputs; CPU, growth of the resident set during one call with glibc returning every block >= 64 KiB to the OS (so freed temporaries cannot hide in the
 heap); the backward alone is not measured on CPU.
 
 Step table (bench/step_table.py, the layout of the ATOM paper's Table 3): seconds per

@@ -93,6 +93,9 @@ void advise_huge_pages(void* data, int64_t bytes) {
 // page, i.e. at every row of a 32x32 layer, so the next row's read would otherwise start only when
 // the current row's powers are done (measured: +3-7 points of copy bandwidth at 16x16 and 32x32).
 // A prefetch never faults, so running past the end of F is harmless.
+// Spatial tile of the forward's statistics for maps with H*W > 2 * kSpatialTile (see side_stats).
+constexpr int64_t kSpatialTile = 1024;
+
 inline void prefetch(const void* p, size_t bytes) {
   const char* a = static_cast<const char*>(p);
   for (const char* end = a + bytes; a < end; a += 64) __builtin_prefetch(a, 0, 3);
@@ -184,38 +187,47 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
       std::fill(s, s + L, acc_t(0));
       acc_t m = 0;        // running max |F| of the rows so far (0: none above `tiny` yet)
       bool fixed = false;  // m is the sample's max (after a restart)
-      for (int64_t c = 0; c < C && (has_s || has_t); ++c) {
-        prefetch(c + 1 < C ? fn + (c + 1) * HW : fn + stride_n, HW * sizeof(scalar_t));
-        const acc_t* x = load_row<scalar_t, acc_t>(fn + c * HW, buf.data(), HW);
+      // Large maps go tile by tile (all C rows of one spatial tile, then the next), so the running
+      // spatial vector of one tile and the rows stay in L1 (at 64x64 a whole row and the whole
+      // spatial vector are 16 KB each). Rescaling covers all of s and t: what is not reached yet
+      // is zero, and t[c] sums over the tiles done.
+      const int64_t tile = HW > kSpatialTile * 2 ? kSpatialTile : HW;
+      const int64_t tiles = (HW + tile - 1) / tile;
+      for (int64_t r = 0; r < tiles * C && (has_s || has_t); ++r) {
+        const int64_t c = r % C, lo = (r / C) * tile, len = std::min(tile, HW - lo);
+        const int64_t next = r + 1 < tiles * C ? ((r + 1) % C) * HW + ((r + 1) / C) * tile : stride_n;
+        prefetch(fn + next, std::min(tile, HW) * sizeof(scalar_t));
+        const acc_t* x = load_row<scalar_t, acc_t>(fn + c * HW + lo, buf.data(), len);
         if (m == 0) {  // no scale yet (first row, or all rows so far zero)
-          const acc_t first = k.row_max(x, HW);
+          const acc_t first = k.row_max(x, len);
           if (first >= tiny) m = first;
         }
         const acc_t inv = m > 0 ? acc_t(1) / m : acc_t(1);
-        acc_t row_m;
+        acc_t row_m, part = 0;
         if (same) {
-          row_m = k.both(x, s, HW, aps, inv, t + c);
+          row_m = k.both(x, s + lo, len, aps, inv, &part);
         } else {
-          row_m = has_s ? k.spatial(x, s, HW, aps, inv) : k.row_max(x, HW);
-          if (has_t) t[c] = k.channel(x, HW, apc, inv);
+          row_m = has_s ? k.spatial(x, s + lo, len, aps, inv) : k.row_max(x, len);
+          if (has_t) part = k.channel(x, len, apc, inv);
         }
-        if (row_m > m && row_m >= tiny && !fixed) {  // row c raised the max (then m > 0)
+        if (has_t) t[c] = lo == 0 ? part : t[c] + part;
+        if (row_m > m && row_m >= tiny && !fixed) {  // this row raised the max (then m > 0)
           const double ratio = static_cast<double>(m) / static_cast<double>(row_m);
           if (-p_max * std::log2(ratio) > log2_limit) {
             // the sums may have overflowed on the old scale: redo the sample with its max
             acc_t full = m;
-            for (int64_t r = 0; r < C; ++r) {
-              const acc_t* y = load_row<scalar_t, acc_t>(fn + r * HW, buf.data(), HW);
+            for (int64_t q = 0; q < C; ++q) {
+              const acc_t* y = load_row<scalar_t, acc_t>(fn + q * HW, buf.data(), HW);
               full = std::max(full, k.row_max(y, HW));
             }
             std::fill(s, s + HW + C, acc_t(0));
             m = full;
             fixed = true;
-            c = -1;
+            r = -1;
             continue;
           }
           if (has_s) k.scale(s, HW, static_cast<acc_t>(std::pow(ratio, ps)));
-          if (has_t) k.scale(t, c + 1, static_cast<acc_t>(std::pow(ratio, pc)));
+          if (has_t) k.scale(t, C, static_cast<acc_t>(std::pow(ratio, pc)));
           m = row_m;
         }
       }

@@ -183,14 +183,23 @@ def test_labels_at_a_large_power():
 
 @pytest.mark.parametrize("p", [4, 16, 50])
 @pytest.mark.parametrize("growth", [4.0, 0.25, 30.0])
-def test_channels_of_growing_magnitude(p, growth):
+@pytest.mark.parametrize("shape,axis", [((6, 3, 5), "channel"), ((4, 48, 50), "channel"),
+                                        ((4, 48, 50), "spatial")],
+                         ids=["6x3x5", "4x48x50-tiled", "4x48x50-tiled-spatial-growth"])
+def test_channels_of_growing_magnitude(p, growth, shape, axis):
     # The forward keeps the running max of the rows read so far: a row that raises it rescales the
     # partial sums by (m_old / m_new)^p (growth 4 at p <= 16), one that would overflow them on the
     # old scale restarts the sample with its max (growth 4 at p = 50, growth 30); shrinking
-    # channels (0.25) never rescale.
-    K, B, IPC, (C, H, W) = 3, 4, 2, (6, 3, 5)
+    # channels (0.25) never rescale. H*W = 2400 > 2 * 1024 goes tile by tile (1024, 1024, 352
+    # positions of every channel in turn): the growth along the channels, or along the spatial
+    # tiles, then rescales partial channel sums of earlier tiles too.
+    K, B, IPC, (C, H, W) = 3, 4, 2, shape
     g = torch.Generator().manual_seed(1)
-    scale = growth ** torch.arange(C, dtype=torch.float64).view(1, C, 1, 1) / growth ** (C / 2)
+    if axis == "channel":
+        scale = growth ** torch.arange(C, dtype=torch.float64).view(1, C, 1, 1) / growth ** (C / 2)
+    else:  # three steps along the flattened positions, one per tile
+        step = (torch.arange(H * W, dtype=torch.float64) // 1024).view(1, 1, H, W)
+        scale = growth ** step / growth
     real = torch.randn(K * B, C, H, W, generator=g, dtype=torch.float64).relu() * scale
     syn = torch.randn(K * IPC, C, H, W, generator=g, dtype=torch.float64) * scale
     if _reference_overflows(real, p) or _reference_overflows(syn, p):
@@ -204,4 +213,28 @@ def test_channels_of_growing_magnitude(p, growth):
         assert want.item() > 1e-3
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
         gmax = g_want.abs().max().item()
-        torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=max(1e-4, 2e-5 * p) * gmax)
+        # on the 2400-position maps at p = 50 the gradient is tiny (max ~5e-8) next to the O(1)
+        # normalized values it cancels from, so float32 leaves ~3e-7 absolute (the untiled 40x50
+        # map the same): an absolute floor there
+        floor = 1e-6 if H * W > 1000 else 0.0
+        torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4,
+                                   atol=max(max(1e-4, 2e-5 * p) * gmax, floor))
+
+
+@pytest.mark.parametrize("p", [4, 2.5])
+@pytest.mark.parametrize("shape", [(3, 48, 50), (2, 33, 97)], ids=["48x50", "33x97"])
+def test_tiled_maps_match_the_reference_in_float64(p, shape):
+    """Maps above 2048 positions go tile by tile in the forward (1024 positions of every channel,
+    then the next tile): float64 equals the reference to 1e-10, loss and gradient, with both terms,
+    one term, and different powers."""
+    K, B, IPC = 2, 3, 2
+    g = torch.Generator().manual_seed(2)
+    real = torch.randn(K * B, *shape, generator=g, dtype=torch.float64).relu().to(DEVICE)
+    syn = torch.randn(K * IPC, *shape, generator=g, dtype=torch.float64).to(DEVICE)
+    for kw in (dict(spatial_power=p, channel_power=p), dict(spatial_power=p, channel_power=3.0),
+               dict(spatial_power=p, channel_power=p, channel_weight=0.0),
+               dict(spatial_power=p, channel_power=p, spatial_weight=0.0)):
+        want, g_want = _loss_and_grad(real, syn, K, "reference", **kw)
+        got, g_got = _loss_and_grad(real, syn, K, "native", **kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10 * g_want.abs().max().item())

@@ -144,15 +144,18 @@ class _NormReluPool(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, pool):
         f, pooled, mean, rstd = ops.instance_norm_relu_pool(x, weight, bias, eps, pool)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
         return f, pooled
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_f, grad_pooled):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        pooled_grad = grad_pooled if grad_pooled is not None and grad_pooled.numel() else None
-        gx, gw_rows, gb_rows = ops.instance_norm_relu_pool_backward(grad_f, pooled_grad, x, weight,
+        if grad_pooled is not None and grad_pooled.numel() == 0:  # pool=False: the empty output
+            grad_pooled = None
+        if grad_f is None and grad_pooled is None:
+            return None, None, None, None, None
+        gx, gw_rows, gb_rows = ops.instance_norm_relu_pool_backward(grad_f, grad_pooled, x, weight,
                                                                     bias, mean, rstd)
         gw = gw_rows.sum(0) if weight is not None and ctx.needs_input_grad[1] else None
         gb = gb_rows.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
@@ -162,7 +165,9 @@ class _NormReluPool(torch.autograd.Function):
 def instance_norm_relu_pool(x, weight, bias, eps, pool):
     """A ConvNet block's tail in one pass (CPU, float32/float64, native ops):
     ``f = relu(group_norm(x, C, weight, bias, eps))`` and, when ``pool``, ``avg_pool2d(f, 2)``
-    (else None). Returns ``(f, pooled)``; differentiable (once) in x, weight and bias."""
+    (else None). Returns ``(f, pooled)``; differentiable once in x, weight and bias (no double
+    backward, forward-mode AD or vmap: ConvBlock users who need them set
+    ATOM_FAST_FUSED_BLOCK_TAIL=0)."""
     eps, pool = float(eps), bool(pool)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         f, pooled = _NormReluPool.apply(x, weight, bias, eps, pool)

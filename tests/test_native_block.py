@@ -77,12 +77,17 @@ def test_gradient_of_one_output(used):
 
 def test_relu_mask_matches_forward():
     """Rows where the normalized value sits exactly at the ReLU kink (constant rows, bias 0) get the
-    forward's mask: no gradient through zeros the forward produced."""
+    forward's mask: no gradient through zeros the forward produced. (grad_x is 0 there whatever the
+    mask; grad_bias = sum of the masked upstream gradient is what a wrong mask would change.)"""
     x = torch.zeros(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
-    f, p = _native.instance_norm_relu_pool(x, None, None, 1e-5, True)
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    f, p = _native.instance_norm_relu_pool(x, w, b, 1e-5, True)
     assert f.abs().max() == 0
-    (g,) = torch.autograd.grad((f + p.repeat_interleave(2, 2).repeat_interleave(2, 3)).sum(), (x,))
-    assert g.abs().max() == 0
+    up = (f + p.repeat_interleave(2, 2).repeat_interleave(2, 3)).sum()
+    gx, gw, gb = torch.autograd.grad(up, (x, w, b))
+    assert gx.abs().max() == 0 and gw.abs().max() == 0
+    assert gb.abs().max() == 0
 
 
 def test_no_grad_path_saves_nothing():
@@ -183,3 +188,38 @@ def test_convnet_tail_is_used_and_skipped(monkeypatch):
     assert len(hooked) == 1 and calls == [1]
     assert ConvNet(3, 10, (16, 16), width=4, depth=2, norm="batchnorm").blocks[0]._tail is None
     assert ConvNet(3, 10, (16, 16), width=4, depth=2, pooling="maxpooling").blocks[0]._tail is None
+
+
+@pytest.mark.parametrize("swap", ["pool", "act", "norm"])
+def test_convnet_swapped_module_falls_back(swap, monkeypatch):
+    """A module replaced after construction is used as it is: the fused tail is decided per call."""
+    net = ConvNet(3, 10, (8, 8), width=4, depth=1).double()
+    blk = net.blocks[0]
+    new = {"pool": torch.nn.MaxPool2d(2, 2), "act": torch.nn.Identity(),
+           "norm": torch.nn.BatchNorm2d(4).double().eval()}[swap]
+    setattr(blk, swap, new)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        f, p = blk(x)
+        y = blk.conv(x)
+        f_want = blk.act(blk.norm(y))
+        torch.testing.assert_close(f, f_want)
+        torch.testing.assert_close(p, blk.pool(f_want))
+
+
+def test_convnet_global_and_backward_hooks_fall_back():
+    net = ConvNet(3, 10, (8, 8), width=4, depth=1)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m)))
+    try:
+        net(x)
+    finally:
+        handle.remove()
+    assert torch.nn.ReLU in seen
+    fired = []
+    # (on the pooling: a full backward hook on the in-place ReLU is refused by torch itself)
+    h = net.blocks[0].pool.register_full_backward_pre_hook(lambda m, g: fired.append(1))
+    net(x).sum().backward()
+    h.remove()
+    assert fired == [1]

@@ -57,7 +57,7 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         y = self.conv(x)
-        if self._tail is not None and self._fused(y):
+        if self._fused(y):
             f, pooled = native.instance_norm_relu_pool(y, self.norm.weight, self.norm.bias,
                                                        self.norm.eps, self._tail)
             return f, (f if pooled is None else pooled)
@@ -66,14 +66,25 @@ class ConvBlock(nn.Module):
 
     def _fused(self, y: torch.Tensor) -> bool:
         """The one-pass native tail (GroupNorm(C, C) + ReLU + 2x2 average pooling; forward and
-        backward) is taken for a float32/float64 CPU tensor when no hook watches the norm, ReLU or
-        pooling module (DataDAM's loop hooks the ReLU). The same values to float rounding, in 3x
-        fewer passes over the block's largest map."""
-        return (FUSED_BLOCK_TAIL and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64)
-                and not (self.norm._forward_hooks or self.norm._forward_pre_hooks
-                         or self.act._forward_hooks or self.act._forward_pre_hooks
-                         or self.pool._forward_hooks or self.pool._forward_pre_hooks
-                         or self.norm._backward_hooks or self.act._backward_hooks))
+        backward) is taken for a float32/float64 CPU tensor when the block still holds exactly those
+        modules (checked per call: a swapped module falls back) and no hook, of the modules or
+        global, could miss a call (DataDAM's loop hooks the ReLU). The same values to float
+        rounding, in 3x fewer passes over the block's largest map."""
+        if not (FUSED_BLOCK_TAIL and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64)
+                and type(self.act) is nn.ReLU):
+            return False
+        self._tail = _fusable_tail(self.norm, self.pool)
+        if self._tail is None:
+            return False
+        hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                     or m._backward_pre_hooks for m in (self.norm, self.act, self.pool))
+        return not (hooked or _global_hooks())
+
+
+def _global_hooks() -> bool:
+    g = nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
 
 
 def _fusable_tail(norm: nn.Module, pool: nn.Module):
@@ -83,7 +94,7 @@ def _fusable_tail(norm: nn.Module, pool: nn.Module):
     if type(pool) is nn.Identity:
         return False
     if (type(pool) is nn.AvgPool2d and pool.kernel_size == 2 and pool.stride == 2 and pool.padding == 0
-            and not pool.ceil_mode):
+            and not pool.ceil_mode and pool.divisor_override is None):
         return True
     return None
 

@@ -53,32 +53,38 @@ class ConvBlock(nn.Module):
         self.norm = _norm(norm, width)
         self.act = nn.ReLU(inplace=True)
         self.pool = _pool(pooling)
-        self._tail = _fusable_tail(self.norm, self.pool)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         y = self.conv(x)
-        if self._fused(y):
+        tail = self._fused_tail(y)
+        if tail is not None:
             f, pooled = native.instance_norm_relu_pool(y, self.norm.weight, self.norm.bias,
-                                                       self.norm.eps, self._tail)
+                                                       self.norm.eps, tail)
             return f, (f if pooled is None else pooled)
         f = self.act(self.norm(y))
         return f, self.pool(f)
 
-    def _fused(self, y: torch.Tensor) -> bool:
-        """The one-pass native tail (GroupNorm(C, C) + ReLU + 2x2 average pooling; forward and
-        backward) is taken for a float32/float64 CPU tensor when the block still holds exactly those
+    @property
+    def _tail(self):
+        """What the block's current modules allow: True/False (pool or not) for the native tail,
+        None for the modules (hooks and the input not considered)."""
+        return _fusable_tail(self.norm, self.pool)
+
+    def _fused_tail(self, y: torch.Tensor):
+        """This call's native-tail pooling flag, or None to run the modules. The one-pass native tail
+        (GroupNorm(C, C) + ReLU + 2x2 average pooling; forward and backward) is taken for a float32/float64 CPU tensor when the block still holds exactly those
         modules (checked per call: a swapped module falls back) and no hook, of the modules or
         global, could miss a call (DataDAM's loop hooks the ReLU). The same values to float
         rounding, in 3x fewer passes over the block's largest map."""
         if not (FUSED_BLOCK_TAIL and y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64)
                 and type(self.act) is nn.ReLU):
-            return False
-        self._tail = _fusable_tail(self.norm, self.pool)
-        if self._tail is None:
-            return False
+            return None
+        tail = self._tail
+        if tail is None:
+            return None
         hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                      or m._backward_pre_hooks for m in (self.norm, self.act, self.pool))
-        return not (hooked or _global_hooks())
+        return None if hooked or _global_hooks() else tail
 
 
 def _global_hooks() -> bool:

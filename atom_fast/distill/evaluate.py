@@ -90,14 +90,20 @@ def evaluation_schedule(epochs: int, every: int = 0) -> List[int]:
 @torch.no_grad()
 def test_accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   batch_size: int = 1000) -> float:
-    """Top-1 accuracy (in %) of ``net`` on ``images (M, C, H, W)`` with ``labels (M,)``. Leaves
-    ``net`` in eval mode."""
+    """Top-1 accuracy (in %) of ``net`` on ``images (M, C, H, W)`` with ``labels (M,)``, or on a
+    test set that yields its own batches (``images.batches(batch_size)`` of ``(x, y)``, ``labels``
+    None; e.g. a store's test split read batch by batch). Leaves ``net`` in eval mode."""
     net.eval()
-    correct = 0
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size]
-        correct += int((net(x).argmax(1) == labels[i:i + batch_size].to(x.device)).sum())
-    return 100.0 * correct / max(images.shape[0], 1)
+    if hasattr(images, "batches"):
+        batches, total = images.batches(batch_size), len(images)
+    else:
+        batches = ((images[i:i + batch_size], labels[i:i + batch_size])
+                   for i in range(0, images.shape[0], batch_size))
+        total = images.shape[0]
+    correct = 0  # becomes a device tensor, read once at the end: no host sync per batch
+    for x, y in batches:
+        correct = correct + (net(x).argmax(1) == y.to(x.device)).sum()
+    return 100.0 * int(correct) / max(total, 1)
 
 
 def train_network(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -143,7 +149,10 @@ def _sync(device: torch.device) -> None:
 def _check_inputs(images, labels, test_images, test_labels, num_classes) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    for name, x, y in (("images", images, labels), ("test_images", test_images, test_labels)):
+    streamed = hasattr(test_images, "batches")  # a test set read batch by batch
+    checked = (("images", images, labels),) if streamed else (
+        ("images", images, labels), ("test_images", test_images, test_labels))
+    for name, x, y in checked:
         lname = "labels" if name == "images" else "test_labels"
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point (N, C, H, W) tensor, got "
@@ -158,9 +167,12 @@ def _check_inputs(images, labels, test_images, test_labels, num_classes) -> None
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise ValueError(f"{lname} must lie in [0, {num_classes}), got values in "
                              f"[{int(y.min())}, {int(y.max())}]")
-    if images.shape[1:] != test_images.shape[1:]:
+    test_shape = tuple(test_images.image_shape if streamed else test_images.shape[1:])
+    if tuple(images.shape[1:]) != test_shape:
         raise ValueError(f"images are {tuple(images.shape[1:])} (C, H, W) but test_images are "
-                         f"{tuple(test_images.shape[1:])}")
+                         f"{test_shape}")
+    if streamed and len(test_images) == 0:
+        raise ValueError("test_images is empty")
 
 
 def _indices(models: Optional[int], model_indices: Optional[Sequence[int]]) -> List[int]:

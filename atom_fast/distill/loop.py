@@ -21,6 +21,11 @@ means (DataDAM's ``MSE_B`` error) computed after moving them to the CPU.
 ``class-by-class``: one class at a time (hooks, eager reference loss): the low-memory recipe DM's
 README gives for large datasets.
 
+The real images come from a :mod:`atom_fast.distill.real` source: the whole training split in memory,
+or a prepared store read class by class (:class:`~atom_fast.distill.real.StoreImages`), whose next
+iteration's images a background thread gathers while the current one computes. The draws are
+positions within each class, so both sources give the same images.
+
 All three consume the same random draws, so with one seed they produce the same synthetic images (up
 to float rounding; with batch norm they differ, since the batch statistics do). All randomness of
 iteration ``i`` comes from seeds derived from ``(seed, i)`` and, for the real images of class ``k``,
@@ -31,6 +36,7 @@ only some classes (``classes``, multi-process runs) draws exactly what a single 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -41,6 +47,7 @@ from atom_fast import (attention_loss, channel_attention, class_statistics, mmd_
 from atom_fast.distill import augment as dsa
 from atom_fast.distill.seeds import derive_seed
 from atom_fast.distill.networks import ConvNet, NORMS, POOLINGS, default_depth
+from atom_fast.distill.real import MemoryImages
 
 # method -> (spatial weight, channel weight); None: no attention term (DM)
 METHODS: Dict[str, Optional[Tuple[float, float]]] = {
@@ -134,14 +141,22 @@ def class_pools(labels: torch.Tensor, num_classes: int) -> List[torch.Tensor]:
     return [torch.nonzero(labels == k).flatten() for k in range(num_classes)]
 
 
-def random_indices(pools: Sequence[torch.Tensor], ipc: int, seed: int) -> torch.Tensor:
-    """``ipc`` random indices per class, class-major: the initialization of the synthetic set and
-    the images of the "random" baseline (the same ones for one seed)."""
-    for k, p in enumerate(pools):
-        if len(p) < ipc:
-            raise ValueError(f"ipc={ipc} but class {k} has only {len(p)} training images")
+def random_positions(counts: Sequence[int], ipc: int, seed: int) -> List[torch.Tensor]:
+    """``ipc`` random positions within each class (of ``counts[k]`` images): the initialization of
+    the synthetic set and the images of the "random" baseline (the same ones for one seed). One
+    generator runs over the classes in order, so every class needs the counts of those before it,
+    never their images."""
+    for k, n in enumerate(counts):
+        if n < ipc:
+            raise ValueError(f"ipc={ipc} but class {k} has only {n} training images")
     g = torch.Generator().manual_seed(derive_seed(seed, 0x1A17))
-    return torch.cat([p[torch.randperm(len(p), generator=g)[:ipc]] for p in pools])
+    return [torch.randperm(int(n), generator=g)[:ipc] for n in counts]
+
+
+def random_indices(pools: Sequence[torch.Tensor], ipc: int, seed: int) -> torch.Tensor:
+    """:func:`random_positions` as dataset indices, class-major (``pools`` from :func:`class_pools`)."""
+    positions = random_positions([len(p) for p in pools], ipc, seed)
+    return torch.cat([p[pos] for p, pos in zip(pools, positions)])
 
 
 class NonFiniteLossError(RuntimeError):
@@ -151,55 +166,69 @@ class NonFiniteLossError(RuntimeError):
 class Draw(NamedTuple):
     """The random draws of one iteration for the classes a Distiller owns."""
 
-    real_indices: torch.Tensor        # (len(classes) * batch_real,) CPU int64, class-major
+    real_positions: List[torch.Tensor]  # per owned class: batch_real positions within the class
     augmentation: Optional[dsa.DSADraw]  # one DSA draw per owned class, or None without DSA
 
 
 class Distiller:
-    """Distills ``data`` (an :class:`atom_fast.distill.data.Dataset`, already whitened if wanted).
+    """Distills the real images of ``train_images``: a ``(N, C, H, W)`` float tensor of normalized
+    images (already whitened if wanted) with their ``train_labels``, or a real-image source of
+    :mod:`atom_fast.distill.real` (e.g. a store's :class:`~atom_fast.distill.real.StoreImages`;
+    ``train_labels`` None).
 
     ``classes`` (default: all) are the classes this process owns in a multi-process run: it holds
-    their synthetic images and optimizer state only and computes their part of the loss (the loss is
-    a sum over classes). ``syn`` (``(len(classes) * ipc, C, H, W)``, leaf, class-major) and
-    ``syn_labels`` (global class ids) hold the synthetic set; :meth:`step` runs one iteration.
+    their synthetic images and optimizer state only, reads only their real images and computes their
+    part of the loss (the loss is a sum over classes). ``syn`` (``(len(classes) * ipc, C, H, W)``,
+    leaf, class-major) and ``syn_labels`` (global class ids) hold the synthetic set; :meth:`step`
+    runs one iteration. With ``prefetch`` a background thread fetches the next iteration's real
+    images during a step.
     """
 
-    def __init__(self, train_images: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
+    def __init__(self, train_images, train_labels: Optional[torch.Tensor], num_classes: int,
                  config: DistillConfig, device: torch.device | str = "cpu",
-                 classes: Optional[Sequence[int]] = None):
+                 classes: Optional[Sequence[int]] = None, prefetch: bool = True):
         self.device = torch.device(device)
-        self.config = config.resolve(train_images.shape[-2:])
+        if isinstance(train_images, torch.Tensor):
+            if train_labels is None:
+                raise ValueError("train_labels is required with a tensor of train_images")
+            train_images = MemoryImages(train_images, train_labels, num_classes, self.device)
+        self.real = train_images
+        image_shape = tuple(self.real.image_shape)
+        self.config = config.resolve(image_shape[-2:])
         c = self.config
         self.num_classes = num_classes
         self.classes = list(range(num_classes)) if classes is None else [int(k) for k in classes]
         if not self.classes or min(self.classes) < 0 or max(self.classes) >= num_classes:
             raise ValueError(f"classes must be a non-empty subset of 0..{num_classes - 1}")
-        self.images = train_images.to(self.device)
-        self.pools = class_pools(train_labels, num_classes)
-        smallest = min(len(self.pools[k]) for k in self.classes)
+        smallest = min(self.real.counts[k] for k in self.classes)
         if smallest < c.batch_real:
             raise ValueError(f"batch_real={c.batch_real} but the smallest class has only {smallest} "
                              f"training images; lower --batch-real")
         self.weights = METHODS[c.method]
-        self.net = ConvNet(self.images.shape[1], num_classes, self.images.shape[-2:], width=c.width,
+        self.net = ConvNet(image_shape[0], num_classes, image_shape[-2:], width=c.width,
                            depth=c.depth, norm=c.norm, pooling=c.pooling).to(self.device)
         self.net.requires_grad_(False)
         own = torch.tensor(self.classes, dtype=torch.long)
         self.syn_labels = own.repeat_interleave(c.ipc).to(self.device)
-        rows = (own[:, None] * c.ipc + torch.arange(c.ipc)).flatten()
-        self.syn = self.initial_images()[rows.to(self.device)].clone().requires_grad_(True)
+        self.syn = self.initial_images(self.classes).requires_grad_(True)
         self.optimizer = torch.optim.SGD([self.syn], lr=c.lr_img, momentum=c.momentum)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="atom-fast-prefetch") if prefetch else None
+        self._next = None  # (iteration, future of its fetched real batch)
 
     # -- data -------------------------------------------------------------------------------------
-    def initial_images(self) -> torch.Tensor:
-        """``ipc`` random real images of *every* class (or Gaussian noise), class-major."""
+    def initial_images(self, classes: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """``ipc`` random real images (or Gaussian noise) of each of ``classes`` (default: every
+        class), class-major; a class's draw does not depend on which classes are asked for."""
         c = self.config
+        classes = list(range(self.num_classes)) if classes is None else list(classes)
         if c.init == "noise":
             g = torch.Generator().manual_seed(derive_seed(c.seed, 0x1A17))
-            return torch.randn((self.num_classes * c.ipc,) + tuple(self.images.shape[1:]),
-                               generator=g).to(self.device)
-        idx = random_indices(self.pools, c.ipc, c.seed)
-        return self.images[idx.to(self.device)].clone()
+            noise = torch.randn((self.num_classes * c.ipc,) + tuple(self.real.image_shape), generator=g)
+            rows = (torch.tensor(classes, dtype=torch.long)[:, None] * c.ipc + torch.arange(c.ipc)).flatten()
+            return noise[rows].to(self.device)
+        positions = random_positions(self.real.counts, c.ipc, c.seed)
+        raw = self.real.fetch(classes, [positions[k] for k in classes])
+        return self.real.convert(raw).clone()
 
     def draw(self, iteration: int) -> Draw:
         """Iteration ``iteration``'s real samples and DSA draws for the owned classes.
@@ -212,19 +241,43 @@ class Distiller:
         params = None
         if c.dsa:
             g = torch.Generator().manual_seed(derive_seed(c.seed, iteration))
-            params = dsa.draw(self.num_classes, self.images.shape[-2:], generator=g)
+            params = dsa.draw(self.num_classes, self.real.image_shape[-2:], generator=g)
             if len(self.classes) != self.num_classes:
                 params = params.select(self.classes)
-        idx = []
+        positions = []
         for k in self.classes:
             g = torch.Generator().manual_seed(derive_seed(c.seed, iteration, k, 0x5A3))
-            pool = self.pools[k]
-            idx.append(pool[torch.randperm(len(pool), generator=g)[:c.batch_real]])
-        return Draw(torch.cat(idx), params)
+            positions.append(torch.randperm(self.real.counts[k], generator=g)[:c.batch_real])
+        return Draw(positions, params)
+
+    def _fetch(self, iteration: int):
+        return self.real.fetch(self.classes, self.draw(iteration).real_positions)
+
+    def fetch_real(self, iteration: int):
+        """Iteration ``iteration``'s raw real batch (fetched ahead by the prefetch thread when it
+        was asked for), and the fetch of the next iteration's started in the background."""
+        raw = None
+        if self._next is not None:
+            it, future = self._next
+            self._next = None
+            result = future.result()  # also re-raises a failed fetch here, in the step
+            if it == iteration:
+                raw = result
+        if raw is None:
+            raw = self._fetch(iteration)
+        if self._pool is not None and iteration + 1 < self.config.iterations:
+            self._next = (iteration + 1, self._pool.submit(self._fetch, iteration + 1))
+        return raw
 
     def real_batch(self, iteration: int) -> torch.Tensor:
         """The real images of iteration ``iteration`` (owned classes, class-major, before DSA)."""
-        return self.images.index_select(0, self.draw(iteration).real_indices.to(self.device))
+        return self.real.convert(self._fetch(iteration))
+
+    def close(self) -> None:
+        """Stop the prefetch thread (a pending fetch is waited for)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool, self._next = None, None
 
     def _reset_network(self, iteration: int) -> None:
         # a fresh random network: the parameters a new ConvNet would get from this seed (default
@@ -241,13 +294,14 @@ class Distiller:
         """Run iteration ``iteration``; returns this process's part of the loss (0-dim, not synced)."""
         c = self.config
         draw = self.draw(iteration)
+        raw = self.fetch_real(iteration)
         self._reset_network(iteration)
         self.optimizer.zero_grad(set_to_none=True)
         if c.loop == "fused":
-            loss = self._fused_backward(draw)
+            loss = self._fused_backward(draw, raw)
         else:
-            loss = (self._datadam_loss(draw) if c.loop == "datadam"
-                    else self._class_by_class_loss(draw))
+            loss = (self._datadam_loss(draw, raw) if c.loop == "datadam"
+                    else self._class_by_class_loss(draw, raw))
             loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -270,7 +324,7 @@ class Distiller:
         p = params if len(positions) == params.groups else params.select(positions)
         return dsa.apply(x, p, sizes)
 
-    def _real_statistics(self, draw: Draw):
+    def _real_statistics(self, draw: Draw, raw):
         """The real side of the loss, streamed: ``real_chunk`` images at a time through the network
         under no_grad, each chunk reduced to class statistics at once."""
         c = self.config
@@ -278,14 +332,13 @@ class Distiller:
         attention = self.weights is not None
         ws, wc = self.weights or (0.0, 0.0)
         total = None
-        idx = draw.real_indices
         for start in range(0, n * b, self.real_chunk):
             stop = min(start + self.real_chunk, n * b)
             first, last = start // b, (stop - 1) // b
             positions = list(range(first, last + 1))
             sizes = [min(stop, (k + 1) * b) - max(start, k * b) for k in positions]
             with torch.no_grad():
-                x = self.images.index_select(0, idx[start:stop].to(self.device, non_blocking=True))
+                x = self.real.convert(raw, start, stop)
                 x = self._augment(x, draw.augmentation, positions, sizes)
                 maps, emb = self.net.features(x)
                 del x
@@ -309,11 +362,11 @@ class Distiller:
                              backend=backend)
         return ATTENTION_SCALE * att + ATTENTION_SCALE * c.task_balance * mmd
 
-    def _fused_backward(self, draw: Draw) -> torch.Tensor:
+    def _fused_backward(self, draw: Draw, raw) -> torch.Tensor:
         """Real statistics (streamed), then the synthetic classes chunk by chunk, each chunk's loss
         backpropagated at once (so its graph is freed); returns the total (detached)."""
         c = self.config
-        stats = self._real_statistics(draw)
+        stats = self._real_statistics(draw, raw)
         total = torch.zeros((), device=self.device)
         whole = len(self.chunks) == 1
         for chunk in self.chunks:
@@ -333,7 +386,7 @@ class Distiller:
                  for block in self.net.blocks]
         return activations, hooks
 
-    def _datadam_loss(self, draw: Draw) -> torch.Tensor:
+    def _datadam_loss(self, draw: Draw, raw) -> torch.Tensor:
         """DataDAM's script: per-class sampling and DSA, then one forward of all real images and one
         of the whole synthetic set with hooks, .detach()ed real maps, eager attention, MSE_B on the
         CPU."""
@@ -341,8 +394,7 @@ class Distiller:
         b = c.batch_real
         img_real, img_syn = [], []
         for pos in range(n):
-            real = self.images.index_select(
-                0, draw.real_indices[pos * b:(pos + 1) * b].to(self.device))
+            real = self.real.convert(raw, pos * b, (pos + 1) * b)
             syn = self.syn[pos * c.ipc:(pos + 1) * c.ipc]
             img_real.append(self._augment(real, draw.augmentation, [pos], [b]))
             img_syn.append(self._augment(syn, draw.augmentation, [pos], [c.ipc]))
@@ -383,7 +435,7 @@ class Distiller:
         loss = loss + mmd_scale * mse_b(output_real, output_syn)
         return loss.to(self.device)
 
-    def _class_by_class_loss(self, draw: Draw) -> torch.Tensor:
+    def _class_by_class_loss(self, draw: Draw, raw) -> torch.Tensor:
         """One class at a time: hooks clone every ReLU output; eager reference loss."""
         c = self.config
         b = c.batch_real
@@ -391,8 +443,7 @@ class Distiller:
         try:
             loss = torch.zeros((), device=self.device)
             for pos in range(len(self.classes)):
-                img_real = self.images.index_select(
-                    0, draw.real_indices[pos * b:(pos + 1) * b].to(self.device))
+                img_real = self.real.convert(raw, pos * b, (pos + 1) * b)
                 img_syn = self.syn[pos * c.ipc:(pos + 1) * c.ipc]
                 img_real = self._augment(img_real, draw.augmentation, [pos], [b])
                 img_syn = self._augment(img_syn, draw.augmentation, [pos], [c.ipc])

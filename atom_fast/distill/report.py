@@ -44,7 +44,7 @@ def check_architectures(architectures: Sequence[str], data, options: Callable[[s
     cannot take the data's images fails before any distillation, as a one-line ValueError."""
     from atom_fast.distill.architectures import build_network
 
-    C, im_size = data.train_images.shape[1], tuple(data.train_images.shape[-2:])
+    C, im_size = data.channels, tuple(data.im_size)
     for arch in architectures:
         try:
             with torch.device("meta"):
@@ -77,8 +77,7 @@ class SetEvaluator:
         self.data, self.config, self.architectures = data, config, list(architectures)
         self.models, self.seed, self.device, self.ctx = models, seed, device, ctx
         self.options, self.log = options, log
-        self.test_x = data.test_images.to(device)
-        self.test_y = data.test_labels.to(device)
+        self.test = data.test_set(device)  # tensors, or a store's test split read in batches
         self.seconds: Dict[str, float] = {}
 
     def evaluate(self, name: str, images: torch.Tensor, labels: torch.Tensor) -> Optional[dict]:
@@ -89,8 +88,8 @@ class SetEvaluator:
         for arch in self.architectures:
             records = []
             if mine:
-                records = evaluate(images.to(self.device), labels.to(self.device), self.test_x,
-                                   self.test_y, self.data.num_classes, config=self.config,
+                records = evaluate(images.to(self.device), labels.to(self.device), self.test,
+                                   None, self.data.num_classes, config=self.config,
                                    seed=self.seed, architecture=arch, model_indices=mine,
                                    network_kwargs=self.options(arch),
                                    progress=lambda m, a, arch=arch: self.log(
@@ -120,14 +119,15 @@ def scores(evaluator: SetEvaluator, dataset: str, synthetic: dict, random: dict,
     """DD-Ranking's label-robust score per architecture (rank 0). The full-data accuracy (the same
     architecture and protocol trained on the whole training set) is computed once and cached."""
     data = evaluator.data
-    fingerprint = data_fingerprint(data.train_images, data.train_labels)
+    train_images, train_labels = data.full_train()
+    fingerprint = data_fingerprint(train_images, train_labels)
     out = {}
     for arch in evaluator.architectures:
         def compute(arch=arch):
             evaluator.log(f"full-data accuracy of {arch}: training {evaluator.models} models on "
-                          f"{len(data.train_labels)} images (cached afterwards)")
-            recs = evaluate(data.train_images.to(evaluator.device), data.train_labels.to(evaluator.device),
-                            evaluator.test_x, evaluator.test_y, data.num_classes,
+                          f"{len(train_labels)} images (cached afterwards)")
+            recs = evaluate(train_images.to(evaluator.device), train_labels.to(evaluator.device),
+                            evaluator.test, None, data.num_classes,
                             config=evaluator.config, seed=evaluator.seed, architecture=arch,
                             models=evaluator.models, network_kwargs=evaluator.options(arch))
             return [r.final_accuracy for r in recs]

@@ -230,14 +230,24 @@ def gather_state(ctx: dist.Context, distiller: Distiller) -> Optional[dict]:
 def distill(data, config: DistillConfig, device: torch.device, out: OutputDir, identity: dict, *,
             resume: bool, checkpoint_every: int, log_every: int, progress: bool,
             log: Callable[[str], None], ctx: dist.Context = dist.Context()) -> dict:
-    """Run (or resume) a distillation of ``data``; rank 0 gets the whole synthetic set back.
+    """Run (or resume) a distillation of ``data`` (a :mod:`atom_fast.distill.real` run data: this
+    process reads its own classes' images only); rank 0 gets the whole synthetic set back.
 
     ``identity``: what the pixels depend on beyond ``config`` (dataset, path, ZCA...), compared on
     resume. Checkpoints go to ``out`` every ``checkpoint_every`` iterations (rank 0 writes them).
     """
     classes = ctx.classes(data.num_classes)
-    distiller = Distiller(data.train_images, data.train_labels, data.num_classes, config, device,
+    distiller = Distiller(data.train_source(device, classes), None, data.num_classes, config, device,
                           classes=classes)
+    try:
+        return _distill(distiller, ctx, out, identity, resume=resume, checkpoint_every=checkpoint_every,
+                        log_every=log_every, progress=progress, log=log)
+    finally:
+        distiller.close()
+
+
+def _distill(distiller: Distiller, ctx: dist.Context, out: OutputDir, identity: dict, *, resume: bool,
+             checkpoint_every: int, log_every: int, progress: bool, log: Callable[[str], None]) -> dict:
     c = distiller.config
     ckpt = out.file(CHECKPOINT)
     start, elapsed, losses = 0, 0.0, []

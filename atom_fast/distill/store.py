@@ -361,6 +361,11 @@ class Store:
                     raise StoreError(f"{p} is truncated: {size} bytes for {n} images of {row} bytes; "
                                      f"re-run `atom-fast prepare`")
 
+    def check_classes(self, split: str, classes: Sequence[int]) -> None:
+        """Read and check the ``.npy`` headers of ``classes`` (those a process will read)."""
+        for k in classes:
+            self._check_header(split, int(k))
+
     def _check_header(self, split: str, k: int) -> None:
         """Class ``k``'s file holds exactly ``(count, C, H, W)`` C-ordered uint8 images."""
         if (split, k) in self._checked:

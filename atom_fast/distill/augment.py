@@ -212,39 +212,47 @@ class ZCA:
         self._zca.fit(images)
         return self
 
+    @staticmethod
     @torch.no_grad()
-    def fit_streamed(self, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> "ZCA":
-        """Fit from ``(n, C, H, W)`` batches without holding the whole set: the mean and covariance
-        are accumulated in float64 on ``device`` (shifted by the first batch's mean, so the sums do
-        not cancel), then the transform is formed as kornia's ``fit`` forms it (unbiased
-        covariance, SVD, ``U diag(1/sqrt(S + eps)) U^T`` and its inverse), in float64, and kept in
-        float32 like kornia's. At D = C*H*W features this holds a D x D float64 matrix (CIFAR:
-        75 MB; 64x64x3: 1.2 GB)."""
-        n, shift, total, outer = 0, None, None, None
+    def moments(batches: Iterable[torch.Tensor], device: torch.device | str = "cpu"):
+        """``(n, sum, outer)``: the image count, the float64 sum ``(D,)`` and the float64 sum of
+        outer products ``(D, D)`` of ``(n, C, H, W)`` batches, ``D = C*H*W``. They add up over
+        batches and processes, so the set never needs to be in one place. The images are taken as
+        normalized (near zero mean), so the float64 sums lose nothing to cancellation. At 64x64x3 the
+        outer sum is a 1.2 GB matrix (CIFAR: 75 MB)."""
+        n, total, outer = 0, None, None
         for x in batches:
             x = x.to(device=device, dtype=torch.float64).reshape(x.shape[0], -1)
-            if shift is None:
-                shift = x.mean(dim=0)
-                total = torch.zeros_like(shift)
-                outer = torch.zeros((shift.numel(), shift.numel()), dtype=torch.float64, device=device)
-            x = x - shift
+            if total is None:
+                total = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+                outer = torch.zeros((x.shape[1], x.shape[1]), dtype=torch.float64, device=device)
             total += x.sum(dim=0)
             outer.addmm_(x.t(), x)
             n += x.shape[0]
+        return n, total, outer
+
+    @torch.no_grad()
+    def fit_moments(self, n: int, total: torch.Tensor, outer: torch.Tensor) -> "ZCA":
+        """Fit from :meth:`moments` (summed over every batch and process): the transform kornia's
+        ``fit`` forms on the whole set (unbiased covariance, SVD, ``U diag(1/sqrt(S + eps)) U^T``
+        and its inverse), computed in float64 and kept in float32 like kornia's."""
         if n < 2:
             raise ValueError(f"ZCA needs at least two images to fit, got {n}")
         mean = total / n
         cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
         U, S, _ = torch.linalg.svd(cov)
         S = S.reshape(-1, 1)
-        T = U.mm(torch.rsqrt(S + self.eps) * U.t())
-        T_inv = U.mm(torch.sqrt(S + self.eps) * U.t())
         z = self._zca
-        z.mean_vector = (mean + shift).reshape(1, -1).to(torch.float32)
-        z.transform_matrix = T.to(torch.float32)
-        z.transform_inv = T_inv.to(torch.float32)
+        z.mean_vector = mean.reshape(1, -1).to(torch.float32)
+        z.transform_matrix = U.mm(torch.rsqrt(S + self.eps) * U.t()).to(torch.float32)
+        z.transform_inv = U.mm(torch.sqrt(S + self.eps) * U.t()).to(torch.float32)
         z.fitted = True
         return self
+
+    def fit_streamed(self, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> "ZCA":
+        """Fit from ``(n, C, H, W)`` batches without holding the whole set (:meth:`moments`, then
+        :meth:`fit_moments`)."""
+        return self.fit_moments(*self.moments(batches, device))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch: int = 10000) -> torch.Tensor:

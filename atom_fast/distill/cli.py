@@ -265,10 +265,10 @@ def _open_out(ctx, out) -> None:
     dist.agree(ctx, error, "opening --out")
 
 
-def _whiten(data, device, timings) -> "dsa.ZCA":
+def _whiten(data, device, ctx, timings) -> "dsa.ZCA":
     """Fit ZCA on the training images; every image the run reads is whitened from then on."""
     t = time.perf_counter()
-    zca = data.fit_zca(device)
+    zca = data.fit_zca(device, ctx)
     timings["zca_s"] = time.perf_counter() - t
     return zca
 
@@ -330,9 +330,9 @@ def _run(args, device, ctx, out) -> Optional[dict]:
     run_id = dist.broadcast_from_main(ctx, session.new_run_id(), "sharing the run id")
 
     use_zca = args.zca if args.zca is not None else args.dataset in ("cifar10", "cifar100")
-    zca = _whiten(data, device, timings) if use_zca else None
+    zca = _whiten(data, device, ctx, timings) if use_zca else None
 
-    result = None
+    result, read = None, None
     if args.method == "random":
         images, labels = random_real_set(data, ctx, args.ipc, args.seed)
         config = {"method": "random", "ipc": args.ipc, "seed": args.seed, "init": "real"}
@@ -345,6 +345,8 @@ def _run(args, device, ctx, out) -> Optional[dict]:
         full = dist.broadcast_from_main(ctx, (result["images"], result["labels"]) if ctx.is_main
                                         else None, "sharing the synthetic set")
         images, labels = full[0].cpu(), full[1].cpu()
+        # which classes' training images each process read (a store maps only its own)
+        read = dist.gather_to_main(ctx, data.train_classes_read(), "gathering the classes read")
         config = result["config"]
         timings["distill_s"] = result["distill_s"]
         if result["iterations_run"]:  # this session's iterations over this session's time
@@ -370,6 +372,7 @@ def _run(args, device, ctx, out) -> Optional[dict]:
         "args": vars(args),
         "malloc_keeps_freed_memory": malloc_tuned,
         "losses": result["losses"] if result else [],
+        "train_classes_read_per_rank": read if result else None,
     }
     if not args.eval_models:
         return finish_unevaluated(args, data, device, ctx, out, run, timings, t_start)
@@ -618,7 +621,7 @@ def _run_evaluate(args, s, device, ctx, out) -> Optional[dict]:
                          f"loads with {tuple(data.mean)}")
     use_zca = args.zca if args.zca is not None else s["zca"] is not None
     _open_out(ctx, out)
-    zca = _whiten(data, device, timings) if use_zca else None
+    zca = _whiten(data, device, ctx, timings) if use_zca else None
     if zca is not None:
         if s["zca"] is not None and not torch.allclose(zca.state_dict()["transform"].cpu(),
                                                        s["zca"]["transform"].cpu(), atol=1e-4):

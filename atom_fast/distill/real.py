@@ -17,6 +17,8 @@ can change the last bits of a matrix product): a run does not depend on where it
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -195,7 +197,7 @@ class MemoryData:
         d = self.dataset
         return f"{tuple(d.train_images.shape)} train, {tuple(d.test_images.shape)} test, in memory"
 
-    def fit_zca(self, device):
+    def fit_zca(self, device, ctx=None):
         """Fit ZCA (kornia, on the whole normalized training split) and whiten both splits."""
         from atom_fast.distill.augment import ZCA
 
@@ -215,6 +217,9 @@ class MemoryData:
 
     def test_set(self, device) -> TensorTestSet:
         return TensorTestSet(self.dataset.test_images.to(device), self.dataset.test_labels.to(device))
+
+    def train_classes_read(self) -> None:
+        return None  # everything is in memory
 
     def full_train(self):
         return self.dataset.train_images, self.dataset.train_labels
@@ -248,20 +253,28 @@ class StoreData:
         return (f"{sum(self.train_counts)} train, {sum(self.store.counts('test'))} test images of "
                 f"{self.image_shape}, store {self.store.root}")
 
-    def _normalized_train(self, device, batch: int = 4096):
+    def _normalized_train(self, device, classes, batch: int = 4096):
         C = self.channels
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, C, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, C, 1, 1)
-        for x, _ in self.store.batches("train", batch):
+        for x, _ in self.store.batches("train", batch, classes):
             yield normalize_(x.to(device).to(torch.float32), mean, std)
 
-    def fit_zca(self, device):
-        """Fit ZCA from streamed float64 moments of the normalized training split (the transform
-        kornia's fit gives on the whole split, without holding it); every batch read afterwards is
-        whitened."""
+    def fit_zca(self, device, ctx=None):
+        """Fit ZCA from float64 moments of the normalized training split, streamed (the transform
+        kornia's fit gives on the whole split, without holding it). Under torchrun each process
+        reads its own classes and the moments are summed over the processes. Every batch read
+        afterwards is whitened."""
+        from atom_fast.distill import distributed as dist
         from atom_fast.distill.augment import ZCA
 
-        self.zca = ZCA().fit_streamed(self._normalized_train(device), device)
+        ctx = ctx or dist.Context()
+        own = list(ctx.classes(self.num_classes))
+        n, total, outer = ZCA.moments(self._normalized_train(device, own), device)
+        count = torch.tensor([float(n)], dtype=torch.float64, device=device)
+        for t in (count, total, outer):
+            dist.all_reduce_sum(ctx, t, "summing the ZCA moments")
+        self.zca = ZCA().fit_moments(int(count.item()), total, outer)
         return self.zca
 
     def train_source(self, device, classes=None) -> StoreImages:
@@ -275,6 +288,22 @@ class StoreData:
 
     def test_set(self, device) -> StoreTestSet:
         return StoreTestSet(self.store, device, self.zca)
+
+    def train_classes_read(self) -> dict:
+        """Which classes' training files this process has mapped: what the store recorded, and
+        what the kernel's map of this process shows (``/proc/self/maps``; None where it cannot be
+        read)."""
+        root = str((self.store.root / "train").resolve()) + os.sep
+        mapped = None
+        try:
+            with open("/proc/self/maps") as f:
+                mapped = sorted({int(Path(line.split(None, 5)[5].strip()).stem) for line in f
+                                 if len(line.split(None, 5)) == 6
+                                 and line.split(None, 5)[5].strip().startswith(root)})
+        except (OSError, ValueError):
+            mapped = None
+        opened = sorted(k for split, k in self.store.opened if split == "train")
+        return {"opened": opened, "mapped": mapped}
 
     def full_train(self):
         """The whole training split as float tensors (only for the full-data accuracy of --score)."""

@@ -66,6 +66,9 @@ def build_plan(args):
     step_on = args.only in (None, "step")
     providers = args.providers or list(loss_table.PROVIDERS)
     rows, paper = step_table.STEP_ROWS, step_table.PAPER_ROWS
+    if getattr(args, "row", None):  # --row: only the rows named
+        rows = tuple(r for r in rows if r.label in args.row)
+        paper = tuple(r for r in paper if r.label in args.row)
     jobs, notes = [], []
     if args.tiny:
         if loss_on:

@@ -75,10 +75,15 @@ def parse_args(argv=None):
                    help=f"loss providers, comma-separated (default all available of {loss_table.PROVIDERS})")
     p.add_argument("--budget", type=float,
                    help=f"seconds the optional items may extend the run to (quick: {plan.QUICK_BUDGET_S:.0f})")
+    p.add_argument("--row", action="append", default=None,
+                   help="run only this step-table row (its label; repeat for several)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak memory")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the tests' size
     p.add_argument("--step-child", help=argparse.SUPPRESS)  # kept for old callers: bench.step_table
     args = p.parse_args(argv)
+    unknown = [r for r in args.row or [] if r not in [x.label for x in step_table.STEP_ROWS]]
+    if unknown:
+        p.error(f"--row: {unknown} not in {[x.label for x in step_table.STEP_ROWS]}")
     bad = [v for v in args.providers or [] if v not in loss_table.PROVIDERS]
     if bad:
         p.error(f"--providers: {bad} not in {loss_table.PROVIDERS}")
@@ -106,7 +111,7 @@ def main(argv=None):
         "schema": SCHEMA, "started": started, "command": [os.path.basename(sys.executable), *sys.argv],
         "mode": "tiny" if args.tiny else "quick" if args.quick else "full",
         "environment": env,
-        "config": {"device": args.device, "only": args.only, "memory": args.memory,
+        "config": {"device": args.device, "only": args.only, "rows": args.row, "memory": args.memory,
                    "budget_s": args.budget, **args.timing,
                    "loss": {**loss_table.SETTINGS, "classes": plan.CLASSES, "compile_dynamic": False,
                             "unit": "one layer per call"},

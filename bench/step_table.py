@@ -68,6 +68,8 @@ class StepRow(NamedTuple):
     label: str          # the table's row label; unique
     config: dict        # DistillConfig fields (method, loop, batch_real, ...) over BASE_CONFIG
     launcher: Launcher = LOCAL
+    source: str = "memory"  # "memory": the images as one float tensor; "store": a prepared
+                            # uint8 store on disk, read by class (with the prefetch thread)
 
 
 # The ATOM paper's Table 3 rows first (PAPER_ROWS, which --quick runs first), then ours. The
@@ -85,6 +87,7 @@ STEP_ROWS = (
             Launcher("1 process, ATOM_FAST_FUSED_BLOCK_TAIL=0", (), {"ATOM_FAST_FUSED_BLOCK_TAIL": "0"})),
     StepRow("ATOM (fused loop, batch_real 512)", {"method": "atom", "loop": "fused", "batch_real": 512}),
     StepRow("ATOM (fused loop, 2 ranks, gloo)", {"method": "atom", "loop": "fused"}, torchrun(2)),
+    StepRow("ATOM (fused loop, from a store)", {"method": "atom", "loop": "fused"}, source="store"),
 )
 PAPER_ROWS = tuple(r for r in STEP_ROWS if r.label in (
     "DM (fused loop, no attention)", "DataDAM (DataDAM script loop)", "ATOM (DataDAM script loop)",
@@ -170,9 +173,12 @@ def _time_steps(spec, device, classes):
     config = spec["config"]
     per_class = max(2 * config["batch_real"], spec["ipc"])
     g = torch.Generator().manual_seed(0)
-    # random normalized images: timing does not depend on pixel values
-    images = torch.randn(CLASSES * per_class, *IMAGE, generator=g)
     labels = torch.arange(CLASSES).repeat_interleave(per_class)
+    if spec.get("source", "memory") == "store":
+        images = _store_source(labels, device)
+    else:
+        # random normalized images: timing does not depend on pixel values
+        images = torch.randn(CLASSES * per_class, *IMAGE, generator=g)
     t0 = time.perf_counter()
     d = Distiller(images, labels, CLASSES, DistillConfig(**config, ipc=spec["ipc"], seed=0), device,
                   classes=classes)
@@ -198,6 +204,29 @@ def _time_steps(spec, device, classes):
     return out
 
 
+def _store_source(labels, device):
+    """The same number of random uint8 images written as a store in a temporary folder (removed at
+    exit), read through the store path the CLI uses."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from atom_fast.distill.real import StoreImages
+    from atom_fast.distill.store import Store, StoreWriter
+
+    root = tempfile.mkdtemp(prefix="atom-fast-step-store-")
+    atexit.register(shutil.rmtree, root, True)
+    pixels = np.random.default_rng(0).integers(0, 256, (len(labels), *IMAGE), dtype=np.uint8)
+    w = StoreWriter(os.path.join(root, "store"), dataset="random", class_names=[str(k) for k in range(CLASSES)],
+                    image_shape=IMAGE, counts={"train": np.bincount(labels.numpy()), "test": [0] * CLASSES},
+                    normalization=((0.5,) * IMAGE[0], (0.25,) * IMAGE[0]), source={"path": "random"})
+    w.write("train", pixels, labels.numpy())
+    w.commit()
+    return StoreImages(Store.open(os.path.join(root, "store")), device)
+
+
 # --------------------------------------------------------------------------------------------------
 # the parent: one job per (row, IPC)
 # --------------------------------------------------------------------------------------------------
@@ -207,7 +236,7 @@ def job_spec(job, args):
     """What the child of ``job`` needs: the device, the full DistillConfig fields, IPC and timing."""
     overrides = {k: job[k] for k in ("width", "depth", "batch_real") if k in job}
     config = {**BASE_CONFIG, **row(job["label"]).config, **overrides}
-    return {"device": args.device, "config": config, "ipc": job["ipc"],
+    return {"device": args.device, "config": config, "ipc": job["ipc"], "source": row(job["label"]).source,
             "warmup": args.timing["step_warmup"], "steps": args.timing["step_steps"],
             "memory": args.memory}
 
@@ -230,7 +259,7 @@ def run_job(job, args):
                           env=dict(os.environ, **launcher.env))
     result = {"row": job["label"], **spec["config"], "ipc": job["ipc"], "warmup": spec["warmup"],
               "steps": spec["steps"], "memory": spec["memory"], "classes": CLASSES,
-              "image": "x".join(map(str, IMAGE)), "launcher": launcher.name,
+              "image": "x".join(map(str, IMAGE)), "launcher": launcher.name, "source": spec["source"],
               "attention_backend": attention_backend(spec["config"], args.device)}
     if proc.returncode != 0:
         print(f"step child failed for {job['label']} IPC {job['ipc']}:\n{proc.stderr[-3000:]}",

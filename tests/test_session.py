@@ -48,7 +48,7 @@ def no_data_load(monkeypatch):
     """Fail the test if the run gets as far as loading data."""
     def boom(*a, **k):
         raise AssertionError("the data was loaded before the check")
-    monkeypatch.setattr(cli, "load_dataset", boom)
+    monkeypatch.setattr(cli, "load_data", boom)  # the store or the in-memory dataset
 
 
 # -- an earlier run is never clobbered ----------------------------------------------------------------

@@ -158,8 +158,8 @@ def _read_rows(path: Path, size: int, chunk_rows: int) -> Iterator[np.ndarray]:
                         got = f.readinto(view[at:])
                         if not got:
                             raise DatasetFileError(f"{path}: the data array is truncated "
-                                                   f"({int(shape[0]) - left} of {shape[0]} rows "
-                                                   f"read); {_fix(size)}")
+                                                   f"({int(shape[0]) - left + at // row} of "
+                                                   f"{shape[0]} rows read); {_fix(size)}")
                         at += got
                     left -= k
                     yield buf.reshape(k, 3, size, size)
@@ -204,6 +204,10 @@ class ImageNetSource(Source):
 
     def _scan(self) -> SourceInfo:
         size = self.size
+        numbers = [int(_TRAIN_RE.match(p.name).group(1)) for p in self._train]
+        if numbers != list(range(1, 11)):
+            self._log(f"{self.name}: reading train batches {_ranges(numbers)} of {self.root} (the "
+                      f"full set has batches 1-10)")
         train = [_read_batch(p, size, "train") for p in self._train]
         val = _read_batch(self._val, size, "validation")
         if self._map is not None:
@@ -275,10 +279,6 @@ def make_source(path: Path, *, size: int, image_size: Optional[int] = None, log:
     if not val.is_file():
         raise DatasetNotFoundError(f"imagenet{size}: {val} not found; download the validation data "
                                    f"{where}")
-    numbers = [n for n, _ in found]
-    if numbers != list(range(1, 11)):
-        log(f"imagenet{size}: reading train batches {_ranges(numbers)} of {path} (the full set has "
-            f"batches 1-10)")
     class_map = path / MAP_FILE if (path / MAP_FILE).is_file() else None
     return ImageNetSource(path, size, [p for _, p in found], val, class_map, log,
                           allow_missing_test_classes, workers)

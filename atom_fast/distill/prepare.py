@@ -58,15 +58,17 @@ class PrepareResult:
     image_shape: tuple
     bytes: int
     seconds: float
-    workers: Optional[int]  # decoding processes; None when the format decodes no image files
+    workers: Optional[int]  # decoding processes (1: in this process); None: no image files decoded
 
     @property
     def summary(self) -> str:
         C, H, W = self.image_shape
         n = sum(self.counts.values())
+        decoding = ("no image decoding" if self.workers is None else
+                    "images decoded in this process" if self.workers == 1 else
+                    f"{self.workers} decoding worker processes")
         what = "reused" if self.reused else (
-            f"written in {self.seconds:.1f} s ({n / max(self.seconds, 1e-9):.0f} images/s, "
-            + (f"{self.workers} decoding worker processes)" if self.workers else "no image decoding)"))
+            f"written in {self.seconds:.1f} s ({n / max(self.seconds, 1e-9):.0f} images/s, {decoding})")
         return (f"{self.dataset}: {self.num_classes} classes, {self.counts['train']} train + "
                 f"{self.counts['test']} test images of {C}x{H}x{W}, {self.bytes / 1e6:.1f} MB; {what}")
 

@@ -117,6 +117,35 @@ def test_prepare_mnist_from_the_package(tmp_path):
     assert store.manifest["source"]["files"] == 4
 
 
+_PID_LOG = []  # set by the test below; the forked workers inherit it
+
+
+def _decode_noting_the_pid(paths, *args):
+    """decode_chunk, noting which process ran it (module level, so worker processes can run it)."""
+    from atom_fast.distill.data.images import decode_chunk
+
+    with open(_PID_LOG[0], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return decode_chunk(paths, *args)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="relies on forked workers")
+def test_images_are_decoded_by_worker_processes(tmp_path, monkeypatch):
+    from atom_fast.distill.data import folder
+
+    root = write_folder_dataset(tmp_path / "f", train=20, test=2, size=8)
+    _PID_LOG[:] = [tmp_path / "pids"]
+    monkeypatch.setattr(folder, "decode_chunk", _decode_noting_the_pid)
+    try:
+        out = P.prepare("folder", root, out=tmp_path / "s", workers=2, log=_silent, progress=False)
+    finally:
+        _PID_LOG.clear()
+        monkeypatch.undo()
+    pids = {int(p) for p in (tmp_path / "pids").read_text().split()}
+    assert pids and os.getpid() not in pids
+    _check_equal(out, D.load_dataset("folder", root))
+
+
 # ------------------------------------------------------------------------------------------------
 # downsampled ImageNet: streamed in chunks, checked
 

@@ -27,3 +27,12 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _store_cache(tmp_path_factory):
+    """Stores prepared on first use (atom_fast.distill.prepare.cached_store) go to a temporary folder
+    made once per test run, never into the home folder; subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATOM_FAST_CACHE", str(tmp_path_factory.mktemp("atom-fast-cache")))
+        yield

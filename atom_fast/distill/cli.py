@@ -670,6 +670,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: ``atom-fast [options]`` distills (:func:`run`), ``atom-fast evaluate PATH``
     evaluates a saved set (:func:`run_evaluate`); errors are one line and exit status 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["prepare"]:
+        from atom_fast.distill.prepare import main as prepare_main
+        return prepare_main(argv[1:])
     try:
         if argv[:1] == ["evaluate"]:
             run_evaluate(argv[1:])

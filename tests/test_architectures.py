@@ -216,3 +216,27 @@ def test_bad_input_names_the_problem():
         build_network("vgg11", 3, 10, (16, 16))
     with pytest.raises(ValueError, match="norm"):
         arch.VGG11(3, 10, (32, 32), norm="layernorm")
+
+
+def test_resnet_trains_on_channels_last_maps_with_one_thread():
+    """One CPU thread, a channels-last batch: torch 2.13's oneDNN corrupted the heap in the weight
+    gradient of the 1x1 stride-2 shortcut (an abort, so it runs in a child process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from atom_fast.distill.architectures import build_network\n"
+        "torch.set_num_threads(1)\n"
+        "torch.manual_seed(0)\n"
+        "net = build_network('resnet18', 3, 3, (16, 16), width=4)\n"
+        "for _ in range(20):\n"
+        "    x = torch.randn(16, 3, 16, 16).to(memory_format=torch.channels_last)\n"
+        "    net(x).sum().backward()\n"
+        "    blocks = [m for m in net.modules() if type(m).__name__ == '_BasicBlock']\n"
+        "    for b in blocks:\n"
+        "        h = torch.randn(16, b.conv1.in_channels, 16, 16).to(memory_format=torch.channels_last)\n"
+        "        b(h).sum().backward()\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

@@ -202,6 +202,11 @@ class _BasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A map can arrive channels-last (from the test pass's layout choices). With one CPU thread,
+        # torch 2.13's oneDNN (jit_1x1:avx2) corrupts the heap in the weight gradient of the 1x1
+        # stride-2 shortcut conv on a channels-last input (seen on an AVX2 AMD EPYC; reproduced with
+        # that conv alone). The block reads its input in the default layout (a no-op when it is).
+        x = x.contiguous()
         out = self.pool(F.relu(self.norm1(self.conv1(x))))
         out = self.norm2(self.conv2(out))
         return F.relu(out + self.shortcut(x))

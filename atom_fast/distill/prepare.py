@@ -40,9 +40,11 @@ DEFAULT_CACHE = "~/.cache/atom-fast"
 _logger = logging.getLogger(__name__)
 
 
-def cache_root() -> Path:
-    """Where prepared stores are cached: ``$ATOM_FAST_CACHE/stores`` (default ``~/.cache/atom-fast/stores``)."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser() / "stores"
+def cache_root(cache_dir: Optional[PathArg] = None) -> Path:
+    """Where prepared stores are cached: ``<cache_dir>/stores``, ``cache_dir`` defaulting to
+    ``$ATOM_FAST_CACHE`` or ``~/.cache/atom-fast``."""
+    base = cache_dir if cache_dir is not None else (os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    return Path(os.fspath(base)).expanduser() / "stores"
 
 
 @dataclass
@@ -304,8 +306,9 @@ def prepare(dataset: str, data_path: Optional[PathArg] = None, *, image_size: Op
 
 def cached_store(dataset: str, data_path: Optional[PathArg] = None, image_size: Optional[int] = None,
                  log: Optional[Log] = None, *, workers: Optional[int] = None, progress: bool = True,
-                 allow_missing_test_classes: bool = False) -> Path:
-    """The store of ``dataset`` read from ``data_path``, from the cache (:func:`cache_root`):
+                 allow_missing_test_classes: bool = False, cache_dir: Optional[PathArg] = None) -> Path:
+    """The store of ``dataset`` read from ``data_path``, from the cache (:func:`cache_root` of
+    ``cache_dir``):
     ``<cache>/<dataset>[-<image_size>]-<fingerprint[:16]>``, prepared there the first time.
 
     Finding it lists the source files (no decoding): a hit logs one line naming the store; a miss
@@ -321,7 +324,7 @@ def cached_store(dataset: str, data_path: Optional[PathArg] = None, image_size: 
     with open_source(dataset, data_path, image_size=image_size, log=log, workers=workers,
                      allow_missing_test_classes=allow_missing_test_classes) as source:
         fingerprint = source.fingerprint()
-        out = cache_root() / f"{dataset}{f'-{resized}' if resized else ''}-{fingerprint[:16]}"
+        out = cache_root(cache_dir) / f"{dataset}{f'-{resized}' if resized else ''}-{fingerprint[:16]}"
         if out.exists():
             try:
                 store = Store.open(out)

@@ -78,7 +78,7 @@ def test_quick_plan_covers_the_judged_items():
     assert steps == {("ATOM (fused loop)", 10), ("ATOM (DataDAM script loop)", 10)}
     # every paper row at IPC 10 comes before anything at IPC 1 or 50
     order = [(j["label"], j["ipc"]) for j in jobs if j["kind"] == "step"]
-    ipc10 = {(label, 10) for label, _, _ in step_table.PAPER_ROWS}
+    ipc10 = {(r.label, 10) for r in step_table.PAPER_ROWS}
     assert set(order[:len(ipc10)]) == ipc10 and {i for _, i in order[len(ipc10):]} == {1, 50}
     assert any("not run" in n for n in notes)
 
@@ -88,7 +88,7 @@ def test_full_plan_covers_every_shape_ipc_and_row():
     loss = {(j["shape"], j["ipc"]) for j in jobs if j["kind"] == "loss"}
     assert loss == {(s, i) for s in lt.LAYERS for i in plan.IPCS}
     steps = {(j["label"], j["ipc"]) for j in jobs if j["kind"] == "step"}
-    assert steps == {(label, i) for label, _, _ in step_table.STEP_ROWS for i in plan.IPCS}
+    assert steps == {(r.label, i) for r in step_table.STEP_ROWS for i in plan.IPCS}
     assert all(j["required"] for j in jobs)
 
 

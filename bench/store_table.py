@@ -164,18 +164,20 @@ def prepare(source: Path, store: Path, dataset: str, workers: int):
             "workers": workers, "peak_rss_anon_mib": mib["tree_mib"], "peak_rss_anon_main_mib": mib["self_mib"]}
 
 
-DISTILL = ["--method", "atom", "--ipc", "1", "--batch-real", "16", "--width", "32", "--iterations", "5",
+BATCH_REAL = 16
+DISTILL = ["--method", "atom", "--ipc", "1", "--width", "32", "--iterations", "5",
            "--eval-models", "0", "--no-progress", "--log-every", "1", "--overwrite", "--dist-timeout", "600"]
 
 
-def distill(data_args, out: Path, nproc: int = 1, extra=()):
+def distill(data_args, out: Path, nproc: int = 1, batch_real: int = BATCH_REAL, extra=()):
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, "-m", "atom_fast.distill", *data_args, *DISTILL, *extra, "--out", str(out)]
+    cmd = [sys.executable, *launcher, "-m", "atom_fast.distill", *data_args, *DISTILL,
+           "--batch-real", str(batch_real), *extra, "--out", str(out)]
     rc, seconds, tail, mib = run_sampled(cmd, _env())
     if rc != 0:
         raise RuntimeError(f"distill failed: {tail}")
     r = json.loads((out / "results.json").read_text())
-    row = {"command": cmd[1:], "seconds": seconds, "world_size": nproc,
+    row = {"command": cmd[1:], "seconds": seconds, "world_size": nproc, "batch_real": batch_real,
            "iterations_per_s": r["timings"].get("iterations_per_s"), "load_s": r["timings"]["load_s"],
            "train_classes_read_per_rank": [None if x is None else {k: (len(v) if v is not None else None)
                                                                    for k, v in x.items()}
@@ -249,11 +251,14 @@ def main(argv=None):
         for n in per:
             if not (stores[n] / "manifest.json").exists():
                 prepare(sources[n], stores[n], "imagenet64", args.workers)
-            rows[f"store 200x{n}"] = distill(["--store", str(stores[n])], work / f"run-store-{n}")
+            rows[f"store 200x{n}"] = distill(["--store", str(stores[n])], work / f"run-store-{n}",
+                                             batch_real=min(BATCH_REAL, n))
         rows[f"store 200x{per[0]}, torchrun x2"] = distill(["--store", str(stores[per[0]])],
-                                                           work / "run-store-2p", nproc=2)
+                                                           work / "run-store-2p", nproc=2,
+                                                           batch_real=min(BATCH_REAL, per[0]))
         rows[f"in memory 200x{per[0]}"] = distill(["--dataset", "imagenet64", "--data-path", str(sources[per[0]]),
-                                                   "--in-memory"], work / "run-memory")
+                                                   "--in-memory"], work / "run-memory",
+                                                  batch_real=min(BATCH_REAL, per[0]))
         result["distill"] = rows
     if "imagenet1k" not in skip:
         src = work / "imagenet64-1000"
@@ -262,7 +267,7 @@ def main(argv=None):
         result["imagenet1k"] = {
             "prepare": prepare(src, work / "store-1000", "imagenet64", args.workers),
             "distill": distill(["--store", str(work / "store-1000")], work / "run-1000", nproc=2,
-                               extra=("--iterations", "2", "--batch-real", "2")),
+                               batch_real=2, extra=("--iterations", "2")),
         }
     if "zca" not in skip:
         result["zca"] = zca_agreement(n=max(100, int(5000 * args.scale)))

@@ -11,7 +11,7 @@ the driver's ConvNet on CPU). This module adds their fake (meta) kernels, so the
 differences and the features of the sides that need a gradient: real features computed under
 ``no_grad`` are not kept alive until backward.
 
-The real side can also be given as per-class sums of normalized attention vectors (SPEC 2.1):
+The real side can also be given as per-class sums of normalized attention vectors (docs/scale.md):
 ``class_attention_sums`` computes them (chunk by chunk, summable across processes) and
 ``attention_loss_from_sums`` is the loss from them, with the same one-pass backward.
 """
@@ -200,7 +200,7 @@ def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_we
     return total
 
 
-# ---- the real side as class statistics (SPEC 2.1) ------------------------------------------------
+# ---- the real side as class statistics (docs/scale.md) ------------------------------------------------
 
 
 def _factor(m, scaled_norm, p):
@@ -279,7 +279,7 @@ class _LossFromSums(torch.autograd.Function):
 
 def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes,
                              spatial_power, channel_power, spatial_weight, channel_weight):
-    """The attention loss of one layer with the real side given as class sums (SPEC 2.1).
+    """The attention loss of one layer with the real side given as class sums (docs/scale.md).
 
     real_spatial (K, H*W) / real_channel (K, C): sums of the real samples' normalized vectors (None
     where that term's weight is 0), in syn's accumulation dtype; real_counts (K,): samples per class.

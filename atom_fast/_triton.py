@@ -175,7 +175,7 @@ class FusedAttentionLoss(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------
-# the real side as class statistics (SPEC 2.1)
+# the real side as class statistics (docs/scale.md)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -274,7 +274,7 @@ class AttentionLossFromSums(torch.autograd.Function):
 
 def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes,
                              spatial_power, channel_power, spatial_weight, channel_weight):
-    """The attention loss of one layer with the real side given as class sums (SPEC 2.1).
+    """The attention loss of one layer with the real side given as class sums (docs/scale.md).
 
     ``ws * sum_k ||S_k / n_k - mean_syn_k(s_hat)||^2 + wc * sum_k ||T_k / n_k - mean_syn_k(t_hat)||^2``,
     0-dim, float32 (float64 for float64 syn), differentiable w.r.t. ``syn`` with the fused backward.

@@ -294,7 +294,7 @@ def mmd_loss(real_emb, syn_emb: torch.Tensor, num_classes: Optional[int] = None,
 
 
 # --------------------------------------------------------------------------------------------------
-# the real side as class statistics (SPEC 2.1)
+# the real side as class statistics (docs/scale.md)
 # --------------------------------------------------------------------------------------------------
 
 

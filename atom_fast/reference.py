@@ -1,4 +1,4 @@
-"""Plain-PyTorch ground truth for the attention-matching loss (SPEC section 1).
+"""Plain-PyTorch ground truth for the attention-matching loss (docs/loss.md).
 
 Every fast backend is tested against these functions. They take already-validated arguments; the
 public entry points in ``atom_fast.loss`` check them first. float16/bfloat16 features are upcast to
@@ -122,7 +122,7 @@ def mmd_loss(real_embedding, syn_embedding, layout):
 
 
 # --------------------------------------------------------------------------------------------------
-# the real side as class statistics (SPEC 2.1)
+# the real side as class statistics (docs/scale.md)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -163,7 +163,7 @@ def mean_difference_error(real_sums, real_counts, syn_vectors, syn_labels, num_c
 
 def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes,
                              spatial_power, channel_power, spatial_weight, channel_weight):
-    """The attention loss of one layer with the real side given as class sums (SPEC 2.1)."""
+    """The attention loss of one layer with the real side given as class sums (docs/scale.md)."""
     terms = []
     if spatial_weight != 0:
         terms.append(spatial_weight * mean_difference_error(

@@ -1,4 +1,4 @@
-"""The real side of the loss as per-class statistics (SPEC 2.1): compute, add up, all-reduce.
+"""The real side of the loss as per-class statistics (docs/scale.md): compute, add up, all-reduce.
 
 The real features enter the attention loss only through, per matched layer and class k, the sums
 ``S_k = sum_{n in k} s_hat_n`` (H*W values) and ``T_k = sum_{n in k} t_hat_n`` (C values) of the
@@ -193,7 +193,7 @@ def class_statistics(real=None, num_classes: Optional[int] = None, *,
                      spatial_power: float = 4.0, channel_power: float = 4.0,
                      spatial: bool = True, channel: bool = True,
                      backend: str = "auto") -> ClassStatistics:
-    """Reduce a batch (or a chunk of one) of real features to per-class sums (SPEC 2.1).
+    """Reduce a batch (or a chunk of one) of real features to per-class sums (docs/scale.md).
 
     Args:
         real: ``(N, C, H, W)`` features, or a sequence of them (one per matched layer), or ``None``

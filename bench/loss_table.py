@@ -9,7 +9,7 @@ Modes: ``fwd`` (the loss, with autograd recording), ``bwd`` (loss.backward() alo
 untimed before each repeat) and ``fwd+bwd``. As in a distillation step, only the synthetic features
 require a gradient.
 
-Bytes that must move (SPEC 4): forward reads every real and synthetic feature once; backward reads
+Bytes that must move (docs/loss.md): forward reads every real and synthetic feature once; backward reads
 the synthetic features and writes their gradient once. The per-sample vectors (N*(H*W + C)) are
 ignored: at C=128, 16x16 they are 1.5% of F. Achieved GB/s = those bytes / median time. "Of copy"
 compares it with ``dst.copy_(real)`` (read + write): every timed call is preceded by one such copy,

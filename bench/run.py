@@ -19,7 +19,7 @@ Providers: ``eager`` (the plain-PyTorch reference), ``compile`` (``torch.compile
 it, compiled afresh for each timed shape; the compilation is the first warm-up call, recorded as
 ``warmup_s``), ``native`` (the C++/CUDA op) and ``triton`` (CUDA only). Modes fwd, bwd (backward
 alone), fwd+bwd. Times: median with 20th/80th percentiles, the device synchronized around every
-call. Achieved GB/s counts the bytes that must move (SPEC 4): forward reads every real and synthetic
+call. Achieved GB/s counts the bytes that must move (docs/loss.md): forward reads every real and synthetic
 feature once, backward reads the synthetic features and writes their gradient once; it is compared
 with a ``copy_`` of the real features timed just before each call (the median of the paired
 ratios). Peak extra memory, in a fresh process per provider and mode: CUDA, peak allocated above

@@ -11,7 +11,7 @@ A row is a :class:`StepRow`: a label, the ``DistillConfig`` fields it sets, and 
     StepRow("ATOM (fused loop, batch_real 512)", {"method": "atom", "loop": "fused", "batch_real": 512}),
     StepRow("ATOM (fused loop, 2 ranks, gloo)", {"method": "atom", "loop": "fused"}, torchrun(2)),
 
-Each (row, IPC) runs in a fresh child process (``python -m bench.step_table SPEC``, under the row's
+Each (row, IPC) runs in a fresh child process (``python -m bench.step_table SPEC_JSON``, under the row's
 launcher): warm-up steps, then timed steps (the device synchronized after each; median and 20th/80th
 percentiles), then one more step for memory. Peak memory = memory held between steps except the
 dataset (synthetic images, their gradient and momentum, network weights) + the peak growth during
@@ -45,7 +45,7 @@ BASE_CONFIG = {"batch_real": 128, "width": 128, "depth": 3, "norm": "instancenor
 
 
 class Launcher(NamedTuple):
-    """How a row's child process starts: ``[python, *argv, "-m", "bench.step_table", SPEC]`` with
+    """How a row's child process starts: ``[python, *argv, "-m", "bench.step_table", SPEC_JSON]`` with
     ``env`` added to the environment."""
 
     name: str

@@ -8,7 +8,7 @@
 // Then per class (parallel over classes): D_k from the normalized per-sample vectors, and the loss.
 // Backward, per sample: the gradient w.r.t. s'_n and t'_n through the normalization (O(H*W + C)),
 // then one pass F -> dF. Nothing full-size is allocated besides dF. The attention_stats op is the
-// forward's first step alone (the real side of the class-statistics interface, SPEC 2.1).
+// forward's first step alone (the real side of the class-statistics interface, docs/scale.md).
 //
 // Every sum runs in a fixed order inside one sample or class, whatever the thread count, so the
 // results are bitwise reproducible. float16/bfloat16 rows are widened to float32 one row at a time.

@@ -22,7 +22,7 @@ constexpr int kMaxUnrolledPower = 16;
 // A sample's stats row: [s' (H*W) | t' (C) | m | ||s'|| | ||t'||], H*W + C + kStatsExtra values.
 constexpr int kStatsExtra = 3;
 
-// Per-sample scaling (SPEC 2.1). The stats hold x' = x / m^p for a scale m > 0 (the sample's
+// Per-sample scaling (docs/scale.md). The stats hold x' = x / m^p for a scale m > 0 (the sample's
 // largest |F|), so nothing overflows at large p; x_hat = x / max(||x||, eps) = x' * r, with
 //   r = 1 / ||x'||         when ||x|| = m^p ||x'|| >= eps (the unit vector, independent of m),
 //   r = m^p / eps          below the floor (then r < 1 / ||x'||, so it cannot overflow).

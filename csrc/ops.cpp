@@ -19,7 +19,7 @@
 // instance_norm_relu_pool_backward(grad_f?, grad_pooled?, input, weight?, bias?, mean, rstd) ->
 // (grad_input, per-row grad_weight, per-row grad_bias), one pass (norm_relu_pool_cpu.cpp; CPU only).
 // attention_stats gives one side's stats alone (the real side of the streamed class-statistics
-// interface, SPEC 2.1); a term whose flag is false is written as zeros.
+// interface, docs/scale.md); a term whose flag is false is written as zeros.
 // Implementations: attention_cpu.cpp (CPU), cuda/attention_cuda.cu (CUDA, when built).
 // Autograd and fake (meta) kernels are registered from Python (atom_fast/_native.py).
 

@@ -1,4 +1,4 @@
-"""Public API: argument checks (every bad input of SPEC 2), backend choice, dtypes, the module."""
+"""Public API: argument checks (every bad input docs/loss.md lists), backend choice, dtypes, the module."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The native op's streamed real-statistics interface (SPEC 2.1): ``class_attention_sums`` and
+"""The native op's streamed real-statistics interface (docs/scale.md): ``class_attention_sums`` and
 ``attention_loss_from_sums`` of atom_fast._native give the same loss and the same gradient w.r.t. the
 synthetic features as the full-feature native loss, with the sums accumulated chunk by chunk."""
 

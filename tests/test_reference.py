@@ -10,7 +10,7 @@ from _data import class_labels, make_layers
 
 
 def numpy_attention_loss(reals, syns, real_labels, syn_labels, ps, pc, ws, wc):
-    """SPEC 1 written out with explicit loops over layers, classes and samples, in float64 NumPy."""
+    """The loss of docs/loss.md written out with explicit loops over layers, classes and samples, in float64 NumPy."""
     total = 0.0
     for R, S in zip(reals, syns):
         R, S = R.double().numpy(), S.double().numpy()

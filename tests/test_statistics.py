@@ -1,4 +1,4 @@
-"""The real side as class statistics (SPEC 2.1): the public API on every backend.
+"""The real side as class statistics (docs/scale.md): the public API on every backend.
 
 Passing ``class_statistics`` of the real features (computed in chunks, added up) in place of the
 features must give the same loss and the same gradient w.r.t. the synthetic features, on every
@@ -22,7 +22,7 @@ BACKENDS = ["reference",
                                                              reason="native op not built")),
             pytest.param("triton", marks=pytest.mark.skipif(not triton_available(),
                                                             reason="triton not installed"))]
-# (dtype, rtol): float64 to 1e-10, float32 to 1e-5 relative (the issue's bar)
+# (dtype, rtol): float64 to 1e-10, float32 to 1e-5 relative (the bar every fast path is held to)
 DTYPES = [(torch.float64, 1e-10), (torch.float32, 1e-5)]
 
 

@@ -1,4 +1,4 @@
-"""The Triton backend's streamed real-statistics interface (SPEC 2.1): class sums of the normalized
+"""The Triton backend's streamed real-statistics interface (docs/scale.md): class sums of the normalized
 attention vectors, and the loss from those sums, against the full-feature Triton loss and the
 reference."""
 

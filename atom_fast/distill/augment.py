@@ -1,4 +1,4 @@
-"""Differentiable siamese augmentation (DSA) and ZCA whitening (SPEC 3).
+"""Differentiable siamese augmentation (DSA) and ZCA whitening (docs/distill.md).
 
 DSA (Zhao & Bilen, 2021) draws one operation per call from ``color, crop, cutout, flip, scale,
 rotate`` and applies it differentiably; "siamese" means the real and the synthetic images of a

@@ -350,7 +350,7 @@ def _run(args, device, ctx, out) -> Optional[dict]:
         read = dist.gather_to_main(ctx, data.train_classes_read(), "gathering the classes read")
         config = result["config"]
         timings["distill_s"] = result["distill_s"]
-        if result["iterations_run"]:  # this session's iterations over this session's time
+        if result["iterations_run"]:  # this run's iterations over its own time (a resumed run counts its part)
             timings["iterations_per_s"] = result["iterations_run"] / max(result["session_s"], 1e-9)
         baseline_images = None
         if args.baseline and args.eval_models:

@@ -1,4 +1,4 @@
-"""Evaluation protocol of DC/DM/DataDAM/ATOM (SPEC 3).
+"""Evaluation protocol of DC/DM/DataDAM/ATOM (docs/distill.md).
 
 Train a fresh network on the (synthetic) training set with SGD (lr 0.01, momentum 0.9, weight decay
 5e-4, lr x0.1 at half the epochs, batch 256, DSA on), then report its accuracy on the real test

@@ -1,10 +1,10 @@
-"""The distillation loop of DM / DataDAM / ATOM (SPEC 3), in three structures.
+"""The distillation loop of DM / DataDAM / ATOM (docs/distill.md), in three structures.
 
 ``fused`` (the default, memory-lean): every iteration draws a fresh random ConvNet, samples
 ``batch_real`` real images per class and one siamese DSA draw per class. The real images go through
 the network under ``torch.no_grad`` in chunks of ``real_chunk`` images, each chunk reduced at once to
 per-class statistics (:func:`atom_fast.class_statistics`: sums of the normalized attention vectors and
-of the embeddings, SPEC 2.1) and freed, so the real side's memory does not grow with ``batch_real``.
+of the embeddings, docs/scale.md) and freed, so the real side's memory does not grow with ``batch_real``.
 Then the synthetic images go through in chunks of ``class_chunk`` classes, each chunk's
 
     loss = 100 * attention_loss(stats, blocks 1..L-1) + 100 * task_balance * mmd_loss(stats, embedding)
@@ -71,7 +71,7 @@ SYN_CHUNK_IMAGES = 128
 
 @dataclass
 class DistillConfig:
-    """Hyperparameters of one distillation; ``None`` fields are resolved from the data (SPEC 3)."""
+    """Hyperparameters of one distillation; ``None`` fields are resolved from the data (docs/distill.md)."""
 
     method: str = "atom"
     ipc: int = 10

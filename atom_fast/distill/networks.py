@@ -1,4 +1,4 @@
-"""Networks of the distillation driver: the ConvNet family of DC/DM/DataDAM/ATOM (SPEC 3).
+"""Networks of the distillation driver: the ConvNet family of DC/DM/DataDAM/ATOM (docs/distill.md).
 
 The other evaluation architectures and the registry by name (``build_network``) are in
 ``architectures.py``.

@@ -198,3 +198,25 @@ def test_cli_refuses_a_damaged_store_before_distilling(tmp_path):
     assert len(lines) == 1, res.stderr
     assert "00002.npy" in lines[0] and "atom-fast prepare" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_a_saved_set_against_a_store(tmp_path, capsys):
+    from atom_fast.distill import cli
+
+    make_pair(tmp_path / "store")
+    assert cli.main(["--store", str(tmp_path / "store"), *CLI, "--out", str(tmp_path / "run")]) == 0
+    assert cli.main(["evaluate", str(tmp_path / "run" / "synthetic.pt"), "--store", str(tmp_path / "store"),
+                     "--width", "8", "--eval-models", "1", "--eval-epochs", "2",
+                     "--out", str(tmp_path / "eval")]) == 0
+    r = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert r["dataset"] == "folder" and r["zca"] is True  # the set's file says it was whitened
+    assert 0 <= r["accuracy_mean"] <= 100 and r["baseline"] is not None
+    # the store holds another dataset than the file names: one line, before anything runs
+    syn = torch.load(tmp_path / "run" / "synthetic.pt")
+    syn["dataset"] = "cifar10"
+    torch.save(syn, tmp_path / "other.pt")
+    capsys.readouterr()
+    assert cli.main(["evaluate", str(tmp_path / "other.pt"), "--store", str(tmp_path / "store"),
+                     "--out", str(tmp_path / "eval2")]) == 1
+    err = capsys.readouterr().err
+    assert "holds folder, not cifar10" in err and "Traceback" not in err

@@ -23,6 +23,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from atom_fast.distill.data.common import denormalize
+
 
 def _class_rows(labels: torch.Tensor, num_classes: int) -> List[torch.Tensor]:
     labels = labels.cpu()
@@ -101,18 +103,6 @@ def normalize_(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, zca=None)
 # a run's data: what the CLI distills and evaluates, in memory or from a store
 
 
-def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], name: str = "") -> torch.Tensor:
-    """``x * std + mean`` per channel, in ``[0, 1]`` units, not clamped; ``x`` is ``(..., C, H, W)``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    C = len(mean)
-    if x.dim() < 3 or x.shape[-3] != C:
-        raise ValueError(f"x must be (..., {C}, H, W) for {name}, got shape {tuple(x.shape)}")
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(C, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(C, 1, 1)
-    return x * s + m
-
-
 class TensorTestSet:
     """A test split held as tensors (``images`` normalized, whitened if wanted)."""
 
@@ -168,22 +158,22 @@ class StoreTestSet:
         return self._stream(batch_size)
 
 
-class MemoryData:
-    """A loaded :class:`atom_fast.distill.data.Dataset` (both splits as float tensors) seen through
-    the interface the run uses; ZCA whitens both splits once, in place."""
+class RunData:
+    """What a run knows of its dataset, wherever the images are: its name, classes, image shape,
+    normalization, where it was read and the training images per class. ``zca`` is the fitted
+    transform once :meth:`fit_zca` ran (None before)."""
 
-    in_memory = True
+    in_memory: bool
 
-    def __init__(self, dataset):
-        self.dataset = dataset
-        self.name = dataset.name
-        self.class_names = list(dataset.class_names)
-        self.mean, self.std = tuple(dataset.mean), tuple(dataset.std)
-        self.source = dataset.source
-        self.missing_test_classes = list(dataset.missing_test_classes)
-        self.image_shape = tuple(dataset.train_images.shape[1:])
-        self.train_counts = [int(n) for n in torch.bincount(dataset.train_labels,
-                                                            minlength=self.num_classes)]
+    def __init__(self, name, class_names, mean, std, source, missing_test_classes, image_shape,
+                 train_counts):
+        self.name = name
+        self.class_names = list(class_names)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.source = source
+        self.missing_test_classes = list(missing_test_classes)
+        self.image_shape = tuple(image_shape)
+        self.train_counts = [int(n) for n in train_counts]
         self.zca = None
 
     num_classes = property(lambda self: len(self.class_names))
@@ -192,6 +182,19 @@ class MemoryData:
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         return denormalize(x, self.mean, self.std, self.name)
+
+
+class MemoryData(RunData):
+    """A loaded :class:`atom_fast.distill.data.Dataset` (both splits as float tensors) seen through
+    the interface the run uses; ZCA whitens both splits once, in place."""
+
+    in_memory = True
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        super().__init__(dataset.name, dataset.class_names, dataset.mean, dataset.std, dataset.source,
+                         dataset.missing_test_classes, dataset.train_images.shape[1:],
+                         torch.bincount(dataset.train_labels, minlength=len(dataset.class_names)))
 
     def describe(self) -> str:
         d = self.dataset
@@ -225,7 +228,7 @@ class MemoryData:
         return self.dataset.train_images, self.dataset.train_labels
 
 
-class StoreData:
+class StoreData(RunData):
     """A prepared store (:class:`atom_fast.distill.store.Store`) seen through the same interface:
     nothing is loaded; the Distiller, the baseline and the evaluation read what they use."""
 
@@ -233,21 +236,9 @@ class StoreData:
 
     def __init__(self, store):
         self.store = store
-        self.name = store.dataset
-        self.class_names = list(store.class_names)
-        self.mean, self.std = store.mean, store.std
-        self.source = f"{store.root.resolve()} (store of {store.manifest['source'].get('path', '?')})"
-        self.missing_test_classes = store.missing_test_classes
-        self.image_shape = tuple(store.image_shape)
-        self.train_counts = store.counts("train")
-        self.zca = None
-
-    num_classes = property(lambda self: len(self.class_names))
-    channels = property(lambda self: self.image_shape[0])
-    im_size = property(lambda self: tuple(self.image_shape[1:]))
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return denormalize(x, self.mean, self.std, self.name)
+        source = f"{store.root.resolve()} (store of {store.manifest['source'].get('path', '?')})"
+        super().__init__(store.dataset, store.class_names, store.mean, store.std, source,
+                         store.missing_test_classes, store.image_shape, store.counts("train"))
 
     def describe(self) -> str:
         return (f"{sum(self.train_counts)} train, {sum(self.store.counts('test'))} test images of "

@@ -83,19 +83,24 @@ class Dataset:
         return int(self.train_images.shape[2]), int(self.train_images.shape[3])
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Undo the normalization: ``x * std + mean`` per channel, in ``[0, 1]`` units, not clamped.
+        """Undo the normalization (:func:`denormalize` with this dataset's mean and std)."""
+        return denormalize(x, self.mean, self.std, self.name)
 
-        ``x`` is ``(..., C, H, W)`` (a batch or a single image); the result has its shape, dtype and
-        device.
-        """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        C = len(self.mean)
-        if x.dim() < 3 or x.shape[-3] != C:
-            raise ValueError(f"x must be (..., {C}, H, W) for {self.name}, got shape {tuple(x.shape)}")
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(C, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(C, 1, 1)
-        return x * std + mean
+
+def denormalize(x: torch.Tensor, mean, std, name: str = "") -> torch.Tensor:
+    """Undo a normalization: ``x * std + mean`` per channel, in ``[0, 1]`` units, not clamped.
+
+    ``x`` is ``(..., C, H, W)`` (a batch or a single image); the result has its shape, dtype and
+    device.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    C = len(mean)
+    if x.dim() < 3 or x.shape[-3] != C:
+        raise ValueError(f"x must be (..., {C}, H, W) for {name}, got shape {tuple(x.shape)}")
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(C, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(C, 1, 1)
+    return x * s + m
 
 
 # ----------------------------------------------------------------------------------------------

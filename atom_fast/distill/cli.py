@@ -669,7 +669,9 @@ def keep_freed_memory() -> bool:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point: ``atom-fast [options]`` distills (:func:`run`), ``atom-fast evaluate PATH``
-    evaluates a saved set (:func:`run_evaluate`); errors are one line and exit status 1."""
+    evaluates a saved set (:func:`run_evaluate`); errors are one line and exit status 1. A SIGTERM or
+    SIGINT during the distillation is one line too, after a checkpoint, and the signal's status (143,
+    130)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["prepare"]:
         from atom_fast.distill.prepare import main as prepare_main
@@ -679,6 +681,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_evaluate(argv[1:])
         else:
             run(argv)
+    except session.Preempted as exc:  # before SessionError, which it is
+        print(f"atom-fast: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (NonFiniteLossError, DatasetNotFoundError, session.SessionError,
             dist.DistributedError, ValueError, TypeError) as exc:
         print(f"atom-fast: error: {exc}", file=sys.stderr)

@@ -5,10 +5,11 @@ Work is split by classes, the way NCFM splits it: the loss is a sum over classes
 processes process ``r`` owns a contiguous block of classes (their synthetic images, their optimizer
 state, their real images), draws the same random network every iteration from the seed, and
 computes its classes' part of the loss and gradient with no communication at all. The processes
-talk only to report the global loss (one small all_reduce per ``--log-every`` iterations), to gather
-checkpoints and the final set on rank 0, and to share out the evaluation models. This scales with the
-number of classes (ImageNet-1K: 1000 classes over up to 1000 processes); more processes than classes
-is an error.
+talk only to report the global loss (one small all_reduce per ``--log-every`` iterations), to agree
+after every iteration whether to stop (a signal, ``preempt.py``: one integer on the CPU, over gloo, so
+it adds no GPU sync), to gather checkpoints and the final set on rank 0, and to share out the
+evaluation models. This scales with the number of classes (ImageNet-1K: 1000 classes over up to 1000
+processes); more processes than classes is an error.
 
 Every collective runs under the process group's timeout (``--dist-timeout``): a process that dies or
 hangs makes the others stop with a one-line error within that time instead of waiting forever.
@@ -37,6 +38,7 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     backend: Optional[str] = None
+    timeout_s: float = 600.0  # of every collective (--dist-timeout)
 
     @property
     def enabled(self) -> bool:
@@ -82,13 +84,15 @@ def initialize(device: torch.device, timeout_s: float) -> Context:
         raise DistributedError(f"could not join the torchrun process group ({backend}): "
                                f"{type(exc).__name__}: {exc}") from None
     return Context(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=backend)
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=backend,
+                   timeout_s=timeout_s)
 
 
 def shutdown(ctx: Context) -> None:
     if ctx.enabled:
         import torch.distributed as dist
 
+        _cpu_groups.clear()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -151,6 +155,38 @@ def broadcast_from_main(ctx: Context, obj: Any, what: str) -> Any:
     box = [obj if ctx.is_main else None]
     _collective(ctx, what, dist.broadcast_object_list, box, src=0)
     return box[0]
+
+
+# the default group -> its gloo side group, for CPU collectives when the default group is NCCL
+_cpu_groups: dict = {}
+
+
+def cpu_group(ctx: Context):
+    """A group whose collectives take CPU tensors: the default group on gloo (None), else a gloo
+    group over the same processes, made once. Every process must call this at the same point the
+    first time (creating a group is itself collective)."""
+    if ctx.backend == "gloo":
+        return None
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    if world not in _cpu_groups:
+        _cpu_groups.clear()  # a new default group: the old side group went with the old one
+        _cpu_groups[world] = _collective(ctx, "creating a gloo group", dist.new_group,
+                                         backend="gloo", timeout=timedelta(seconds=ctx.timeout_s))
+    return _cpu_groups[world]
+
+
+def max_int(ctx: Context, value: int, what: str) -> int:
+    """The largest of every process's ``value``, the same on every process: one integer on the CPU
+    (:func:`cpu_group`), so it adds no GPU sync. Without torchrun, ``value``."""
+    if not ctx.enabled:
+        return value
+    import torch.distributed as dist
+
+    box = torch.tensor([value], dtype=torch.int64)
+    _collective(ctx, what, dist.all_reduce, box, op=dist.ReduceOp.MAX, group=cpu_group(ctx))
+    return int(box.item())
 
 
 def agree(ctx: Context, error: Optional[BaseException], what: str) -> None:

@@ -14,10 +14,15 @@ Promises, each tested (tests/test_session.py):
   run with the results of another.
 - A checkpoint that cannot be read, or a write that fails (a full disk), ends the run with a one-line
   error naming the file; the last good checkpoint stays.
+- A SIGTERM or SIGINT during the distillation (``preempt.py``) stops every process after the same
+  iteration; rank 0 checkpoints there and the run ends with :class:`Preempted` (exit status 128 + the
+  signal, no evaluation, no results), which ``--resume`` continues. A second signal ends it at once
+  (tests/test_preempt.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -31,6 +36,7 @@ from typing import Callable, List, Optional
 import torch
 
 from atom_fast.distill import distributed as dist
+from atom_fast.distill import preempt
 from atom_fast.distill.loop import Distiller, DistillConfig, NonFiniteLossError
 from atom_fast.distill.output import write_atomic
 
@@ -46,6 +52,17 @@ RESUMABLE = ("iterations", "lr_img")
 
 class SessionError(RuntimeError):
     """A run cannot start or go on for a reason the user can fix (one line, names the file)."""
+
+
+class Preempted(SessionError):
+    """A signal stopped the run after a checkpoint at ``iteration``; ``exit_code`` is the shell's
+    status for the signal (143 SIGTERM, 130 SIGINT)."""
+
+    def __init__(self, message: str, signum: int, iteration: int):
+        super().__init__(message)
+        self.signum = signum
+        self.iteration = iteration
+        self.exit_code = preempt.exit_code(signum)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +252,8 @@ def distill(data, config: DistillConfig, device: torch.device, out: OutputDir, i
 
     ``identity``: what the pixels depend on beyond ``config`` (dataset, path, ZCA...), compared on
     resume. Checkpoints go to ``out`` every ``checkpoint_every`` iterations (rank 0 writes them).
+    A SIGTERM or SIGINT during the loop raises :class:`Preempted` on every process after the
+    checkpoint of the iteration they stopped at.
     """
     classes = ctx.classes(data.num_classes)
     distiller = Distiller(data.train_source(device, classes), None, data.num_classes, config, device,
@@ -302,11 +321,15 @@ def _distill(distiller: Distiller, ctx: dist.Context, out: OutputDir, identity: 
                desc=f"{c.method} ipc{c.ipc}", dynamic_ncols=True, file=sys.stderr)
     pending: List[torch.Tensor] = []
     session_start = time.perf_counter()
-    try:
+    # the handlers are ours only while the loop runs: the caller's come back after it
+    with preempt.Watch() as watch, contextlib.closing(bar):
         for it in range(start, c.iterations):
             pending.append(distiller.step(it))
             done = it + 1
-            if done % log_every and done % checkpoint_every and done != c.iterations:
+            # processes get a signal at slightly different times: all of them stop after the same
+            # iteration, the first at which any of them had one (no communication in one process)
+            stop = dist.max_int(ctx, watch.requested() or 0, "agreeing whether to stop")
+            if not stop and done % log_every and done % checkpoint_every and done != c.iterations:
                 continue
             # one host sync (and one small all_reduce) per --log-every iterations: the global loss
             values = dist.all_reduce_sum(ctx, torch.stack(pending), "summing the loss").tolist()
@@ -318,11 +341,13 @@ def _distill(distiller: Distiller, ctx: dist.Context, out: OutputDir, identity: 
             losses.extend((done - len(values) + j + 1, v) for j, v in enumerate(values))
             bar.update(len(values))
             bar.set_postfix(loss=f"{values[-1]:.4g}")
-            if done % checkpoint_every == 0 or done == c.iterations:
+            if stop or done % checkpoint_every == 0 or done == c.iterations:
                 checkpoint(done, elapsed + time.perf_counter() - session_start)
                 last_good = done
-    finally:
-        bar.close()
+            if stop:
+                raise Preempted(f"stopped by {preempt.name(stop)} at iteration {done} of "
+                                f"{c.iterations}; checkpoint written to {ckpt}. Rerun the same "
+                                f"command with --resume to continue it.", stop, done)
     session_s = time.perf_counter() - session_start
     if start >= c.iterations:
         checkpoint(start, elapsed)

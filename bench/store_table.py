@@ -12,6 +12,8 @@ image folder, then runs the real commands as child processes and samples their m
   (``--in-memory``), and from the store under ``torchrun --nproc-per-node 2`` (per rank);
 * ``imagenet1k``: a 1000-class source (few images per class), prepared, then 2 iterations under
   ``torchrun --nproc-per-node 2``, each rank owning 500 classes;
+* ``step``: the fused ATOM step at CIFAR-10 shapes from memory and from a store, alternating in one
+  process (the ratio store / memory);
 * ``zca``: the streamed ZCA fit against kornia's fit on the whole set, CIFAR-shaped (3x32x32).
 
 Memory is the peak *anonymous* resident memory (``RssAnon`` of ``/proc/PID/status``, sampled every
@@ -169,7 +171,26 @@ DISTILL = ["--method", "atom", "--ipc", "1", "--width", "32", "--iterations", "5
            "--eval-models", "0", "--no-progress", "--log-every", "1", "--overwrite", "--dist-timeout", "600"]
 
 
-def distill(data_args, out: Path, nproc: int = 1, batch_real: int = BATCH_REAL, extra=()):
+def distill(data_args, out: Path, nproc: int = 1, batch_real: int = BATCH_REAL, extra=(), repeats: int = 1):
+    """The run ``repeats`` times; its peaks (the heap's high-water mark varies from run to run by tens
+    of MB, since glibc is told to keep freed memory) per run and their median."""
+    import statistics
+
+    runs = [_distill_once(data_args, out, nproc, batch_real, extra) for _ in range(repeats)]
+    row = dict(runs[0])
+    if nproc == 1:
+        row["peak_rss_anon_mib_runs"] = [r["peak_rss_anon_mib"] for r in runs]
+        row["peak_rss_anon_mib"] = statistics.median(row["peak_rss_anon_mib_runs"])
+    else:
+        row["peak_rss_anon_per_rank_mib_runs"] = [r["peak_rss_anon_per_rank_mib"] for r in runs]
+        row["peak_rss_anon_per_rank_mib"] = [statistics.median(v) for v in
+                                             zip(*row["peak_rss_anon_per_rank_mib_runs"])]
+    row["seconds_runs"] = [r["seconds"] for r in runs]
+    row["iterations_per_s_runs"] = [r["iterations_per_s"] for r in runs]
+    return row
+
+
+def _distill_once(data_args, out: Path, nproc: int, batch_real: int, extra):
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     cmd = [sys.executable, *launcher, "-m", "atom_fast.distill", *data_args, *DISTILL,
            "--batch-real", str(batch_real), *extra, "--out", str(out)]
@@ -187,6 +208,52 @@ def distill(data_args, out: Path, nproc: int = 1, batch_real: int = BATCH_REAL, 
     else:
         row["peak_rss_anon_per_rank_mib"] = mib["ranks_mib"]
     return row
+
+
+def paired_steps(ipcs=(1, 10, 50), steps=8, per_class=256):
+    """The fused ATOM step at CIFAR-10 shapes (the step table's: 10 classes, 3x32x32, ConvNet-3 width
+    128, batch_real 128, DSA) from the same random uint8 images held in memory and read from a store,
+    the two Distillers' steps alternating in one process (so a slow moment of the machine hits both):
+    the median of each, and the median of the per-pair ratios store / memory."""
+    import statistics
+    import tempfile
+
+    import torch
+
+    from atom_fast.distill.cli import keep_freed_memory
+    from atom_fast.distill.loop import DistillConfig, Distiller
+    from atom_fast.distill.real import normalize_
+    from bench.step_table import BASE_CONFIG, CLASSES, IMAGE, _store_source
+
+    keep_freed_memory()
+    labels = torch.arange(CLASSES).repeat_interleave(per_class)
+    rows = {}
+    with tempfile.TemporaryDirectory():
+        store_images = _store_source(labels, torch.device("cpu"))
+        pixels = torch.from_numpy(store_images.store.read_split("train")[0]).to(torch.float32)
+        memory_images = normalize_(pixels, store_images._mean, store_images._std)
+        for ipc in ipcs:
+            config = DistillConfig(**BASE_CONFIG, method="atom", loop="fused", ipc=ipc, seed=0,
+                                   iterations=steps + 1)
+            mem = Distiller(memory_images, labels, CLASSES, config, "cpu")
+            sto = Distiller(store_images, None, CLASSES, config, "cpu")
+            times = {"memory": [], "store": []}
+            for i in range(steps + 1):
+                for name, d in (("memory", mem), ("store", sto)) if i % 2 else (("store", sto), ("memory", mem)):
+                    t0 = time.perf_counter()
+                    d.step(i)
+                    if i:  # the first step of each is the warm-up
+                        times[name].append(time.perf_counter() - t0)
+            mem.close()
+            sto.close()
+            assert torch.equal(mem.syn, sto.syn), "the store path must give the in-memory images"
+            ratios = [b / a for a, b in zip(times["memory"], times["store"])]
+            rows[f"IPC {ipc}"] = {"memory_median_s": statistics.median(times["memory"]),
+                                  "store_median_s": statistics.median(times["store"]),
+                                  "ratio_median": statistics.median(ratios), "ratios": ratios,
+                                  "times_s": times, "same_images": True}
+    return {"what": "fused ATOM step, CIFAR-10 shapes, memory vs store, alternating in one process",
+            "image": list(IMAGE), "per_class": per_class, "steps": steps, "rows": rows}
 
 
 def zca_agreement(n=5000, shape=(3, 32, 32)):
@@ -212,7 +279,9 @@ def main(argv=None):
     p.add_argument("--work", default="/tmp/atom-fast-store-bench", help="scratch folder (sources, stores)")
     p.add_argument("--scale", type=float, default=1.0, help="images per class x this (the tests' size: 0.01)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="prepare's decoding workers")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: prepare,distill,imagenet1k,zca")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each store distillation (median peak)")
+    p.add_argument("--steps", type=int, default=12, help="timed steps of each kind in the paired step part")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: step,prepare,distill,imagenet1k,zca")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.work)
@@ -228,6 +297,8 @@ def main(argv=None):
               "memory": "peak RssAnon from /proc/PID/status, sampled every 20 ms (prepare: process + "
                         "workers); mapped store pages are file-backed and not counted",
               "distill_settings": DISTILL, "scale": args.scale}
+    if "step" not in skip:
+        result["step"] = paired_steps(steps=args.steps)
     per = [max(2, int(600 * args.scale)), max(2, int(1200 * args.scale))]
     sources = {n: work / f"imagenet64-200x{n}" for n in per}
     stores = {n: work / f"store-200x{n}" for n in per}
@@ -252,10 +323,11 @@ def main(argv=None):
             if not (stores[n] / "manifest.json").exists():
                 prepare(sources[n], stores[n], "imagenet64", args.workers)
             rows[f"store 200x{n}"] = distill(["--store", str(stores[n])], work / f"run-store-{n}",
-                                             batch_real=min(BATCH_REAL, n))
+                                             batch_real=min(BATCH_REAL, n), repeats=args.repeats)
         rows[f"store 200x{per[0]}, torchrun x2"] = distill(["--store", str(stores[per[0]])],
                                                            work / "run-store-2p", nproc=2,
-                                                           batch_real=min(BATCH_REAL, per[0]))
+                                                           batch_real=min(BATCH_REAL, per[0]),
+                                                           repeats=args.repeats)
         rows[f"in memory 200x{per[0]}"] = distill(["--dataset", "imagenet64", "--data-path", str(sources[per[0]]),
                                                    "--in-memory"], work / "run-memory",
                                                   batch_real=min(BATCH_REAL, per[0]))

@@ -47,7 +47,7 @@ from atom_fast import (attention_loss, channel_attention, class_statistics, mmd_
 from atom_fast.distill import augment as dsa
 from atom_fast.distill.seeds import derive_seed
 from atom_fast.distill.networks import ConvNet, NORMS, POOLINGS, default_depth
-from atom_fast.distill.real import MemoryImages
+from atom_fast.distill.real import MemoryImages, class_rows
 
 # method -> (spatial weight, channel weight); None: no attention term (DM)
 METHODS: Dict[str, Optional[Tuple[float, float]]] = {
@@ -137,8 +137,7 @@ class DistillConfig:
 
 def class_pools(labels: torch.Tensor, num_classes: int) -> List[torch.Tensor]:
     """Indices (CPU int64) of every class's images."""
-    labels = labels.cpu()
-    return [torch.nonzero(labels == k).flatten() for k in range(num_classes)]
+    return class_rows(labels, num_classes)
 
 
 def random_positions(counts: Sequence[int], ipc: int, seed: int) -> List[torch.Tensor]:

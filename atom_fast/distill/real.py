@@ -26,7 +26,8 @@ import torch
 from atom_fast.distill.data.common import denormalize
 
 
-def _class_rows(labels: torch.Tensor, num_classes: int) -> List[torch.Tensor]:
+def class_rows(labels: torch.Tensor, num_classes: int) -> List[torch.Tensor]:
+    """The row indices (CPU int64, in order) of every class's images in a labelled tensor."""
     labels = labels.cpu()
     return [torch.nonzero(labels == k).flatten() for k in range(num_classes)]
 
@@ -42,7 +43,7 @@ class MemoryImages:
         self.device = torch.device(device)
         self.num_classes = num_classes
         self.image_shape = tuple(self.images.shape[1:])
-        self.rows = _class_rows(labels, num_classes)
+        self.rows = class_rows(labels, num_classes)
         self.counts = [len(r) for r in self.rows]
 
     def fetch(self, classes: Sequence[int], positions: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -215,7 +216,7 @@ class MemoryData(RunData):
 
     def train_images(self, classes: Sequence[int], positions: Sequence[torch.Tensor]) -> torch.Tensor:
         """Float training images (CPU) at ``positions`` within each of ``classes``, class-major."""
-        rows = _class_rows(self.dataset.train_labels, self.num_classes)
+        rows = class_rows(self.dataset.train_labels, self.num_classes)
         return self.dataset.train_images[torch.cat([rows[k][p] for k, p in zip(classes, positions)])]
 
     def test_set(self, device) -> TensorTestSet:

@@ -28,7 +28,7 @@ from atom_fast.distill.evaluate import EvalConfig
 from atom_fast.distill.loop import LOOPS, METHODS, DistillConfig, NonFiniteLossError, random_positions
 from atom_fast.distill.output import save_accuracy_plot, save_grid
 from atom_fast.distill.real import MemoryData, StoreData
-from atom_fast.distill.store import Store, StoreError
+from atom_fast.distill.store import Store
 
 ALL_METHODS = ("random",) + tuple(METHODS)
 

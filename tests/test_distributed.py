@@ -6,9 +6,7 @@ number of processes, and a process that dies must stop the others with a one-lin
 a hang. Kept small: MNIST, a narrow ConvNet, a few iterations.
 """
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,35 +18,22 @@ import torch
 from atom_fast.distill.distributed import shard_classes
 
 from _data import write_folder_dataset
+from _procs import child_env, free_port
 
 COMMON = ["--dataset", "mnist", "--ipc", "2", "--batch-real", "16", "--width", "16",
           "--eval-models", "2", "--eval-epochs", "1", "--no-baseline", "--no-progress",
           "--log-every", "1", "--checkpoint-every", "2", "--dist-timeout", "60"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ)
-    env.pop("WORLD_SIZE", None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _single(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "atom_fast.distill", *args], env=_env(),
+    return subprocess.run([sys.executable, "-m", "atom_fast.distill", *args], env=child_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def _torchrun(n, *args, timeout=600):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
-                           "--master-port", str(_free_port()), "-m", "atom_fast.distill", *args],
-                          env=_env(), capture_output=True, text=True, timeout=timeout)
+                           "--master-port", str(free_port()), "-m", "atom_fast.distill", *args],
+                          env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _images(out):
@@ -104,10 +89,10 @@ def test_more_processes_than_classes_is_a_clear_error(tmp_path):
 
 def test_a_dead_process_stops_the_others_with_a_one_line_error(tmp_path):
     """Rank 1 is killed mid-run; rank 0 must stop within the timeout with a clear message."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
-        env = _env()
+        env = child_env()
         env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen(

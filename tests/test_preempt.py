@@ -11,7 +11,6 @@ progress bar on stderr shows a few iterations done; ITERATIONS is long enough th
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import torch
 from atom_fast.distill import cli, distributed, loop, preempt, session
 
 from _data import write_folder_dataset
+from _procs import child_env, free_port
 
 ITERATIONS = 300  # a few ms each: the signal lands after about 3, the run would end after ~2 s more
 
@@ -40,34 +40,20 @@ def _args(folder, out, *extra, iterations=ITERATIONS, log_every=1):
             "--dist-timeout", "60", "--device", "cpu", "--out", str(out), *extra]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = dict(os.environ)
-    env.pop("WORLD_SIZE", None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _single(*args):
     return [sys.executable, "-m", "atom_fast.distill", *args]
 
 
 def _torchrun(*args):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-            str(_free_port()), "-m", "atom_fast.distill", *args]
+            str(free_port()), "-m", "atom_fast.distill", *args]
 
 
 class _Run:
     """A CLI process whose stderr is read as it comes (the progress bar ends lines with \\r)."""
 
     def __init__(self, command, env=None):
-        self.proc = subprocess.Popen(command, env=env or _env(), stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(command, env=env or child_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         self._chunks = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -147,11 +133,11 @@ def test_sigterm_checkpoints_the_iteration_reached_and_resume_matches_an_uninter
     assert "Traceback" not in err
     iteration = _check_stopped(err, out, "SIGTERM")
 
-    resumed = subprocess.run(_single(*_args(folder, out, "--resume")), env=_env(), capture_output=True,
+    resumed = subprocess.run(_single(*_args(folder, out, "--resume")), env=child_env(), capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {out / session.CHECKPOINT} at iteration {iteration}" in resumed.stderr
-    whole = subprocess.run(_single(*_args(folder, tmp_path / "whole")), env=_env(),
+    whole = subprocess.run(_single(*_args(folder, tmp_path / "whole")), env=child_env(),
                            capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert torch.equal(_images(out), _images(tmp_path / "whole"))
@@ -168,10 +154,10 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_iteration(folder, tmp_
     assert rc != 0, err[-3000:]
     _check_stopped(err, out, "SIGTERM", processes=2)  # one line per rank, the same iteration
 
-    resumed = subprocess.run(_torchrun(*_args(folder, out, "--resume", log_every=5)), env=_env(),
+    resumed = subprocess.run(_torchrun(*_args(folder, out, "--resume", log_every=5)), env=child_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    whole = subprocess.run(_torchrun(*_args(folder, tmp_path / "whole", log_every=5)), env=_env(),
+    whole = subprocess.run(_torchrun(*_args(folder, tmp_path / "whole", log_every=5)), env=child_env(),
                            capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert torch.equal(_images(out), _images(tmp_path / "whole"))
@@ -180,10 +166,10 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_iteration(folder, tmp_
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(folder, tmp_path):
     """Only rank 1 gets SIGTERM (the ranks started by hand, no torchrun): rank 0 learns it from the
     per-iteration flag, stops after the same iteration and writes the checkpoint."""
-    out, port = tmp_path / "stopped", _free_port()
+    out, port = tmp_path / "stopped", free_port()
     runs = []
     for rank in range(2):
-        env = _env()
+        env = child_env()
         env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         runs.append(_Run(_single(*_args(folder, out)), env=env))
@@ -293,7 +279,7 @@ print("finished the iteration", flush=True)
 
 @pytest.mark.parametrize("first,second", [("SIGTERM", "SIGTERM"), ("SIGINT", "SIGINT")])
 def test_a_second_signal_ends_the_process_at_once(first, second):
-    proc = subprocess.Popen([sys.executable, "-c", SECOND_SIGNAL.format(first=first)], env=_env(),
+    proc = subprocess.Popen([sys.executable, "-c", SECOND_SIGNAL.format(first=first)], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().split() == ["recorded", str(int(getattr(signal, first)))]
@@ -326,7 +312,7 @@ def test_the_stop_flag_over_a_gloo_side_group(tmp_path):
         "print(f'rank {ctx.rank}: {flags}', flush=True)\n"
         "dist.shutdown(ctx)\n")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), str(script)], env=_env(),
+                          "--master-port", str(free_port()), str(script)], env=child_env(),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in (0, 1):

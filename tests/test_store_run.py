@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +22,8 @@ from atom_fast.distill.distributed import shard_classes
 from atom_fast.distill.loop import DistillConfig, Distiller
 from atom_fast.distill.real import MemoryData, StoreData, normalize_
 from atom_fast.distill.store import Store, StoreWriter
+
+from _procs import child_env
 
 MEAN, STD = (0.45, 0.5, 0.55), (0.2, 0.25, 0.3)
 
@@ -149,23 +150,14 @@ def test_streamed_zca_needs_two_images():
 
 # -- the CLI ------------------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
 CLI = ["--ipc", "2", "--batch-real", "5", "--width", "8", "--iterations", "3", "--no-progress",
        "--log-every", "1", "--dist-timeout", "60", "--eval-models", "0", "--zca"]
-
-
-def _env():
-    env = dict(os.environ)
-    env.pop("WORLD_SIZE", None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _run(*args, nproc=1):
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     return subprocess.run([sys.executable, *launcher, "-m", "atom_fast.distill", *args],
-                          capture_output=True, text=True, env=_env(), timeout=600)
+                          capture_output=True, text=True, env=child_env(), timeout=600)
 
 
 def test_cli_from_a_store_in_one_and_two_processes(tmp_path):

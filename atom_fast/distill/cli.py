@@ -236,10 +236,8 @@ def load_data(args, ctx, log):
         raise ValueError(f"--store {path} holds {store.dataset}, not {args.dataset} (--dataset, or "
                          f"the dataset a saved set names)")
     args.dataset = store.dataset
-    if ctx.enabled:
-        ctx.classes(store.num_classes)  # more processes than classes: a clear error on every rank
-    own = ctx.classes(store.num_classes)
-    store.check_classes("train", own)
+    # more processes than classes is a clear error on every rank, before any class is read
+    store.check_classes("train", ctx.classes(store.num_classes))
     return StoreData(store)
 
 

@@ -129,10 +129,8 @@ class StoreTestSet:
     pass then costs no whitening."""
 
     def __init__(self, store, device, zca=None, keep_bytes: int = 512 * 2 ** 20):
-        self.store, self.device, self.zca = store, torch.device(device), zca
-        C = store.image_shape[0]
-        self._mean = torch.tensor(store.mean, dtype=torch.float32, device=self.device).view(1, C, 1, 1)
-        self._std = torch.tensor(store.std, dtype=torch.float32, device=self.device).view(1, C, 1, 1)
+        self.store, self.device = store, torch.device(device)
+        self._images = StoreImages(store, device, zca, split="test")  # its convert, for batches
         self._kept = None
         if len(self) * 4 * int(torch.tensor(store.image_shape).prod()) <= keep_bytes:
             self._kept = TensorTestSet(*self._convert_all())
@@ -150,8 +148,7 @@ class StoreTestSet:
 
     def _stream(self, batch_size: int):
         for x, y in self.store.batches("test", batch_size):
-            x = normalize_(x.to(self.device).to(torch.float32), self._mean, self._std, self.zca)
-            yield x, y.to(self.device)
+            yield self._images.convert(x), y.to(self.device)
 
     def batches(self, batch_size: int):
         if self._kept is not None:
@@ -246,11 +243,9 @@ class StoreData(RunData):
                 f"{self.image_shape}, store {self.store.root}")
 
     def _normalized_train(self, device, classes, batch: int = 4096):
-        C = self.channels
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, C, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, C, 1, 1)
+        images = StoreImages(self.store, device)  # no ZCA: these batches fit it
         for x, _ in self.store.batches("train", batch, classes):
-            yield normalize_(x.to(device).to(torch.float32), mean, std)
+            yield images.convert(x)
 
     def fit_zca(self, device, ctx=None):
         """Fit ZCA from float64 moments of the normalized training split, streamed (the transform

@@ -83,7 +83,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["atom_fast", "atom_fast.distill", "atom_fast.distill.data", "atom_fast.kernels"],
+    packages=["atom_fast", "atom_fast.backends", "atom_fast.distill", "atom_fast.distill.data", "atom_fast.kernels"],
     package_dir={"atom_fast": "atom_fast", "atom_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

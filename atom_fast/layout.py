@@ -43,12 +43,55 @@ class ClassLayout:
                     "syn_per_class": self.syn_per_class}
         out = {"num_classes": self.num_classes}
         for side in ("real", "syn"):
-            counts = getattr(self, f"{side}_counts")
-            offsets = torch.zeros(self.num_classes + 1, dtype=torch.int64, device=counts.device)
-            torch.cumsum(counts, 0, out=offsets[1:])
-            out[f"{side}_order"] = torch.argsort(self.labels(side), stable=True)
-            out[f"{side}_offsets"] = offsets
+            out[f"{side}_order"] = class_order(self.labels(side))
+            out[f"{side}_offsets"] = class_offsets(getattr(self, f"{side}_counts"))
         return out
+
+    def offsets_and_order(self, side, device):
+        """``(offsets, order)`` of one side ("real" or "syn"): the K + 1 class starts and the
+        class-sorted sample order (None for equal blocks, whose order is the identity)."""
+        if not self.has_labels:
+            return block_offsets(self.num_classes, self.per_class(side), device), None
+        return class_offsets(getattr(self, f"{side}_counts")), class_order(self.labels(side))
+
+
+# --------------------------------------------------------------------------------------------------
+# class order and offsets: the one definition every backend uses
+# --------------------------------------------------------------------------------------------------
+
+
+def class_counts(labels, num_classes):
+    """Samples per class (int64, on the labels' device), without a host synchronization (unlike
+    ``bincount``, which reads the largest label)."""
+    ones = torch.ones(labels.shape, dtype=torch.int64, device=labels.device)
+    return torch.zeros((num_classes,), dtype=torch.int64, device=labels.device).index_add_(0, labels,
+                                                                                          ones)
+
+
+def class_offsets(counts):
+    """``(K + 1,)`` int64 start of each class when samples are sorted by class: 0, then the
+    running sum of ``counts``."""
+    offsets = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
+
+
+def block_offsets(num_classes, per_class, device):
+    """The ``class_offsets`` of equal contiguous blocks of ``per_class`` samples."""
+    return torch.arange(num_classes + 1, dtype=torch.int64, device=device) * per_class
+
+
+def class_order(labels):
+    """Sample indices sorted by class; stable, so samples of a class keep their order (and sums
+    over a class run in the same order on every call: bitwise-reproducible results)."""
+    return torch.argsort(labels, stable=True)
+
+
+def grouping(labels, num, num_classes, device):
+    """``(offsets, order)`` of ``num`` samples with ``labels`` (None: equal blocks, order None)."""
+    if labels is None:
+        return block_offsets(num_classes, num // num_classes, device), None
+    return class_offsets(class_counts(labels, num_classes)), class_order(labels)
 
 
 # --------------------------------------------------------------------------------------------------

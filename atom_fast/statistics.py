@@ -23,6 +23,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from atom_fast import backends, checks
+from atom_fast.backends.reference import class_sums
+from atom_fast.constants import accumulation_dtype
 from atom_fast.layout import check_blocks, check_labels, check_num_classes
 
 # Largest statistics one ClassStatistics may hold (elements): K x (H*W + C) per layer. A
@@ -210,25 +213,22 @@ def class_statistics(real=None, num_classes: Optional[int] = None, *,
     Returns:
         A :class:`ClassStatistics`, detached: the real side gets no gradient through it.
     """
-    from atom_fast import loss as _loss  # argument checks and backend choice live there
-
     K = check_num_classes(num_classes) if num_classes is not None else None
     if K is None:
         raise ValueError("num_classes is required: statistics of several chunks or processes add "
                          "up only over the same classes")
-    layers = () if real is None else _loss.check_side(real, "real")
+    layers = () if real is None else checks.check_side(real, "real")
     if not layers and embedding is None:
         raise ValueError("nothing to reduce: pass real features, an embedding, or both")
-    for name, flag in (("spatial", spatial), ("channel", channel)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    checks.check_flag(spatial, "spatial")
+    checks.check_flag(channel, "channel")
     if layers and not (spatial or channel):
         raise ValueError("spatial and channel are both False: no attention sums to compute "
                          "(pass real=None to reduce only the embedding)")
-    ps = _loss.check_power(spatial_power, "spatial_power")
-    pc = _loss.check_power(channel_power, "channel_power")
+    ps = checks.check_power(spatial_power, "spatial_power")
+    pc = checks.check_power(channel_power, "channel_power")
     if embedding is not None:
-        _loss.check_embedding(embedding, "embedding")
+        checks.check_embedding(embedding, "embedding")
     first = layers[0] if layers else embedding
     n, device = first.shape[0], first.device
     if embedding is not None:
@@ -247,19 +247,18 @@ def class_statistics(real=None, num_classes: Optional[int] = None, *,
     else:
         labels = check_labels(labels, n, "labels", device, K)
         counts = torch.bincount(labels, minlength=K).cpu()
-    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     S, T = [], []
     if layers:
-        impl = _loss.backend_module(_loss.resolve_backend(backend, device))
+        impl = backends.backend_module(backend, device)
         for f in layers:
             s, t = impl.class_attention_sums(f, labels, K, ps, pc, spatial, channel)
             S.append(s)
             T.append(t)
     E = None
     if embedding is not None:
-        from atom_fast import reference
         with torch.no_grad():
-            E = reference.class_sums(embedding.detach().flatten(1).to(acc), labels, K)
+            E = class_sums(embedding.detach().flatten(1).to(accumulation_dtype(first.dtype)), labels,
+                           K)
     return ClassStatistics(num_classes=K, counts=counts, spatial=tuple(S), channel=tuple(T),
                            shapes=tuple(tuple(int(d) for d in f.shape[1:]) for f in layers),
                            spatial_power=ps, channel_power=pc, embedding=E)

@@ -47,7 +47,8 @@ if __package__ in (None, ""):  # run as a file (python bench/loss_table.py): mak
 import torch  # noqa: E402
 
 import atom_fast  # noqa: E402
-from atom_fast import environment, reference  # noqa: E402
+from atom_fast import environment  # noqa: E402
+from atom_fast.backends import reference  # noqa: E402
 from atom_fast.layout import ClassLayout  # noqa: E402
 from bench import measure  # noqa: E402
 
@@ -212,9 +213,9 @@ def _compile_dynamic(args):
 
 def available_providers(device):
     out = ["eager", "compile"]
-    if atom_fast.loss.native_available(device):
+    if atom_fast.backends.native_available(device):
         out.append("native")
-    if device.type == "cuda" and atom_fast.loss.triton_available():
+    if device.type == "cuda" and atom_fast.backends.triton_available():
         out.append("triton")
     return out
 
@@ -259,7 +260,7 @@ def run_table(args):
         "device": environment.device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "native_isa": atom_fast._native.cpu_isa(),
+        "native_isa": atom_fast.backends.native.cpu_isa(),
         "config": {"classes": args.classes, "real_per_class": args.real, "ipc": args.ipc,
                    "C_H_W": list(args.shape), "dtype": args.dtype, "spatial_power": args.ps,
                    "channel_power": args.pc, "spatial_weight": args.ws, "channel_weight": args.wc,

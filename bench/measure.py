@@ -145,10 +145,10 @@ def conditions(device):
            "python": versions["python"], "platform": versions["platform"],
            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-           "native_built": atom_fast.loss.native_available(), "native_isa": atom_fast._native.cpu_isa(),
-           "backend_env": os.environ.get(atom_fast.loss.BACKEND_ENV)}
+           "native_built": atom_fast.backends.native_available(), "native_isa": atom_fast.backends.native.cpu_isa(),
+           "backend_env": os.environ.get(atom_fast.backends.BACKEND_ENV)}
     if device.type == "cuda":
         env.update({"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                    "native_cuda": atom_fast.loss.native_available(device),
+                    "native_cuda": atom_fast.backends.native_available(device),
                     "gpu_memory_bytes": torch.cuda.get_device_properties(device).total_memory})
     return env

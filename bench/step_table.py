@@ -247,7 +247,7 @@ def attention_backend(config, device):
         return None
     if config["loop"] != "fused":
         return "reference"
-    return atom_fast.loss.resolve_backend(config.get("backend", "auto"), torch.device(device))
+    return atom_fast.backends.resolve_backend(config.get("backend", "auto"), torch.device(device))
 
 
 def run_job(job, args):

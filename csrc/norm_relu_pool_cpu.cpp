@@ -8,7 +8,7 @@
 // group computes them (two passes over the row, which stays in L1: 16 KB at 64x64 float32). The row
 // is read from memory once; f and pooled are written once. The backward op recomputes the ReLU mask
 // and the normalized row from the saved input, mean and rstd, and is one pass too. The autograd
-// Function over both is in atom_fast/_native.py; atom_fast/distill/networks.py's ConvBlock uses them.
+// Function over both is in atom_fast/distill/block_tail.py; atom_fast/distill/networks.py's ConvBlock uses them.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -21,7 +21,7 @@
 // attention_stats gives one side's stats alone (the real side of the streamed class-statistics
 // interface, docs/scale.md); a term whose flag is false is written as zeros.
 // Implementations: attention_cpu.cpp (CPU), cuda/attention_cuda.cu (CUDA, when built).
-// Autograd and fake (meta) kernels are registered from Python (atom_fast/_native.py).
+// Autograd and fake (meta) kernels are registered from Python (atom_fast/backends/native.py; the block tail's in atom_fast/distill/block_tail.py).
 
 #include <Python.h>
 #include <torch/library.h>

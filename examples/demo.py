@@ -98,7 +98,7 @@ def main():
           f"{args.batch_real} real, IPC {args.ipc}; ConvNet width {args.width}, depth {args.depth}; "
           f"power {args.power}")
 
-    fused = ["triton"] + (["native"] if atom_fast.loss.native_available(device) else [])
+    fused = ["triton"] + (["native"] if atom_fast.backends.native_available(device) else [])
     results = {}
     for backend in ["reference"] + fused:
         syn_images = syn_init.clone().requires_grad_()

@@ -36,7 +36,6 @@ floats as fp32 and round them for float64 features; each kernel casts them to it
 """
 
 import contextlib
-import math
 from typing import NamedTuple
 
 import torch
@@ -46,7 +45,7 @@ import triton.language as tl
 # NORM_EPS: normalization floor of torch.nn.functional.normalize. MAX_UNROLLED_POWER: largest integer
 # power unrolled into multiplications (p - 1 multiplies per element, one kernel variant per power);
 # the paper's grid stops at 8. Larger or fractional powers use exp2/log2.
-from atom_fast.constants import MAX_UNROLLED_POWER, NORM_EPS
+from atom_fast.constants import MAX_UNROLLED_POWER, NORM_EPS, norm_floor
 
 # Tile sizes. HW <= MAX_BLOCK_HW keeps a sample's whole spatial vector in registers (one block covers
 # the 64x64 TinyImageNet layer 1); TILE_ELEMENTS bounds a (BLOCK_C, BLOCK_HW) tile of the F-streaming
@@ -228,7 +227,8 @@ def _attention_stats_kernel(
 @triton.jit
 def _norm_floor(m, power, eps):
     """phi = eps / m^power, the floor on ||x'|| that is eps on the unscaled ||x|| = m^power ||x'||;
-    formed in log space, so it is 0 where m^power overflows and inf where it underflows."""
+    formed in log space, so it is 0 where m^power overflows and inf where it underflows (the
+    in-kernel form of ``atom_fast.constants.norm_floor``)."""
     return tl.exp2(tl.log2(eps) - power * tl.log2(m))
 
 
@@ -471,11 +471,6 @@ def _sample_contiguous(F):
     if F.stride(3) == 1 and F.stride(2) == W and F.stride(1) == H * W:
         return F
     return F.contiguous()
-
-
-def norm_floor(scale, power):
-    """phi = eps / scale^power per sample, in log space (as ``_norm_floor`` in the kernels)."""
-    return torch.exp2(math.log2(NORM_EPS) - float(power) * torch.log2(scale))
 
 
 def _vector_block(L):

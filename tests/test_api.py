@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import atom_fast
-from atom_fast.loss import BACKEND_ENV, resolve_backend
+from atom_fast.backends import BACKEND_ENV, resolve_backend
 from _data import make_layers
 from conftest import DEVICE
 
@@ -267,8 +267,8 @@ def test_labels_without_num_classes_are_renumbered():
 
 
 def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
-    import atom_fast.loss
-    monkeypatch.setattr(atom_fast.loss, "_triton_interpreted", lambda: False)
+    import atom_fast.backends
+    monkeypatch.setattr(atom_fast.backends, "triton_interpreted", lambda: False)
     with pytest.raises(RuntimeError, match=r"^backend='triton' runs on CUDA tensors, got cpu"):
         resolve_backend("triton", torch.device("cpu"))
 

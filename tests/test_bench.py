@@ -54,7 +54,7 @@ BENCH_CASE = [
 @BENCH_CASE[0]
 @BENCH_CASE[1]
 def test_loss_fwd_bwd_benchmark(benchmark, provider):
-    if provider == "native" and not atom_fast.loss.native_available():
+    if provider == "native" and not atom_fast.backends.native_available():
         pytest.skip("the native op is not built")
     real, syn = lt.make_inputs(10, 32, 10, 64, 16, 16, torch.float32, torch.device("cpu"))
     fn = lt.loss_fn(provider, 10, 4.0, 4.0, 1.0, 1.0)

@@ -9,7 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import atom_fast
-from atom_fast import _native, loss as loss_module
+from atom_fast import backends as loss_module
+from atom_fast.backends import native as _native
 from _data import class_labels, make_layers
 from conftest import DEVICE
 from test_fused import ODD, _check_once
@@ -25,7 +26,7 @@ def test_the_extension_is_built():
 
 def _op_args(dtype, labels=False, ws=1.0, wc=1.0, ps=4.0, pc=4.0, C=5, H=3, W=4, K=3, B=4, IPC=2):
     reals, syns = make_layers([(C, H, W)], K * B, K * IPC, dtype, DEVICE)
-    layout = atom_fast.loss.class_layout(
+    layout = atom_fast.layout.class_layout(
         K * B, K * IPC, K if not labels else None,
         class_labels(K, B, True).to(DEVICE) if labels else None,
         class_labels(K, IPC, True).to(DEVICE) if labels else None, DEVICE)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atom_fast import _native
+from atom_fast.distill import block_tail as _native
 from atom_fast.distill import networks
 from atom_fast.distill.networks import ConvNet
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import atom_fast
-from atom_fast import _native, constants
+from atom_fast import constants
+from atom_fast.backends import native as _native
 from _data import class_labels
 from conftest import DEVICE
 from test_fused import ODD, _check_once

@@ -101,9 +101,9 @@ def test_a_data_error_leaves_no_out_folder(tmp_path, capsys):
 
 
 def test_backend_errors_come_before_the_data(tmp_path, capsys, no_data_load):
-    import atom_fast.loss
+    import atom_fast.backends
 
-    if atom_fast.loss.triton_available() and atom_fast.loss._triton_interpreted():
+    if atom_fast.backends.triton_available() and atom_fast.backends.triton_interpreted():
         pytest.skip("Triton is interpreted in this process (tests/conftest.py): it runs on CPU")
     assert cli.main(["--dataset", "mnist", "--backend", "triton", "--device", "cpu",
                      "--out", str(tmp_path / "t"), "--no-progress"]) == 1

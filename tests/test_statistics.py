@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import atom_fast
 from atom_fast import ClassStatistics, attention_loss, class_statistics, mmd_loss
-from atom_fast.loss import native_available, triton_available
+from atom_fast.backends import native_available, triton_available
 
 BACKENDS = ["reference",
             pytest.param("native", marks=pytest.mark.skipif(not native_available(),

@@ -7,7 +7,8 @@ import torch
 
 import atom_fast
 import atom_fast.kernels.attention as kernels
-from atom_fast import _triton, constants, reference
+from atom_fast import constants
+from atom_fast.backends import reference, triton as _triton
 from _data import class_labels, make_layers
 from conftest import DEVICE
 from test_fused import ODD
@@ -128,7 +129,7 @@ def test_real_statistics_are_not_kept_when_real_needs_no_gradient():
 
 
 def test_constants_have_one_home():
-    assert kernels.NORM_EPS is constants.NORM_EPS and reference.NORM_EPS is constants.NORM_EPS
+    assert kernels.NORM_EPS is constants.NORM_EPS and kernels.norm_floor is reference.norm_floor is constants.norm_floor
     assert kernels.MAX_UNROLLED_POWER is constants.MAX_UNROLLED_POWER
     assert not hasattr(kernels, "_next_pow2")
 

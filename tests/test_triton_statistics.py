@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import atom_fast
-from atom_fast import _triton, reference
+from atom_fast.backends import reference, triton as _triton
 from _data import class_labels, make_layers
 from conftest import DEVICE
 

@@ -112,7 +112,7 @@ def main(argv=None):
     device = torch.device("cuda")
     failed = []
     for backend in args.backends.split(","):
-        if backend == "native" and not atom_fast.loss.native_available(device):
+        if backend == "native" and not atom_fast.backends.native_available(device):
             print("native: the CUDA part of the native op is not built (ATOM_FAST_BUILD_CUDA=1 pip install "
                   "--no-build-isolation -e .)", file=sys.stderr)
             failed.append("native: not built")

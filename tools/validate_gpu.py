@@ -190,7 +190,7 @@ def main(argv=None):
                     result.update(ok=False, problem=problem)
                     print(f"   tests: {problem}", flush=True)
         summary["steps"][name] = result
-    versions = subprocess.run([python, "-c", "import json, atom_fast.environment as e, atom_fast.loss as l, "
+    versions = subprocess.run([python, "-c", "import json, atom_fast.environment as e, atom_fast.backends as l, "
                                "torch; print(json.dumps({**e.versions(), 'native_cuda': "
                                "l.native_available(torch.device('cuda'))}))"],
                               cwd=ROOT, capture_output=True, text=True)

@@ -245,7 +245,7 @@ def _check_backend(args, device) -> None:
     """--backend must work on this device before any data is loaded (e.g. triton on a CPU)."""
     if args.method in ("random", "dm"):
         return
-    from atom_fast.loss import resolve_backend
+    from atom_fast.backends import resolve_backend
 
     try:
         resolve_backend(args.backend, device)

@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from atom_fast import _native as native
+from atom_fast.distill import block_tail
 
 NORMS = ("instancenorm", "batchnorm", "none")
 POOLINGS = ("avgpooling", "maxpooling", "none")
@@ -58,7 +58,7 @@ class ConvBlock(nn.Module):
         y = self.conv(x)
         tail = self._fused_tail(y)
         if tail is not None:
-            f, pooled = native.instance_norm_relu_pool(y, self.norm.weight, self.norm.bias,
+            f, pooled = block_tail.instance_norm_relu_pool(y, self.norm.weight, self.norm.bias,
                                                        self.norm.eps, tail)
             return f, (f if pooled is None else pooled)
         f = self.act(self.norm(y))
@@ -95,7 +95,7 @@ def _global_hooks() -> bool:
 
 def _fusable_tail(norm: nn.Module, pool: nn.Module):
     """True/False (pool or not) when the block's tail has a one-pass native op, else None."""
-    if not native.AVAILABLE or type(norm) is not nn.GroupNorm or norm.num_groups != norm.num_channels:
+    if not block_tail.AVAILABLE or type(norm) is not nn.GroupNorm or norm.num_groups != norm.num_channels:
         return None
     if type(pool) is nn.Identity:
         return False

@@ -1,12 +1,13 @@
-"""Native backend: the C++/CUDA ops of ``csrc/`` (``torch.ops.atom_fast``), made differentiable and
-traceable here.
+"""The native backend: the C++/CUDA ops of ``csrc/`` (``torch.ops.atom_fast``), made differentiable and
+traceable here. It implements the contract of :mod:`atom_fast.backends`.
 
-``atom_fast._C`` registers these ops (see csrc/ops.cpp for their contracts), one layer per call:
-``attention_forward`` (loss and the small per-sample statistics), ``attention_backward`` (one side's
-feature gradient from those statistics) and ``attention_stats`` (one side's statistics alone), plus
-``instance_norm_relu_pool`` and its backward (a ConvNet block's norm, ReLU and pooling in one pass:
-the driver's ConvNet on CPU). This module adds their fake (meta) kernels, so they trace under
-``torch.compile``, and the autograd formula of the forward op. It saves only the statistics
+This module loads ``atom_fast._C``, which registers these ops (see csrc/ops.cpp for their contracts),
+one layer per call: ``attention_forward`` (loss and the small per-sample statistics),
+``attention_backward`` (one side's feature gradient from those statistics) and ``attention_stats``
+(one side's statistics alone). The same library also holds the driver's ConvNet block-tail op
+(``instance_norm_relu_pool``), whose Python side is ``atom_fast.distill.block_tail``. This module
+adds the loss ops' fake (meta) kernels, so they trace under ``torch.compile``, and the autograd
+formula of the forward op. It saves only the statistics
 (``N*(H*W + C + 3)`` values per side), the class
 differences and the features of the sides that need a gradient: real features computed under
 ``no_grad`` are not kept alive until backward.
@@ -17,12 +18,13 @@ The real side can also be given as per-class sums of normalized attention vector
 """
 
 import importlib.util
-import math
 
 import torch
 
-from atom_fast.constants import NORM_EPS
-from atom_fast.reference import class_sums
+from atom_fast.backends.reference import attention_loss as _reference_attention_loss
+from atom_fast.backends.reference import class_sums
+from atom_fast.constants import accumulation_dtype, norm_floor
+from atom_fast.layout import grouping
 
 if importlib.util.find_spec("atom_fast._C") is None:
     # not built: no compiler, ATOM_FAST_BUILD_NATIVE=0, or installed with build isolation
@@ -48,10 +50,6 @@ def cpu_isa():
     return _C.cpu_isa() if AVAILABLE else None
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 if AVAILABLE:
     ops = torch.ops.atom_fast
 
@@ -63,7 +61,7 @@ if AVAILABLE:
             torch._check(t is None or t.device == real.device,
                          lambda: f"atom_fast::attention_forward: {name} is on {t.device} but real "
                                  f"is on {real.device}")
-        acc = _acc_dtype(real.dtype)
+        acc = accumulation_dtype(real.dtype)
         _, C, H, W = real.shape
         L = H * W + C
         K = real_offsets.shape[0] - 1
@@ -115,20 +113,7 @@ if AVAILABLE:
     def _stats_fake(features, spatial_power, channel_power, spatial, channel):
         _, C, H, W = features.shape
         return features.new_empty((features.shape[0], H * W + C + STATS_EXTRA),
-                                  dtype=_acc_dtype(features.dtype))
-
-    @torch.library.register_fake("atom_fast::instance_norm_relu_pool")
-    def _norm_relu_pool_fake(input, weight, bias, eps, pool):
-        N, C, H, W = input.shape
-        pooled = input.new_empty((N, C, H // 2, W // 2) if pool else (0,))
-        return (torch.empty_like(input, memory_format=torch.contiguous_format), pooled,
-                input.new_empty((N, C)), input.new_empty((N, C)))
-
-    @torch.library.register_fake("atom_fast::instance_norm_relu_pool_backward")
-    def _norm_relu_pool_backward_fake(grad_f, grad_pooled, input, weight, bias, mean, rstd):
-        N, C = input.shape[:2]
-        return (torch.empty_like(input, memory_format=torch.contiguous_format),
-                input.new_empty((N, C)), input.new_empty((N, C)))
+                                  dtype=accumulation_dtype(features.dtype))
 
     # Without this, create_graph=True would give a gradient that claims to require grad but whose
     # own gradient is silently wrong; with it, asking for that second gradient raises.
@@ -136,60 +121,20 @@ if AVAILABLE:
                                     setup_context=_setup_backward_context)
 
 
-class _NormReluPool(torch.autograd.Function):
-    """GroupNorm(C, C) + ReLU (+ 2x2 average pooling) of a ConvNet block, forward and backward each
-    one pass (the native CPU ops); saves the input and the per-row mean and rstd."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, pool):
-        f, pooled, mean, rstd = ops.instance_norm_relu_pool(x, weight, bias, eps, pool)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
-        return f, pooled
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_f, grad_pooled):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        if grad_pooled is not None and grad_pooled.numel() == 0:  # pool=False: the empty output
-            grad_pooled = None
-        if grad_f is None and grad_pooled is None:
-            return None, None, None, None, None
-        gx, gw_rows, gb_rows = ops.instance_norm_relu_pool_backward(grad_f, grad_pooled, x, weight,
-                                                                    bias, mean, rstd)
-        gw = gw_rows.sum(0) if weight is not None and ctx.needs_input_grad[1] else None
-        gb = gb_rows.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None
-
-
-def instance_norm_relu_pool(x, weight, bias, eps, pool):
-    """A ConvNet block's tail in one pass (CPU, float32/float64, native ops):
-    ``f = relu(group_norm(x, C, weight, bias, eps))`` and, when ``pool``, ``avg_pool2d(f, 2)``
-    (else None). Returns ``(f, pooled)``; differentiable once in x, weight and bias (no double
-    backward, forward-mode AD or vmap: ConvBlock users who need them set
-    ATOM_FAST_FUSED_BLOCK_TAIL=0)."""
-    eps, pool = float(eps), bool(pool)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        f, pooled = _NormReluPool.apply(x, weight, bias, eps, pool)
-    else:
-        f, pooled, _, _ = ops.instance_norm_relu_pool(x, weight, bias, eps, pool)
-    return f, (pooled if pool else None)
-
-
 def layout_arguments(layout, device):
     """(real_offsets, syn_offsets, real_order, syn_order) of the ops for a ClassLayout."""
-    K = layout.num_classes
-    if not layout.has_labels:
-        steps = torch.arange(K + 1, dtype=torch.int64, device=device)
-        return steps * layout.real_per_class, steps * layout.syn_per_class, None, None
-    grouped = layout.grouped()
-    return (grouped["real_offsets"], grouped["syn_offsets"], grouped["real_order"],
-            grouped["syn_order"])
+    real_offsets, real_order = layout.offsets_and_order("real", device)
+    syn_offsets, syn_order = layout.offsets_and_order("syn", device)
+    return real_offsets, syn_offsets, real_order, syn_order
 
 
 def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_weight,
                    channel_weight):
-    """Sum over layers of the native op's loss (arguments already validated by atom_fast.loss)."""
+    """Sum over layers of the native op's loss (arguments already validated by atom_fast.loss).
+    With both weights 0 the op has nothing to compute: the reference's connected zero."""
+    if spatial_weight == 0 and channel_weight == 0:
+        return _reference_attention_loss(reals, syns, layout, spatial_power, channel_power,
+                                         spatial_weight, channel_weight)
     real_offsets, syn_offsets, real_order, syn_order = layout_arguments(layout, reals[0].device)
     total = None
     for real, syn in zip(reals, syns):
@@ -203,33 +148,13 @@ def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_we
 # ---- the real side as class statistics (docs/scale.md) ------------------------------------------------
 
 
-def _factor(m, scaled_norm, p):
-    """r with x_hat = x' * r for x' = x / m^p (csrc/constants.h): 1/||x'|| where the unscaled norm
-    m^p ||x'|| is >= eps (decided in log space, in float64), else m^p / eps."""
-    log_scale = p * m.double().log()
-    n = scaled_norm.double()
-    above = log_scale + n.log() >= math.log(NORM_EPS)
-    return torch.where(above, 1 / n, (log_scale - math.log(NORM_EPS)).exp()).to(scaled_norm.dtype)
-
-
 def _normalized(stats, HW, C, ps, pc):
     """(N, H*W + C) normalized per-sample vectors [s_hat | t_hat] from the ops' stats layout
-    [s' | t' | m | ||s'|| | ||t'||]."""
-    m = stats[:, HW + C:HW + C + 1]
-    rs = _factor(m, stats[:, HW + C + 1:HW + C + 2], ps)
-    rt = _factor(m, stats[:, HW + C + 2:HW + C + 3], pc)
-    return torch.cat([stats[:, :HW] * rs, stats[:, HW:HW + C] * rt], 1)
-
-
-def _grouping(labels, num, num_classes, device):
-    """(offsets, order) of the ops for labels, or for equal blocks when labels is None; no host sync."""
-    if labels is None:
-        return torch.arange(num_classes + 1, dtype=torch.int64, device=device) * (num // num_classes), None
-    counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    counts.index_add_(0, labels, torch.ones_like(labels))
-    offsets = torch.zeros(num_classes + 1, dtype=torch.int64, device=device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return offsets, torch.argsort(labels, stable=True)
+    [s' | t' | m | ||s'|| | ||t'||] (x' = x / m^p, normalized by max(||x'||, norm_floor(m, p)))."""
+    m = stats[:, HW + C]
+    s_norm = torch.maximum(stats[:, HW + C + 1], norm_floor(m, ps))
+    t_norm = torch.maximum(stats[:, HW + C + 2], norm_floor(m, pc))
+    return torch.cat([stats[:, :HW] / s_norm[:, None], stats[:, HW:HW + C] / t_norm[:, None]], 1)
 
 
 def class_attention_sums(features, labels, num_classes, spatial_power, channel_power, has_spatial,
@@ -291,10 +216,10 @@ def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_l
     HW = H * W
     ps, pc = float(spatial_power), float(channel_power)
     ws, wc = float(spatial_weight), float(channel_weight)
-    acc = _acc_dtype(syn.dtype)
+    acc = accumulation_dtype(syn.dtype)
     n = real_counts.to(acc).clamp_min(1)[:, None]
     real_means = torch.cat([
         real_spatial.to(acc) / n if ws != 0 else syn.new_zeros((num_classes, HW), dtype=acc),
         real_channel.to(acc) / n if wc != 0 else syn.new_zeros((num_classes, C), dtype=acc)], 1)
-    offsets, order = _grouping(syn_labels, M, num_classes, syn.device)
+    offsets, order = grouping(syn_labels, M, num_classes, syn.device)
     return _LossFromSums.apply(syn, real_means, offsets, order, syn_labels, num_classes, ps, pc, ws, wc)

@@ -1,4 +1,5 @@
-"""Triton backend: autograd.Functions over the fused kernels in ``atom_fast.kernels.attention``.
+"""The Triton backend: autograd.Functions over the fused kernels in ``atom_fast.kernels.attention``
+(the only module that imports them). It implements the contract of :mod:`atom_fast.backends`.
 
 Forward saves only per-sample statistics (``SideStats``: scaled attention vectors, norms and scales,
 N*(H*W + C) + 3N floats per side and layer) and the class differences (K*(H*W + C)); the features
@@ -12,7 +13,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from atom_fast.reference import class_sums
+from atom_fast.backends.reference import class_sums
+from atom_fast.constants import accumulation_dtype, norm_floor
+from atom_fast.layout import class_counts, class_offsets, class_order
 
 DOUBLE_BACKWARD_ERROR = ("backend='triton' does not support double backward (a gradient of the "
                          "attention loss's gradient); use backend='reference' for that")
@@ -24,8 +27,10 @@ def _kernels():
     return attention
 
 
-def _accumulation_dtype(features):
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
+def interpreted():
+    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` before Triton was
+    imported), as on a CPU-only machine."""
+    return type(_kernels()._attention_stats_kernel).__name__ == "InterpretedFunction"
 
 
 class LayerStats(NamedTuple):
@@ -45,9 +50,7 @@ class ClassOrder(NamedTuple):
 
 
 def _class_order(labels, counts):
-    offsets = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=counts.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    return ClassOrder(torch.argsort(labels, stable=True), offsets)
+    return ClassOrder(class_order(labels), class_offsets(counts))
 
 
 def _class_layout_arguments(layout):
@@ -106,7 +109,7 @@ class FusedAttentionLoss(torch.autograd.Function):
         kernels = _kernels()
         num_layers = len(features) // 2
         reals, syns = features[:num_layers], features[num_layers:]
-        acc_dtype = _accumulation_dtype(reals[0])
+        acc_dtype = accumulation_dtype(reals[0].dtype)
         has_spatial, has_channel = spatial_weight != 0, channel_weight != 0
         # ``features`` are the trailing arguments of apply().
         needs = ctx.needs_input_grad[-len(features):]
@@ -174,6 +177,13 @@ class FusedAttentionLoss(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
 
+def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_weight,
+                   channel_weight):
+    """Sum over layers of the fused loss (arguments already validated by atom_fast.loss)."""
+    return FusedAttentionLoss.apply(layout, spatial_power, channel_power, spatial_weight,
+                                    channel_weight, *reals, *syns)
+
+
 # --------------------------------------------------------------------------------------------------
 # the real side as class statistics (docs/scale.md)
 # --------------------------------------------------------------------------------------------------
@@ -182,14 +192,7 @@ class FusedAttentionLoss(torch.autograd.Function):
 def _normalized(vectors, norms, scale, power):
     """x_hat = x / max(||x||, eps) from the kernels' scaled x' = x / m^p: x' / max(||x'||, eps / m^p),
     the floor in log space as in the kernels."""
-    return vectors / torch.maximum(norms, _kernels().norm_floor(scale, power))[:, None]
-
-
-def _class_counts(labels, num_classes):
-    """Samples per class (int64), on the labels' device without a host synchronization (unlike
-    bincount, which reads the largest label)."""
-    ones = torch.ones(labels.shape, dtype=torch.int64, device=labels.device)
-    return torch.zeros((num_classes,), dtype=torch.int64, device=labels.device).index_add_(0, labels, ones)
+    return vectors / torch.maximum(norms, norm_floor(scale, power))[:, None]
 
 
 def class_attention_sums(features, labels, num_classes, spatial_power, channel_power,
@@ -202,7 +205,7 @@ def class_attention_sums(features, labels, num_classes, spatial_power, channel_p
     kernels = _kernels()
     with torch.no_grad():
         stats = kernels.attention_stats(features.detach(), spatial_power, channel_power,
-                                        has_spatial, has_channel, _accumulation_dtype(features))
+                                        has_spatial, has_channel, accumulation_dtype(features.dtype))
         spatial = channel = None
         if has_spatial:
             spatial = class_sums(_normalized(stats.spatial, stats.spatial_norm, stats.scale,
@@ -224,7 +227,7 @@ class AttentionLossFromSums(torch.autograd.Function):
     def forward(ctx, real_spatial, real_channel, real_counts, syn_labels, num_classes,
                 spatial_power, channel_power, spatial_weight, channel_weight, syn):
         kernels = _kernels()
-        acc_dtype = _accumulation_dtype(syn)
+        acc_dtype = accumulation_dtype(syn.dtype)
         stats = kernels.attention_stats(syn, spatial_power, channel_power, spatial_weight != 0,
                                         channel_weight != 0, acc_dtype)
         # Counts kept on the host (K values) are copied without waiting for the device.
@@ -235,7 +238,7 @@ class AttentionLossFromSums(torch.autograd.Function):
             syn_denominator = torch.full((num_classes,), syn.shape[0] // num_classes,
                                          dtype=acc_dtype, device=syn.device)
         else:
-            syn_counts = _class_counts(syn_labels, num_classes)
+            syn_counts = class_counts(syn_labels, num_classes)
             side_layout = dict(labels=syn_labels, counts=syn_counts)
             syn_denominator = syn_counts.to(acc_dtype).clamp_min(1)
 
@@ -281,7 +284,7 @@ def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_l
     """
     if spatial_weight == 0 and channel_weight == 0:
         # A zero still connected to syn: backward gives zero gradients.
-        return syn.reshape(-1)[:0].sum().to(_accumulation_dtype(syn))
+        return syn.reshape(-1)[:0].sum().to(accumulation_dtype(syn.dtype))
     if syn_labels is not None:
         syn_labels = syn_labels.contiguous()  # the kernels index labels with unit stride
     return AttentionLossFromSums.apply(

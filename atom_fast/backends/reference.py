@@ -1,19 +1,18 @@
-"""Plain-PyTorch ground truth for the attention-matching loss (docs/loss.md).
+"""The reference backend: plain-PyTorch ground truth for the attention-matching loss (docs/loss.md).
 
-Every fast backend is tested against these functions. They take already-validated arguments; the
+It implements the contract of :mod:`atom_fast.backends`, written like the math; every fast backend is
+tested against these functions. They take already-validated arguments; the
 public entry points in ``atom_fast.loss`` check them first. float16/bfloat16 features are upcast to
 float32 before anything is summed; float64 stays float64.
 """
 
-import math
-
 import torch
 
-from atom_fast.constants import NORM_EPS  # torch.nn.functional.normalize's floor on the norm
+from atom_fast.constants import accumulation_dtype, norm_floor
 
 
 def _accumulation_dtype(x):
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return accumulation_dtype(x.dtype)
 
 
 def abs_pow(x, p, scale=None):
@@ -50,10 +49,9 @@ def normalize_scaled(x, scale, p):
     """``F.normalize(m^p x, dim=1, eps=NORM_EPS)`` for x = sum |F / m|^p (N, L), without forming m^p.
 
     m^p x / max(||m^p x||, eps) = x / max(||x||, eps / m^p): the eps floor is decided on the unscaled
-    norm. eps / m^p is formed in log space (0 where m^p would overflow, inf where it would underflow).
+    norm (``constants.norm_floor``: eps / m^p in log space).
     """
-    floor = torch.exp(math.log(NORM_EPS) - p * torch.log(scale.reshape(-1, 1)))
-    return x / x.norm(p=2.0, dim=1, keepdim=True).clamp_min(floor)
+    return x / x.norm(p=2.0, dim=1, keepdim=True).clamp_min(norm_floor(scale.reshape(-1, 1), p))
 
 
 def spatial_attention(features, p):

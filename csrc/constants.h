@@ -1,5 +1,5 @@
 // Numbers and the normalization rule shared by the CPU and CUDA code of the native op, defined once
-// here (atom_fast/constants.py is their Python home; tests/test_native_scale.py checks they agree,
+// here (atom_fast/constants.py is their Python home; tests/backends/test_native_scale.py checks they agree,
 // through atom_fast._C.constants()).
 #pragma once
 

@@ -25,12 +25,14 @@ other models it is evaluated with, so ``model_indices`` can split one evaluation
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from atom_fast.distill import augment as dsa
 from atom_fast.distill.architectures import build_network, canonical_name
@@ -197,7 +199,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tens
              test_labels: torch.Tensor, num_classes: int, *, config: EvalConfig, seed: int,
              architecture: Optional[str] = None, model_indices: Optional[Sequence[int]] = None,
              models: Optional[int] = None, network_kwargs: Optional[dict] = None,
-             progress: Optional[Callable[[int, float], None]] = None) -> List[ModelRecord]:
+             progress: Optional[Callable[[int, float], None]] = None,
+             bar: Optional[str] = None) -> List[ModelRecord]:
     """Train fresh networks on ``images (N, C, H, W)`` / ``labels (N,)`` and test them on
     ``test_images`` / ``test_labels``; one :class:`ModelRecord` per model, in the order given.
 
@@ -209,6 +212,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tens
         models: shorthand for ``model_indices=range(models)``; give one of the two.
         network_kwargs: options of the architecture (``width``, ``depth``, ...).
         progress: called as ``progress(m, final_accuracy)`` after each model.
+        bar: a label to show a progress bar (stderr, tqdm) of the epochs of every model, with the
+            model and the rate; None shows none.
     """
     _check_inputs(images, labels, test_images, test_labels, num_classes)
     indices = _indices(models, model_indices)
@@ -220,7 +225,10 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tens
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     records = []
+    epochs_bar = tqdm(total=len(indices) * config.epochs, disable=bar is None, unit="epoch",
+                      desc=bar, dynamic_ncols=True, file=sys.stderr, leave=False)
     for m in indices:
+        epochs_bar.set_postfix_str(f"{name} model {m + 1}", refresh=False)
         # the caller's random state is left as it was; model m's draws depend on (seed, m) only
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(derive_seed(seed, m))
@@ -232,6 +240,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tens
             test_s = [0.0]
 
             def after_epoch(epoch: int) -> None:
+                epochs_bar.update(1)
                 if epoch in wanted:
                     _sync(device)
                     t = time.perf_counter()
@@ -251,6 +260,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tens
             train_seconds=total - test_s[0], test_seconds=test_s[0]))
         if progress is not None:
             progress(m, accuracies[-1])
+    epochs_bar.close()
     return records
 
 

@@ -9,7 +9,6 @@ continues from it). Under ``torchrun`` the classes are split over the processes 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from typing import List, Optional
 import torch
 
 from atom_fast import environment
+from atom_fast.allocator import keep_freed_memory
 from atom_fast.distill import augment as dsa
 from atom_fast.distill import distributed as dist
 from atom_fast.distill import report, session
@@ -643,26 +643,6 @@ def _run_evaluate(args, s, device, ctx, out) -> Optional[dict]:
                     "images_per_class": counts.tolist(), "args": vars(args)})
     ipc = int(counts.max()) if int(counts.min()) == int(counts.max()) else "mixed"
     return finish(args, out, results, ipc=ipc, iterations="-")
-
-
-# glibc serves allocations above 32 MB with fresh mmap()s, so every batch of 128-channel feature maps
-# (hundreds of MB) is page-faulted in again: on CPU that kernel time was half of each iteration
-# (1.57 s -> 0.88 s per real forward at MNIST, batch 128 x 10, measured on 2 cores). Serving them
-# from the heap, never trimmed, keeps the pages.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc to keep freed blocks (CPU runs); ``ATOM_FAST_MALLOC_TUNING=0`` opts out."""
-    if sys.platform != "linux" or os.environ.get("ATOM_FAST_MALLOC_TUNING", "1") == "0":
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    except (OSError, AttributeError):
-        return False
 
 
 def main(argv: Optional[List[str]] = None) -> int:

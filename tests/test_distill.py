@@ -14,7 +14,8 @@ from atom_fast.distill import augment as dsa
 from atom_fast.distill import cli
 from atom_fast.distill.evaluate import EvalConfig, final_accuracies as evaluate, mean_std
 from atom_fast.distill.loop import DistillConfig, Distiller, NonFiniteLossError, random_indices, class_pools
-from atom_fast.distill.networks import ConvNet, build_network
+from atom_fast.distill.architectures import build_network
+from atom_fast.distill.networks import ConvNet
 from atom_fast.distill.output import image_grid, render_grid, write_atomic
 
 from _data import write_folder_dataset

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from atom_fast.distill import cli
+from atom_fast.distill import cli, pipelines
 
 from _data import write_folder_dataset
 
@@ -99,7 +99,7 @@ def test_evaluate_bad_sets_are_one_line(folder, tmp_path, capsys, content, needl
 
 def test_unknown_architecture_fails_before_anything_loads(folder, plain_set, tmp_path, capsys,
                                                           monkeypatch):
-    monkeypatch.setattr(cli, "load_data", lambda *a, **k: pytest.fail("data loaded"))
+    monkeypatch.setattr(pipelines, "load_data", lambda *a, **k: pytest.fail("data loaded"))
     assert _evaluate(folder, plain_set, tmp_path / "out", "--eval-model", "convnet,resnet99") == 1
     assert "unknown architecture 'resnet99'" in capsys.readouterr().err
     assert cli.main(["--dataset", "mnist", "--eval-model", "vgg", "--out", str(tmp_path / "d")]) == 1

@@ -43,9 +43,12 @@ from atom_fast.distill.output import write_atomic
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 SYNTHETIC = "synthetic.pt"
+PICTURE = "synthetic.png"
+PLOT = "accuracy.png"
 LOCK = ".atom-fast.lock"
-# what a run leaves in --out; a fresh run refuses a folder holding any of the first three
-RUN_FILES = (CHECKPOINT, RESULTS, SYNTHETIC, "synthetic.png", "accuracy.png")
+# what a run leaves in --out (the formats: artifacts.py); a fresh run refuses a folder holding any of
+# the first three
+RUN_FILES = (CHECKPOINT, RESULTS, SYNTHETIC, PICTURE, PLOT)
 # settings a resumed run may change: the length, and the learning rate (to recover from a blow-up)
 RESUMABLE = ("iterations", "lr_img")
 

@@ -1,5 +1,7 @@
-"""A distillation run's life: its output folder, checkpoints, resume, the non-finite stop, and the
-files it leaves behind. The CLI (``cli.py``) only turns arguments into calls of this module.
+"""A distillation run's life: its output folder (checked, locked, written atomically), checkpoints,
+resume, the non-finite stop and the stop on a signal. The pipelines (``pipelines.py``) run the
+distillation through :func:`distill` and write into :class:`OutputDir`; what the files hold is
+``artifacts.py``'s.
 
 Promises, each tested (tests/test_session.py):
 - An output folder that holds an earlier run's checkpoint or results is never touched by a new run

@@ -3,7 +3,7 @@ resume, the non-finite stop and the stop on a signal. The pipelines (``pipelines
 distillation through :func:`distill` and write into :class:`OutputDir`; what the files hold is
 ``artifacts.py``'s.
 
-Promises, each tested (tests/test_session.py):
+Promises, each tested (tests/distill/test_session.py):
 - An output folder that holds an earlier run's checkpoint or results is never touched by a new run
   unless it says ``--resume`` (continue it) or ``--overwrite`` (replace it).
 - ``--out`` is checked for writability before any data is loaded; it is created only once the data
@@ -19,7 +19,7 @@ Promises, each tested (tests/test_session.py):
 - A SIGTERM or SIGINT during the distillation (``preempt.py``) stops every process after the same
   iteration; rank 0 checkpoints there and the run ends with :class:`Preempted` (exit status 128 + the
   signal, no evaluation, no results), which ``--resume`` continues. A second signal ends it at once
-  (tests/test_preempt.py).
+  (tests/distill/test_preempt.py).
 """
 
 from __future__ import annotations

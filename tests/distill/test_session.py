@@ -1,8 +1,8 @@
 """A run never loses work: the output folder, the lock, atomic and consistent outputs, one-line errors.
 
-Each test repeats a probe a hostile user ran against the CLI (issue 12) and fails on the code before
-session.py: an earlier run clobbered, a late discovery of an unwritable --out, torn or mismatched
-outputs, two runs in one folder, temporaries left behind, raw tracebacks.
+Each test repeats a probe of a hostile user against the CLI and fails on the code before session.py:
+an earlier run clobbered, a late discovery of an unwritable --out, torn or mismatched outputs, two
+runs in one folder, temporaries left behind, raw tracebacks.
 """
 
 import errno

@@ -16,9 +16,10 @@ compares it with ``dst.copy_(real)`` (read + write): every timed call is precede
 and the fraction is the median over the pairs of (call GB/s / copy GB/s), so a drifting memory
 bandwidth (this project's CPU machines are shared VMs) moves both sides of each ratio together.
 
-On CPU the timed calls run with the allocator setting of the CLI (``keep_freed_memory``: glibc keeps
-freed blocks instead of returning them, so each call's fresh gradient buffer is not page-faulted in
-again), as in a distillation run and in the step table.
+On CPU the timed calls run with the allocator setting of the driver
+(``atom_fast.allocator.keep_freed_memory``: glibc keeps freed blocks instead of returning them, so
+each call's fresh gradient buffer is not page-faulted in again), as in a distillation run and in the
+step table.
 
 Peak extra memory is measured in a fresh child process per provider and mode: CUDA, peak allocated
 above the inputs; CPU, growth of the resident set (VmHWM after resetting it through
@@ -222,10 +223,10 @@ def available_providers(device):
 
 def run_table(args):
     device = torch.device(args.device)
-    # time with the allocator setting the CLI uses on CPU (glibc keeps freed blocks, so a fresh
+    # time with the allocator setting the driver uses on CPU (glibc keeps freed blocks, so a fresh
     # gradient buffer is not page-faulted in again on every call), as the step table does; the
     # memory children undo it (measure.glibc_return_to_os)
-    from atom_fast.distill.cli import keep_freed_memory
+    from atom_fast.allocator import keep_freed_memory
     malloc_kept = device.type == "cpu" and keep_freed_memory()
     torch.manual_seed(0)
     real, syn = make_inputs(args.classes, args.real, args.ipc, *args.shape, _dtype(args.dtype), device)

@@ -107,7 +107,7 @@ def glibc_return_to_os():
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-        # undoes the CLI's keep_freed_memory() (mmap allowed again)
+        # undoes atom_fast.allocator.keep_freed_memory() (mmap allowed again)
         ok = (libc.mallopt(M_MMAP_MAX, 65536) == 1 and libc.mallopt(M_MMAP_THRESHOLD, 65536) == 1
               and libc.mallopt(M_TRIM_THRESHOLD, 0) == 1)
         libc.malloc_trim(0)  # what the heap already caches goes back now

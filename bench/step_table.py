@@ -18,10 +18,11 @@ dataset (synthetic images, their gradient and momentum, network weights) + the p
 that step. CUDA: ``max_memory_allocated`` after a reset, minus the resident dataset. CPU: the held
 tensors' bytes plus the resident-set growth during the step, with glibc switched (mallopt) to return
 every block >= 64 KiB to the OS after the timed steps. The timed steps run with the allocator setting
-the CLI uses on CPU (``keep_freed_memory``: glibc keeps freed feature maps). DM has no attention; its
-row uses the batched ("fused") loop. Under torchrun (``torchrun(n)``) each process owns its block of
-classes, as ``atom-fast`` under torchrun does; a step's time is the slowest process's, its peak memory
-the largest process's (``*_per_rank`` keep each), ``last_loss`` is rank 0's part.
+the driver uses on CPU (``atom_fast.allocator.keep_freed_memory``: glibc keeps freed feature maps).
+DM has no attention; its row uses the batched ("fused") loop. Under torchrun (``torchrun(n)``) each
+process owns its block of classes, as ``atom-fast`` under torchrun does; a step's time is the slowest
+process's, its peak memory the largest process's (``*_per_rank`` keep each), ``last_loss`` is rank
+0's part.
 """
 
 import gc
@@ -164,10 +165,10 @@ def step_child(spec):
 
 def _time_steps(spec, device, classes):
     """One process's part of step_child: its classes' Distiller, timed, then its peak memory."""
-    from atom_fast.distill.cli import keep_freed_memory
+    from atom_fast.allocator import keep_freed_memory
     from atom_fast.distill.loop import DistillConfig, Distiller
 
-    # time the steps with the allocator setting the CLI uses on CPU (glibc keeps freed feature
+    # time the steps with the allocator setting the driver uses on CPU (glibc keeps freed feature
     # maps instead of page-faulting them back every step)
     malloc_kept = device.type == "cpu" and keep_freed_memory()
     config = spec["config"]

@@ -219,7 +219,7 @@ def paired_steps(ipcs=(1, 10, 50), steps=8, per_class=256):
 
     import torch
 
-    from atom_fast.distill.cli import keep_freed_memory
+    from atom_fast.allocator import keep_freed_memory
     from atom_fast.distill.loop import DistillConfig, Distiller
     from atom_fast.distill.real import normalize_
     from bench.step_table import BASE_CONFIG, CLASSES, IMAGE, _store_source

@@ -1,4 +1,5 @@
-"""Feature batches shared by the tests: post-ReLU-like real features, signed synthetic ones."""
+"""Data shared by the tests: feature batches (post-ReLU-like real features, signed synthetic ones),
+tiny datasets written in each on-disk format, and tiny in-memory image sets for the driver."""
 
 import torch
 
@@ -137,3 +138,23 @@ def write_tinyimagenet(parent, wnids=("n01443537", "n01629819", "n01641577"), n_
         lines.append(f"val_{k}.JPEG\t{wnids[k % len(wnids)]}\t0\t1\t62\t63")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def toy_images(classes=3, per_class=20, size=12, channels=1, seed=0, shift=0.5):
+    """A tiny in-memory training set for the driver: ``classes * per_class`` Gaussian images whose
+    mean grows by ``shift`` per class index, shuffled. Returns ``(images, labels)``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(classes * per_class, channels, size, size, generator=g)
+    x += torch.arange(classes).repeat_interleave(per_class).view(-1, 1, 1, 1) * shift
+    y = torch.arange(classes).repeat_interleave(per_class)
+    perm = torch.randperm(len(y), generator=g)
+    return x[perm], y[perm]
+
+
+def toy_split(classes=3, per_class=30, size=8, channels=3, shift=1.0, seed=0):
+    """Gaussian images whose mean grows by ``shift`` per class index, classes interleaved, split two
+    thirds / one third. Returns ``(train_images, train_labels, test_images, test_labels)``."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat(per_class)
+    x = torch.randn(len(y), channels, size, size, generator=g) + y.view(-1, 1, 1, 1) * shift
+    return x[:2 * len(y) // 3], y[:2 * len(y) // 3], x[2 * len(y) // 3:], y[2 * len(y) // 3:]

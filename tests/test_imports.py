@@ -16,7 +16,7 @@ FLOORS = [
     ("statistics", ["atom_fast.statistics"]),
     ("loss", ["atom_fast.loss"]),
     ("public API", ["atom_fast"]),
-    ("environment", ["atom_fast.environment"]),  # what results record, the allocator: driver, bench
+    ("environment", ["atom_fast.environment", "atom_fast.allocator"]),  # for the driver and bench
     ("driver", ["atom_fast.distill"]),
 ]
 

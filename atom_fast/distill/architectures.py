@@ -27,9 +27,9 @@ mlp           MLP                  fc 128-128 on the flattened image
 
 Names are matched case-insensitively, and DC's spellings are accepted (``ConvNetBN``,
 ``ResNet18BN_AP``, ...). Two differences: ``vgg11`` and ``resnet18`` (and so the spellings ``VGG11``
-and ``ResNet18``) are the batch-norm networks of DM's evaluation pool and of issue 15 ("VGG-11 with
-batch norm", "ResNet-18, batch norm"); DC's instance-norm ``VGG11`` and ``ResNet18`` are ``vgg11-in``
-and ``resnet18-in``. (On MNIST at a short budget, 120 SGD steps with DSA at lr 0.01, the
+and ``ResNet18``) are the batch-norm networks, VGG-11 with batch norm and ResNet-18 with batch norm,
+as in DM's evaluation pool; DC's instance-norm ``VGG11`` and ``ResNet18`` are ``vgg11-in`` and
+``resnet18-in``. (On MNIST at a short budget, 120 SGD steps with DSA at lr 0.01, the
 instance-norm VGG-11 was still near chance where the batch-norm one reached 74%.)
 
 Image sizes: MNIST's 1x28x28 is treated as DC treats it (the first convolution pads so that the

@@ -266,7 +266,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tens
 
 def final_accuracies(*args, **kwargs) -> List[float]:
     """:func:`evaluate`'s final accuracies (in %) alone, model by model: the list ``evaluate``
-    returned before it returned records (kept while the CLI moves to records)."""
+    returned before it returned records (the driver reads the records; this is for callers that
+    want the numbers only)."""
     return [r.final_accuracy for r in evaluate(*args, **kwargs)]
 
 
@@ -309,5 +310,5 @@ def summarize(records: Sequence[ModelRecord]) -> Dict:
     }
 
 
-# the loop imports the seed mix under its old private name; it moves to seeds.derive_seed
+# the earlier private name of the seed mix in this module; seeds.derive_seed is its one definition
 _mix = derive_seed

@@ -161,12 +161,3 @@ def default_depth(im_size: Sequence[int]) -> int:
     """Depth 3 up to 32x32, 4 at 64x64, 5 at 128x128 (the DM/DataDAM convention)."""
     side = max(int(im_size[0]), int(im_size[1]))
     return 3 if side <= 32 else (4 if side <= 64 else 5)
-
-
-def __getattr__(name: str):
-    # the registry moved to architectures.py (it needs every family, this module only the ConvNet);
-    # old imports keep working, lazily, since architectures.py imports this module
-    if name in ("ARCHITECTURES", "build_network"):
-        from atom_fast.distill import architectures
-        return getattr(architectures, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,6 @@
-"""Files a run leaves behind: atomic writes (checkpoints, results), the picture of the synthetic set
-(``synthetic.png``) and the accuracy plot."""
+"""Writing and drawing a run's files: atomic writes (checkpoints, results), the picture of a labelled
+image set (the grid of ``synthetic.png``) and the accuracy plot. Which files a run leaves and what
+they hold is ``artifacts.py``'s."""
 
 from __future__ import annotations
 

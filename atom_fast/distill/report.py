@@ -1,7 +1,7 @@
 """What a run reports about a synthetic set: its accuracy on every evaluation architecture (models
 split over the processes of a torchrun), next to the random-real-images baseline, DD-Ranking's
-label-robust score when asked, the console table and the accuracy plot. Used by ``atom-fast`` after
-distilling and by ``atom-fast evaluate`` for any saved set.
+label-robust score when asked, the console table and the accuracy plot's rows. Used by both
+pipelines (``pipelines.py``): after distilling and by ``atom-fast evaluate`` for any saved set.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""A distillation run's life: its output folder, checkpoints, resume, the non-finite stop, and the
-files it leaves behind. The CLI (``cli.py``) only turns arguments into calls of this module.
+"""A distillation run's life: its output folder (checked, locked, written atomically), checkpoints,
+resume, the non-finite stop and the stop on a signal. The pipelines (``pipelines.py``) run the
+distillation through :func:`distill` and write into :class:`OutputDir`; what the files hold is
+``artifacts.py``'s.
 
-Promises, each tested (tests/test_session.py):
+Promises, each tested (tests/distill/test_session.py):
 - An output folder that holds an earlier run's checkpoint or results is never touched by a new run
   unless it says ``--resume`` (continue it) or ``--overwrite`` (replace it).
 - ``--out`` is checked for writability before any data is loaded; it is created only once the data
@@ -17,7 +19,7 @@ Promises, each tested (tests/test_session.py):
 - A SIGTERM or SIGINT during the distillation (``preempt.py``) stops every process after the same
   iteration; rank 0 checkpoints there and the run ends with :class:`Preempted` (exit status 128 + the
   signal, no evaluation, no results), which ``--resume`` continues. A second signal ends it at once
-  (tests/test_preempt.py).
+  (tests/distill/test_preempt.py).
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ from atom_fast.distill.output import write_atomic
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 SYNTHETIC = "synthetic.pt"
+PICTURE = "synthetic.png"
+PLOT = "accuracy.png"
 LOCK = ".atom-fast.lock"
-# what a run leaves in --out; a fresh run refuses a folder holding any of the first three
-RUN_FILES = (CHECKPOINT, RESULTS, SYNTHETIC, "synthetic.png", "accuracy.png")
+# what a run leaves in --out (the formats: artifacts.py); a fresh run refuses a folder holding any of
+# the first three
+RUN_FILES = (CHECKPOINT, RESULTS, SYNTHETIC, PICTURE, PLOT)
 # settings a resumed run may change: the length, and the learning rate (to recover from a blow-up)
 RESUMABLE = ("iterations", "lr_img")
 

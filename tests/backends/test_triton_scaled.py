@@ -12,7 +12,7 @@ from atom_fast.backends import reference, triton as _triton
 from _data import class_labels, make_layers
 from conftest import DEVICE
 from test_fused import ODD
-from test_reference import LARGE_POWER_ROWS, numpy_attention_loss, per_sample_magnitudes
+from .test_reference import LARGE_POWER_ROWS, numpy_attention_loss, per_sample_magnitudes
 
 
 def _loss_and_grad(real, syn, K, p, backend, dtype):

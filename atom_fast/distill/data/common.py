@@ -20,6 +20,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 import numpy as np
 import torch
 
+from atom_fast.distill.data.errors import DatasetFileError, DatasetNotFoundError  # noqa: F401  (re-exported)
+
 PathArg = Union[str, "os.PathLike[str]"]
 Log = Callable[[str], None]
 Normalization = Tuple[Tuple[float, ...], Tuple[float, ...]]
@@ -31,17 +33,6 @@ SPLITS = ("train", "test")
 # what streaming a source into a store holds in memory at once, per batch.
 BATCH_BYTES = 64 << 20
 BATCH_IMAGES = 16384
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are missing; the message says what was looked for, where, and where to get it."""
-
-
-class DatasetFileError(ValueError):
-    """A dataset file or folder exists but cannot be used: corrupt, undecodable, empty or inconsistent.
-
-    The message names the file or folder and says what to do about it.
-    """
 
 
 @dataclass

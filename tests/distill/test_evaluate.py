@@ -1,12 +1,13 @@
 """The evaluation protocol (atom_fast/distill/evaluate.py): per-model records, model indices that can be
-split across processes, the two accuracy conventions, the test schedule; and derive_seed."""
+split across processes, the two accuracy conventions, the test schedule, learning and reproducibility."""
 
 import pytest
 import torch
 
 from atom_fast.distill import evaluate as ev
 from atom_fast.distill.evaluate import EvalConfig, ModelRecord, evaluate, evaluation_schedule, summarize
-from atom_fast.distill.seeds import derive_seed
+
+from _data import toy_images, toy_split
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -15,13 +16,6 @@ def _one_thread():
     torch.set_num_threads(1)  # tiny networks: one thread is much faster on a loaded 2-core machine
     yield
     torch.set_num_threads(threads)
-
-
-def _toy(classes=3, per_class=30, size=8, channels=3, shift=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(classes).repeat(per_class)
-    x = torch.randn(len(y), channels, size, size, generator=g) + y.view(-1, 1, 1, 1) * shift
-    return x[:2 * len(y) // 3], y[:2 * len(y) // 3], x[2 * len(y) // 3:], y[2 * len(y) // 3:]
 
 
 CFG = EvalConfig(epochs=10, batch_size=16, lr=0.05)
@@ -35,7 +29,7 @@ def _same(a: ModelRecord, b: ModelRecord):
 
 
 def test_a_model_index_gives_the_same_model_whatever_else_is_evaluated():
-    data = _toy()
+    data = toy_split()
     together = evaluate(*data, 3, config=CFG, model_indices=[0, 1, 2], **KW)
     assert [r.index for r in together] == [0, 1, 2]
     alone = evaluate(*data, 3, config=CFG, model_indices=[2], **KW)
@@ -53,7 +47,7 @@ def test_a_model_index_gives_the_same_model_whatever_else_is_evaluated():
 
 
 def test_the_callers_random_state_is_left_alone():
-    data = _toy()
+    data = toy_split()
     torch.manual_seed(11)
     before = torch.get_rng_state()
     evaluate(*data, 3, config=CFG, model_indices=[0], **KW)
@@ -61,7 +55,7 @@ def test_the_callers_random_state_is_left_alone():
 
 
 def test_records_hold_both_conventions_and_best_is_at_least_final():
-    data = _toy(shift=0.6)
+    data = toy_split(shift=0.6)
     records = evaluate(*data, 3, config=EvalConfig(epochs=20, batch_size=16, lr=0.05, test_every=2),
                        models=3, **KW)
     for r in records:
@@ -97,7 +91,7 @@ def test_the_schedule():
 def test_the_schedule_is_what_is_measured_and_changes_no_training(monkeypatch):
     """Testing during training must not change the model: batch norm (eval mode while testing) and
     the random streams are untouched, so the final accuracy is the same with any schedule."""
-    data = _toy()
+    data = toy_split()
     measured = []
     real = ev.test_accuracy
 
@@ -117,7 +111,7 @@ def test_the_schedule_is_what_is_measured_and_changes_no_training(monkeypatch):
 
 
 def test_several_architectures_one_call_each():
-    data = _toy(size=16, shift=1.5)
+    data = toy_split(size=16, shift=1.5)
     cfg = EvalConfig(epochs=6, batch_size=16, lr=0.05)
     for name, kwargs in (("mlp", {"width": 16}), ("LeNet", {}), ("resnet18", {"width": 4})):
         records = evaluate(*data, 3, config=cfg, architecture=name, model_indices=[0], seed=0,
@@ -127,7 +121,7 @@ def test_several_architectures_one_call_each():
 
 
 def test_summarize_merges_processes_and_keeps_the_conventions_apart():
-    data = _toy()
+    data = toy_split()
     a = evaluate(*data, 3, config=CFG, model_indices=[0, 2], **KW)
     b = evaluate(*data, 3, config=CFG, model_indices=[1], **KW)
     s = summarize(b + a)
@@ -149,13 +143,13 @@ def test_mean_std_and_final_accuracies():
     assert ev.mean_std([1.0, 3.0]) == (2.0, 1.0)
     with pytest.raises(ValueError):
         ev.mean_std([])
-    data = _toy()
+    data = toy_split()
     assert ev.final_accuracies(*data, 3, config=CFG, models=2, **KW) == [
         r.final_accuracy for r in evaluate(*data, 3, config=CFG, models=2, **KW)]
 
 
 def test_bad_input_names_the_argument():
-    x, y, tx, ty = _toy()
+    x, y, tx, ty = toy_split()
     with pytest.raises(ValueError, match="exactly one of models"):
         evaluate(x, y, tx, ty, 3, config=CFG, models=2, model_indices=[0], **KW)
     with pytest.raises(ValueError, match="exactly one of models"):
@@ -180,99 +174,11 @@ def test_bad_input_names_the_argument():
         evaluate(x, y, tx, ty, 3, config=EvalConfig(epochs=0), models=1, **KW)
 
 
-def test_derive_seed_is_the_old_mix():
-    def fnv(*parts):  # the formula evaluate.py's _mix used, written out again
-        h = 1469598103934665603
-        for p in parts:
-            h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-        return h
-
-    for parts in [(), (0,), (0, 7), (3, 1, 1), (2 ** 70, -5), (123456789, 0x1A17), (0, 5, 0x7E7)]:
-        assert derive_seed(*parts) == fnv(*parts)
-    assert derive_seed(0, 7) == 1903078709129691514  # a value results were produced with
-    assert 0 <= derive_seed(2 ** 64 - 1, 2 ** 63) < 2 ** 63
-    assert derive_seed(1, 2) != derive_seed(2, 1)
-    assert ev._mix is derive_seed
-    with pytest.raises(TypeError, match="integers"):
-        derive_seed(1.5)
-
-
-# ------------------------------------------------------------------------------------------------
-# DD-Ranking's label-robust score and the full-data cache (atom_fast/distill/score.py)
-
-from atom_fast.distill import score as sc  # noqa: E402
-
-
-def test_label_robust_score_by_hand():
-    # full 90%, synthetic 60%, random 50%: HLR 0.3, IOR 0.1, alpha 0.5*0.1 - 0.5*0.3 = -0.1,
-    # score = (e^-0.1 - e^-1) / (e - e^-1) = (0.904837418 - 0.367879441) / (2.718281828 - 0.367879441)
-    r = sc.label_robust_score(0.9, 0.6, 0.5)
-    assert r["hlr"] == pytest.approx(0.3) and r["ior"] == pytest.approx(0.1)
-    assert r["alpha"] == pytest.approx(-0.1)
-    assert r["score"] == pytest.approx(0.536957977 / 2.350402387, abs=1e-9)  # 0.228454...
-    # the ends of the range: alpha = -1 gives 0, alpha = 1 gives 1
-    assert sc.label_robust_score(1.0, 0.0, 1.0)["score"] == pytest.approx(0.0, abs=1e-12)
-    assert sc.label_robust_score(0.0, 1.0, 0.0)["score"] == pytest.approx(1.0)
-    # weight 1: IOR alone
-    assert sc.label_robust_score(0.9, 0.6, 0.5, weight=1.0)["alpha"] == pytest.approx(0.1)
-    with pytest.raises(ValueError, match=r"full accuracy must be a fraction in \[0, 1\], got 90.0 .*divide"):
-        sc.label_robust_score(90.0, 0.6, 0.5)
-    with pytest.raises(ValueError, match="random accuracy"):
-        sc.label_robust_score(0.9, 0.6, -0.1)
-    with pytest.raises(ValueError, match="weight"):
-        sc.label_robust_score(0.9, 0.6, 0.5, weight=2)
-    with pytest.raises(TypeError, match="synthetic"):
-        sc.label_robust_score(0.9, "x", 0.5)
-
-
-def test_label_robust_scores_pair_models_by_index():
-    r = sc.label_robust_scores(0.9, [0.6, 0.7], [0.5, 0.5])
-    assert r["scores"] == [sc.label_robust_score(0.9, 0.6, 0.5)["score"],
-                           sc.label_robust_score(0.9, 0.7, 0.5)["score"]]
-    assert r["score_mean"] == pytest.approx(sum(r["scores"]) / 2)
-    assert r["ior_mean"] == pytest.approx(0.15) and r["hlr_std"] == pytest.approx(0.05)
-    with pytest.raises(ValueError, match="same, non-zero number"):
-        sc.label_robust_scores(0.9, [0.6], [0.5, 0.4])
-
-
-def test_full_data_accuracy_is_computed_once_per_key(tmp_path):
-    x, y, _, _ = _toy()
-    fp = sc.data_fingerprint(x, y)
-    assert fp == sc.data_fingerprint(x.clone(), y.clone()) and len(fp) == 16
-    x2 = x.clone()
-    x2[0, 0, 0, 0] += 1e-3
-    assert sc.data_fingerprint(x2, y) != fp
-    assert sc.data_fingerprint(x.double(), y) != fp
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return [80.0, 90.0]
-
-    key = dict(dataset="mnist", architecture="convnet", protocol={"epochs": 300, "lr": 0.01}, seed=0,
-               models=2, fingerprint=fp)
-    a = sc.full_data_accuracy(**key, compute=compute, cache_dir=tmp_path / "cache")
-    assert (a["accuracy_mean"], a["accuracy_std"], a["fraction"], a["cached"]) == (85.0, 5.0, 0.85, False)
-    b = sc.full_data_accuracy(**key, compute=compute, cache_dir=tmp_path / "cache")
-    assert b["cached"] and b["accuracies"] == [80.0, 90.0] and len(calls) == 1
-    assert b["key"]["protocol"] == {"epochs": 300, "lr": 0.01} and b["path"] == a["path"]
-    # any setting that changes the number is a different entry
-    for change in ({"architecture": "alexnet"}, {"protocol": {"epochs": 301, "lr": 0.01}}, {"seed": 1},
-                   {"dataset": "cifar10"}, {"fingerprint": "0" * 16}):
-        c = sc.full_data_accuracy(**{**key, **change, "models": 1}, compute=lambda: [50.0],
-                                  cache_dir=tmp_path / "cache")
-        assert not c["cached"] and c["path"] != a["path"]
-    assert len(list((tmp_path / "cache").iterdir())) == 6
-    # a damaged entry is recomputed, with a warning
-    with open(a["path"], "w") as f:
-        f.write("{not json")
-    with pytest.warns(UserWarning, match="unreadable"):
-        d = sc.full_data_accuracy(**key, compute=compute, cache_dir=tmp_path / "cache")
-    assert not d["cached"] and len(calls) == 2
-    with pytest.raises(ValueError, match="2 accuracies for models=3"):
-        sc.full_data_accuracy(**{**key, "models": 3}, compute=compute, cache_dir=tmp_path / "cache")
-    with pytest.raises(ValueError, match="in %"):
-        sc.full_data_accuracy(**{**key, "models": 1, "seed": 9}, compute=lambda: [0.5 * 300],
-                              cache_dir=tmp_path / "cache")
-    with pytest.raises(TypeError, match="protocol"):
-        sc.full_data_accuracy(**{**key, "protocol": {"x": object()}}, compute=compute, cache_dir=tmp_path)
+def test_evaluation_learns_and_is_reproducible():
+    x, y = toy_images(classes=3, per_class=30, size=8, channels=3, shift=2.0)
+    cfg = EvalConfig(epochs=30, batch_size=32, lr=0.05, dsa=True)
+    kw = dict(models=2, config=cfg, seed=3, network_kwargs={"width": 8})
+    accs = ev.final_accuracies(x[:60], y[:60], x[60:], y[60:], 3, **kw)
+    assert accs == ev.final_accuracies(x[:60], y[:60], x[60:], y[60:], 3, **kw)
+    assert min(accs) > 60  # classes differ by their mean: far above chance (33%)
+    assert ev.mean_std([1.0, 3.0]) == (2.0, 1.0)

@@ -1,5 +1,7 @@
-"""The picture of a synthetic set and the accuracy plot (atom_fast/distill/output.py)."""
+"""The picture of a synthetic set, the accuracy plot, the image grid and atomic writes
+(atom_fast/distill/output.py)."""
 
+import json
 import sys
 
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from atom_fast.distill.output import grid_layout, render_grid, save_accuracy_plot, save_grid
+from atom_fast.distill.output import (grid_layout, image_grid, render_grid, save_accuracy_plot, save_grid,
+                                     write_atomic)
 
 
 def _set(classes=10, ipc=1, channels=1, size=28, seed=0):
@@ -136,3 +139,14 @@ def test_accuracy_plot_without_matplotlib_warns_and_writes_nothing(tmp_path, mon
     with pytest.warns(UserWarning, match="matplotlib is not installed"):
         assert save_accuracy_plot(ROWS, tmp_path / "accuracy.png") is None
     assert not (tmp_path / "accuracy.png").exists()
+
+
+def test_outputs_grid_and_atomic_write(tmp_path):
+    images = torch.rand(6, 3, 4, 5)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    grid = image_grid(images, labels, 3, pad=1)
+    assert grid.shape == (3, 3 * 5 + 1, 2 * 6 + 1)
+    torch.testing.assert_close(grid[:, 1 + 5:1 + 5 + 4, 1 + 6:1 + 6 + 5], images[3])
+    write_atomic(tmp_path / "x.json", {"a": torch.tensor([1.5])}, as_json=True)
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": [1.5]}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]

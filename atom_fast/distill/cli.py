@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=10,
                    help="iterations between loss checks (a non-finite loss stops the run) and progress updates")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="progress bar on stderr")
+                   help="progress bars on stderr (iterations, then evaluation epochs)")
     return p
 
 
@@ -209,6 +209,8 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     g.add_argument("--out", default=None, help="output directory; default runs/evaluate-<file name>")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar of the evaluation epochs on stderr")
     g.add_argument("--dist-timeout", type=float, default=600.0, help="as for distilling")
     return p
 

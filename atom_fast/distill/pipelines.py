@@ -268,7 +268,7 @@ def _evaluate_sets(args, data, device, ctx, sets, log, timings) -> Optional[dict
     evaluator = report.SetEvaluator(
         data, ecfg, architectures, args.eval_models, args.seed, device, ctx,
         lambda arch: report.network_options(arch, args.width, args.depth, args.norm, data.im_size),
-        log)
+        log, progress=getattr(args, "progress", True))
     per_set = {name: evaluator.evaluate(name, x, y) for name, (x, y) in sets.items()}
     for name, seconds in evaluator.seconds.items():
         timings[f"{name}_eval_s"] = seconds

@@ -73,10 +73,11 @@ class SetEvaluator:
 
     def __init__(self, data, config: EvalConfig, architectures: Sequence[str], models: int,
                  seed: int, device: torch.device, ctx: dist.Context, options: Callable[[str], dict],
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], progress: bool = False):
         self.data, self.config, self.architectures = data, config, list(architectures)
         self.models, self.seed, self.device, self.ctx = models, seed, device, ctx
         self.options, self.log = options, log
+        self.progress = progress and ctx.is_main  # an epoch bar per set and architecture (rank 0)
         self.test = data.test_set(device)  # tensors, or a store's test split read in batches
         self.seconds: Dict[str, float] = {}
 
@@ -92,6 +93,7 @@ class SetEvaluator:
                                    None, self.data.num_classes, config=self.config,
                                    seed=self.seed, architecture=arch, model_indices=mine,
                                    network_kwargs=self.options(arch),
+                                   bar=f"{name} on {arch}" if self.progress else None,
                                    progress=lambda m, a, arch=arch: self.log(
                                        f"{name} on {arch}: evaluation model {m + 1}/{self.models}: "
                                        f"{a:.2f}%"))

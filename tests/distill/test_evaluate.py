@@ -182,3 +182,16 @@ def test_evaluation_learns_and_is_reproducible():
     assert accs == ev.final_accuracies(x[:60], y[:60], x[60:], y[60:], 3, **kw)
     assert min(accs) > 60  # classes differ by their mean: far above chance (33%)
     assert ev.mean_std([1.0, 3.0]) == (2.0, 1.0)
+
+
+def test_the_epoch_bar_shows_model_and_epochs_and_changes_nothing(capsys):
+    data = toy_split(shift=0.6)
+    cfg = EvalConfig(epochs=3, batch_size=16, lr=0.05)
+    quiet = evaluate(*data, 3, config=cfg, models=2, **KW)
+    assert capsys.readouterr().err == ""
+    shown = evaluate(*data, 3, config=cfg, models=2, bar="synthetic on convnet", **KW)
+    err = capsys.readouterr().err
+    assert "synthetic on convnet" in err and "6/6" in err and "epoch" in err
+    assert "convnet model 2" in err
+    for a, b in zip(quiet, shown):
+        _same(a, b)

@@ -142,7 +142,8 @@ class FusedAttentionLoss(torch.autograd.Function):
                 # Statistics of a side that needs no gradient are not kept until backward.
                 saved += [*_pack(real_stats if needs_real[i] else None),
                           *_pack(syn_stats if needs_syn[i] else None), DS, DT]
-            saved.append(scalars)
+            # five values, never written again: kept on ctx beside the Python scalars
+            ctx.scalars = scalars
         # Features are saved only for the sides that need a gradient: the real features of a
         # distillation step (computed under no_grad) must not stay alive until backward.
         ctx.save_for_backward(*(f if need else None for f, need in zip(features, needs)), *saved)
@@ -153,8 +154,7 @@ class FusedAttentionLoss(torch.autograd.Function):
 
     @staticmethod
     def _unpack(ctx):
-        """The saved features (real layers, then synthetic), one LayerStats per layer and the
-        forward's ``loss_scalars``."""
+        """The saved features (real layers, then synthetic) and one LayerStats per layer."""
         kernels = _kernels()
         saved = iter(ctx.saved_tensors)
         features = list(itertools.islice(saved, 2 * ctx.num_layers))
@@ -165,7 +165,7 @@ class FusedAttentionLoss(torch.autograd.Function):
             layers.append(LayerStats(real=real if real.spatial is not None else None,
                                      syn=syn if syn.spatial is not None else None,
                                      spatial_diff=next(saved), channel_diff=next(saved)))
-        return features, layers, next(saved)
+        return features, layers
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -176,7 +176,7 @@ class FusedAttentionLoss(torch.autograd.Function):
             grads = [torch.zeros_like(f) if need else None
                      for f, need in zip(ctx.saved_tensors, needs)]
             return (None, None, None, None, None, *grads)
-        features, layers, scalars = FusedAttentionLoss._unpack(ctx)
+        features, layers = FusedAttentionLoss._unpack(ctx)
         grads = [None] * (2 * num_layers)
         for i, layer in enumerate(layers):
             sides = (("real", 1.0, i, layer.real), ("syn", -1.0, num_layers + i, layer.syn))
@@ -185,7 +185,7 @@ class FusedAttentionLoss(torch.autograd.Function):
                     continue  # no work for a side that needs no gradient
                 grads[index] = _feature_gradient(
                     features[index], stats, layer.spatial_diff, layer.channel_diff, grad_output,
-                    sign, ps, pc, ws, wc, scalars, _side_layout_arguments(ctx.layout, side))
+                    sign, ps, pc, ws, wc, ctx.scalars, _side_layout_arguments(ctx.layout, side))
         # layout and the four scalars get no gradient
         return (None, None, None, None, None, *grads)
 
@@ -273,21 +273,22 @@ class AttentionLossFromSums(torch.autograd.Function):
         if channel_weight != 0:
             DT = difference(real_channel, stats.channel, stats.channel_norm, channel_power)
             loss = loss + channel_weight * DT.pow(2).sum()
-        ctx.save_for_backward(syn, *stats, DS, DT, syn_labels, syn_counts, scalars)
+        ctx.save_for_backward(syn, *stats, DS, DT, syn_labels, syn_counts)
+        ctx.scalars = scalars  # five values, never written again
         ctx.params = (spatial_power, channel_power, spatial_weight, channel_weight)
         ctx.per_class = side_layout.get("per_class", 0)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        syn, S, T, NS, NT, M, DS, DT, syn_labels, syn_counts, scalars = ctx.saved_tensors
+        syn, S, T, NS, NT, M, DS, DT, syn_labels, syn_counts = ctx.saved_tensors
         stats = _kernels().SideStats(S, T, NS, NT, M)
         ps, pc, ws, wc = ctx.params
         if syn_labels is None:
             side_layout = dict(per_class=ctx.per_class)
         else:
             side_layout = dict(labels=syn_labels, counts=syn_counts)
-        grad = _feature_gradient(syn, stats, DS, DT, grad_output, -1.0, ps, pc, ws, wc, scalars,
+        grad = _feature_gradient(syn, stats, DS, DT, grad_output, -1.0, ps, pc, ws, wc, ctx.scalars,
                                  side_layout)
         # the sums, counts, labels, class count and the four scalars get no gradient
         return (None,) * 9 + (grad,)

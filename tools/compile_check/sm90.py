@@ -8,9 +8,9 @@ ahead of time to PTX and a cubin with the ptxas that ships in the triton wheel. 
 This catches what the interpreter cannot: code that does not lower for the GPU, register spills,
 and loads that did not vectorize. It prints one row per variant (registers, spilled bytes,
 stack frame, shared memory, widest global load) and exits 1 if any variant failed to compile,
-spilled more than SPILL_LIMIT bytes, or takes a float scalar argument (the kernels read powers,
+spilled more than SPILL_LIMIT bytes, takes a float scalar argument (the kernels read powers,
 weights and eps from a tensor, ``loss_scalars``: the interpreter would round a float argument to
-float32).
+float32), or, for float64 features, converts any value to or from float32 (``through_float32``).
 
     python tools/compile_check/sm90.py [--quick] [--out FILE.md]
 
@@ -131,6 +131,14 @@ def widest_load(ptx):
     return max(kinds, key=width) if kinds else "-"
 
 
+def through_float32(ptx):
+    """The PTX conversions to or from f32 (``cvt.rn.f32.f64``, ``cvt.f64.f32``, ...): a float64
+    variant has none, so no value of a float64 loss passes through float32. (libdevice's float64
+    exp2/log2 test the high word of their argument with a few f32 instructions; those are no
+    conversions of a value.)"""
+    return re.findall(r"^\s*(cvt\.\S*f32\S*)", ptx, re.M)
+
+
 def describe(constexprs, fn):
     names = fn.arg_names
     parts = []
@@ -178,6 +186,10 @@ def main():
                                     "loss_scalars tensor")
                 compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
                                           options=options.__dict__)
+                float_pointers = {v for v in signature.values() if v.startswith(("*fp", "*bf"))}
+                if float_pointers == {"*fp64"} and through_float32(compiled.asm["ptx"]):
+                    raise TypeError("float64 variant converts through float32: "
+                                    f"{sorted(set(through_float32(compiled.asm['ptx'])))}")
                 regs, spills, stack = resource_usage(compiled.asm["ptx"])
                 shared = compiled.metadata.shared
                 load = widest_load(compiled.asm["ptx"])

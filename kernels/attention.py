@@ -497,12 +497,13 @@ def loss_scalars(ps, pc, ws=0.0, wc=0.0, *, dtype, device):
     stay 0.
 
     Built once per loss call (the autograd Function keeps it for its backward), not per layer or
-    kernel. Each entry is written by ``fill_`` with the value as a kernel argument, so on CUDA this
-    is five tiny fill kernels queued on the current stream, about as many microseconds of launch
-    work: no host-to-device copy (``torch.tensor(values, device=...)`` would be a blocking copy that
-    waits for the stream), no host synchronization, and the values are baked into a CUDA graph that
-    captures the call. Not cached across calls: a cached tensor filled on one stream and first read
-    on another, or allocated inside a graph capture, would need synchronization to be safe.
+    kernel. Each entry is written by ``fill_`` with the value as a kernel argument (a double for a
+    float64 tensor), so on CUDA this queues five one-element fill kernels on the current stream: the
+    cost of five launches (not timed on a GPU yet), no host-to-device copy (``torch.tensor(values,
+    device=...)`` would be a blocking copy that waits for the stream to drain), no host
+    synchronization, and a CUDA graph that captures the call captures the values with it. Not cached
+    across calls: a cached tensor filled on one stream and first read on another, or allocated
+    inside a graph capture, would need synchronization to be safe.
     """
     values = (float(ps), float(pc), float(ws), float(wc), math.log2(NORM_EPS))
     scalars = torch.empty(NUM_SCALARS, dtype=dtype, device=device)

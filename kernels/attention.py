@@ -31,11 +31,17 @@ Nothing full-size is saved between forward and backward: only the per-sample vec
 and D_k.
 Every reduction runs in a fixed order inside one program, so results are bitwise reproducible.
 Integer powers are constexpr and unrolled into multiplications; other powers use exp2(p * log2|x|).
-Float scalars (powers, weights, eps) are declared fp64, since Triton would otherwise pass Python
-floats as fp32 and round them for float64 features; each kernel casts them to its accumulation dtype.
+
+The float scalars (powers, weights, log2 of eps) reach every kernel in a small tensor of the
+accumulation dtype (``loss_scalars``), read with ``tl.load``, never as Python float arguments: the
+Triton interpreter turns a float argument into a float32 value whatever the kernel declares (0.3
+arrives as 0.30000001192..., which moves a float64 loss and its gradient by ~5e-8 relative), and a
+float constexpr becomes a float32 constant as well. A tensor holds the values exactly in the
+interpreter and in compiled code alike. The only other scalar, the side's sign, is an int (+1 or -1).
 """
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -64,6 +70,14 @@ CLASS_TILE_BYTES = 8192
 # and every channel count of the ConvNets used; these kernels move O(N * (H*W + C)) bytes only.
 MAX_BLOCK_VEC = 1024
 
+# Entries of the scalars tensor (``loss_scalars``) that every kernel takes as ``Scalars_ptr``.
+SCALAR_PS = tl.constexpr(0)  # spatial power
+SCALAR_PC = tl.constexpr(1)  # channel power
+SCALAR_WS = tl.constexpr(2)  # spatial weight
+SCALAR_WC = tl.constexpr(3)  # channel weight
+SCALAR_LOG2_EPS = tl.constexpr(4)  # log2(NORM_EPS)
+NUM_SCALARS = 5
+
 
 def integer_power(p):
     """The constexpr for power ``p``: ``p`` itself when it is a small integer, else 0 (general path)."""
@@ -85,7 +99,9 @@ def feature_launch_config(C, HW, acc_bytes=4):
     for 16-bit features and up to 1.6x for float32 (4096 + 4096 vs 4096 + 1024) at the same warps;
     in the sm_90 compile check (tools/compile_check/sm90.py --quick, 80 variants) that pass moved the
     float64 fractional-power stats variant at 128x32x32 from 0 to 20 spilled bytes (limit 64) and
-    left every other stats variant unspilled; registers per variant rose by up to 24.
+    left every other stats variant unspilled; registers per variant rose by up to 24. Reading that
+    power from the scalars tensor (a loaded register through the pass, which ptxas cannot reload
+    from the parameter bank as it can a kernel argument) took the variant to 28 bytes.
     """
     block_hw = min(triton.next_power_of_2(HW), MAX_BLOCK_HW)
     block_c = max(1, min(triton.next_power_of_2(C), TILE_ELEMENTS // block_hw))
@@ -134,14 +150,12 @@ def _abs_pow_grad(x, P_INT: tl.constexpr, p):
 
 @triton.jit
 def _attention_stats_kernel(
-    # pointers
-    F_ptr, S_ptr, T_ptr, NS_ptr, NT_ptr, M_ptr,
+    # pointers (Scalars_ptr: the ``loss_scalars`` tensor, of which the powers are read)
+    F_ptr, S_ptr, T_ptr, NS_ptr, NT_ptr, M_ptr, Scalars_ptr,
     # shapes
     C, HW,
     # strides (a sample's C*H*W block is contiguous)
     F_stride_n,
-    # powers (float scalars are passed as fp64 and cast to the accumulation dtype, see below)
-    ps: tl.float64, pc: tl.float64,
     PS_INT: tl.constexpr, PC_INT: tl.constexpr, SAME_POWER: tl.constexpr,
     HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr, SINGLE_HW_BLOCK: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -156,8 +170,6 @@ def _attention_stats_kernel(
     """
     n = tl.program_id(0).to(tl.int64)
     acc_dtype = S_ptr.dtype.element_ty
-    ps = tl.cast(ps, acc_dtype)
-    pc = tl.cast(pc, acc_dtype)
     f_base = F_ptr + n * F_stride_n
     s_base = S_ptr + n * HW
     t_base = T_ptr + n * C
@@ -178,6 +190,9 @@ def _attention_stats_kernel(
     m = tl.where(m == 0, 1.0, m)
     tl.store(M_ptr + n, m)
     inv_m = 1.0 / m
+    # read only by the general power path (PS_INT or PC_INT 0); the compiler drops them otherwise
+    ps = tl.load(Scalars_ptr + SCALAR_PS)
+    pc = tl.load(Scalars_ptr + SCALAR_PC)
 
     s_sq = tl.zeros([1], dtype=acc_dtype)  # ||s||^2, one partial sum per spatial block
     t_sq = tl.zeros([BLOCK_C], dtype=acc_dtype)
@@ -225,11 +240,11 @@ def _attention_stats_kernel(
 
 
 @triton.jit
-def _norm_floor(m, power, eps):
+def _norm_floor(m, power, log2_eps):
     """phi = eps / m^power, the floor on ||x'|| that is eps on the unscaled ||x|| = m^power ||x'||;
     formed in log space, so it is 0 where m^power overflows and inf where it underflows (the
     in-kernel form of ``atom_fast.constants.norm_floor``)."""
-    return tl.exp2(tl.log2(eps) - power * tl.log2(m))
+    return tl.exp2(log2_eps - power * tl.log2(m))
 
 
 @triton.jit
@@ -287,16 +302,13 @@ def _class_diff_kernel(
     DS_ptr, DT_ptr, P_ptr,
     # class layout: sample order sorted by class and class offsets (HAS_ORDER), else equal blocks
     ROrder_ptr, ROffs_ptr, SOrder_ptr, SOffs_ptr, real_per_class, syn_per_class,
-    # shapes and weights
-    C, HW, ws: tl.float64, wc: tl.float64,
+    # the ``loss_scalars`` tensor (the weights are read from it), shapes
+    Scalars_ptr, C, HW,
     HAS_ORDER: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program per class k: D_k for spatial and channel attention and ws ||D_k(s)||^2, wc ||D_k(t)||^2."""
     k = tl.program_id(0).to(tl.int64)
-    acc_dtype = SR_ptr.dtype.element_ty
-    ws = tl.cast(ws, acc_dtype)
-    wc = tl.cast(wc, acc_dtype)
     if HAS_ORDER:
         r0 = tl.load(ROffs_ptr + k)
         r1 = tl.load(ROffs_ptr + k + 1)
@@ -310,11 +322,11 @@ def _class_diff_kernel(
     if HAS_SPATIAL:
         sq = _class_diff(SR_ptr, NSR_ptr, FSR_ptr, SS_ptr, NSS_ptr, FSS_ptr, DS_ptr, ROrder_ptr,
                          SOrder_ptr, k, r0, r1, s0, s1, HW, HAS_ORDER, BLOCK_M, BLOCK_HW)
-        tl.store(P_ptr + 2 * k, ws * sq)
+        tl.store(P_ptr + 2 * k, tl.load(Scalars_ptr + SCALAR_WS) * sq)
     if HAS_CHANNEL:
         sq = _class_diff(TR_ptr, NTR_ptr, FTR_ptr, TS_ptr, NTS_ptr, FTS_ptr, DT_ptr, ROrder_ptr,
                          SOrder_ptr, k, r0, r1, s0, s1, C, HAS_ORDER, BLOCK_M, BLOCK_C)
-        tl.store(P_ptr + 2 * k + 1, wc * sq)
+        tl.store(P_ptr + 2 * k + 1, tl.load(Scalars_ptr + SCALAR_WC) * sq)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,13 +335,13 @@ def _class_diff_kernel(
 
 
 @triton.jit
-def _normalize_grad(X_ptr, NX_ptr, D_ptr, G_ptr, n, k, L, coef, power, scale, eps,
+def _normalize_grad(X_ptr, NX_ptr, D_ptr, G_ptr, n, k, L, coef, power, scale, log2_eps,
                     BLOCK_L: tl.constexpr):
     """G[n, :] = (power / scale) * d loss / d x'_n, where loss depends on x_hat_n through
     coef * D[k, :] and x'_n = x_n / scale^power (so that G times |F/scale|^(power-1) sgn F is dF)."""
     offs0 = tl.arange(0, BLOCK_L)
     nrm = tl.load(NX_ptr + n)
-    floor = _norm_floor(scale, power, eps)
+    floor = _norm_floor(scale, power, log2_eps)
     # x_hat . g, accumulated from raw x and divided once.
     dot_acc = tl.zeros([BLOCK_L], dtype=X_ptr.dtype.element_ty)
     for l0 in range(0, L, BLOCK_L):
@@ -351,7 +363,7 @@ def _normalize_grad(X_ptr, NX_ptr, D_ptr, G_ptr, n, k, L, coef, power, scale, ep
         tl.store(G_ptr + n * L + offs, factor * (g * inv - x * proj), mask=mask)
 
 
-@triton.jit(do_not_specialize=["per_class"])
+@triton.jit(do_not_specialize=["per_class", "side_sign"])
 def _vector_grad_kernel(
     # per-sample statistics of this side, class differences, upstream gradient
     S_ptr, NS_ptr, T_ptr, NT_ptr, M_ptr, DS_ptr, DT_ptr, GO_ptr,
@@ -359,13 +371,13 @@ def _vector_grad_kernel(
     GS_ptr, GT_ptr,
     # class layout: labels and class counts (HAS_ORDER), else equal blocks of per_class samples
     Labels_ptr, Counts_ptr, per_class,
-    # shapes, scalars
-    C, HW, side_sign: tl.float64, ws: tl.float64, wc: tl.float64, ps: tl.float64, pc: tl.float64,
-    eps: tl.float64,
+    # the ``loss_scalars`` tensor (powers, weights, log2 eps), shapes, the side's sign (int)
+    Scalars_ptr, C, HW, side_sign,
     HAS_ORDER: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program per sample: side_sign is +1 for real samples and -1 for synthetic ones."""
+    """One program per sample: side_sign is +1 for real samples and -1 for synthetic ones (an int,
+    not specialized, so both sides share one compiled variant)."""
     n = tl.program_id(0).to(tl.int64)
     if HAS_ORDER:
         k = tl.load(Labels_ptr + n).to(tl.int64)
@@ -374,29 +386,29 @@ def _vector_grad_kernel(
         k = n // per_class
         count = per_class
     acc_dtype = S_ptr.dtype.element_ty
-    eps = tl.cast(eps, acc_dtype)
+    log2_eps = tl.load(Scalars_ptr + SCALAR_LOG2_EPS)
     go = tl.load(GO_ptr).to(acc_dtype)
     scale = tl.load(M_ptr + n)
     # d/d mean_k of ||D_k||^2 is 2 D_k; each member contributes 1/count of its side's mean.
-    coef = tl.cast(side_sign, acc_dtype) * 2.0 * go / count.to(acc_dtype)
+    coef = side_sign.to(acc_dtype) * 2.0 * go / count.to(acc_dtype)
     if HAS_SPATIAL:
-        _normalize_grad(S_ptr, NS_ptr, DS_ptr, GS_ptr, n, k, HW, coef * tl.cast(ws, acc_dtype),
-                        tl.cast(ps, acc_dtype), scale, eps, BLOCK_HW)
+        _normalize_grad(S_ptr, NS_ptr, DS_ptr, GS_ptr, n, k, HW,
+                        coef * tl.load(Scalars_ptr + SCALAR_WS), tl.load(Scalars_ptr + SCALAR_PS),
+                        scale, log2_eps, BLOCK_HW)
     if HAS_CHANNEL:
-        _normalize_grad(T_ptr, NT_ptr, DT_ptr, GT_ptr, n, k, C, coef * tl.cast(wc, acc_dtype),
-                        tl.cast(pc, acc_dtype), scale, eps, BLOCK_C)
+        _normalize_grad(T_ptr, NT_ptr, DT_ptr, GT_ptr, n, k, C,
+                        coef * tl.load(Scalars_ptr + SCALAR_WC), tl.load(Scalars_ptr + SCALAR_PC),
+                        scale, log2_eps, BLOCK_C)
 
 
 @triton.jit
 def _attention_bwd_kernel(
-    # pointers
-    F_ptr, M_ptr, GS_ptr, GT_ptr, DF_ptr,
+    # pointers (Scalars_ptr: the ``loss_scalars`` tensor, of which the powers are read)
+    F_ptr, M_ptr, GS_ptr, GT_ptr, DF_ptr, Scalars_ptr,
     # shapes
     C, HW,
     # strides (F as in the forward; DF is contiguous)
     F_stride_n,
-    # powers
-    ps: tl.float64, pc: tl.float64,
     PS_INT: tl.constexpr, PC_INT: tl.constexpr, SAME_POWER: tl.constexpr,
     HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
@@ -410,8 +422,9 @@ def _attention_bwd_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     acc_dtype = GS_ptr.dtype.element_ty
-    ps = tl.cast(ps, acc_dtype)
-    pc = tl.cast(pc, acc_dtype)
+    # read only by the general power path (PS_INT or PC_INT 0); the compiler drops them otherwise
+    ps = tl.load(Scalars_ptr + SCALAR_PS)
+    pc = tl.load(Scalars_ptr + SCALAR_PC)
     f_base = F_ptr + n * F_stride_n
     df_base = DF_ptr + n * C * HW
     hw_offs = tl.arange(0, BLOCK_HW)
@@ -477,8 +490,46 @@ def _vector_block(L):
     return min(triton.next_power_of_2(L), MAX_BLOCK_VEC)
 
 
-def attention_stats(F, ps, pc, has_spatial, has_channel, acc_dtype):
-    """Per-sample scaled attention vectors, norms and scales of F (N, C, H, W): a ``SideStats``."""
+def loss_scalars(ps, pc, ws=0.0, wc=0.0, *, dtype, device):
+    """The float scalars the kernels read, as a (NUM_SCALARS,) tensor of ``dtype`` (the accumulation
+    dtype) on ``device``: [ps, pc, ws, wc, log2(NORM_EPS)] at the SCALAR_* indices, each Python float
+    rounded once to ``dtype`` (so exactly the value in float64). Weights that a call does not use may
+    stay 0.
+
+    Built once per loss call (the autograd Function keeps it for its backward), not per layer or
+    kernel. Each entry is written by ``fill_`` with the value as a kernel argument (a double for a
+    float64 tensor), so on CUDA this queues five one-element fill kernels on the current stream: the
+    cost of five launches (not timed on a GPU yet), no host-to-device copy (``torch.tensor(values,
+    device=...)`` would be a blocking copy that waits for the stream to drain), no host
+    synchronization, and a CUDA graph that captures the call captures the values with it. Not cached
+    across calls: a cached tensor filled on one stream and first read on another, or allocated
+    inside a graph capture, would need synchronization to be safe.
+    """
+    values = (float(ps), float(pc), float(ws), float(wc), math.log2(NORM_EPS))
+    scalars = torch.empty(NUM_SCALARS, dtype=dtype, device=device)
+    for i, value in enumerate(values):
+        scalars[i].fill_(value)
+    return scalars
+
+
+def _scalars(scalars, ps, pc, ws, wc, dtype, device):
+    """The caller's ``loss_scalars`` tensor, or one built for this launch (for direct callers)."""
+    if scalars is None:
+        return loss_scalars(ps, pc, ws, wc, dtype=dtype, device=device)
+    if scalars.dtype != dtype or scalars.device != torch.device(device) or scalars.shape != (NUM_SCALARS,):
+        raise ValueError(f"scalars must be a ({NUM_SCALARS},) {dtype} tensor on {device} "
+                         f"(loss_scalars), got {tuple(scalars.shape)} {scalars.dtype} on {scalars.device}")
+    return scalars
+
+
+def attention_stats(F, ps, pc, has_spatial, has_channel, acc_dtype, scalars=None):
+    """Per-sample scaled attention vectors, norms and scales of F (N, C, H, W): a ``SideStats``.
+
+    ``scalars``: the ``loss_scalars`` of ``ps, pc`` in ``acc_dtype`` on F's device, or None to build
+    them here. The launchers take the powers and weights as Python numbers as well: they choose the
+    kernel variant (integer powers, disabled terms); the kernels read the values from ``scalars``.
+    """
+    scalars = _scalars(scalars, ps, pc, 0.0, 0.0, acc_dtype, F.device)
     F = _sample_contiguous(F)
     N, C, H, W = F.shape
     HW = H * W
@@ -493,9 +544,8 @@ def attention_stats(F, ps, pc, has_spatial, has_channel, acc_dtype):
     M = torch.empty((N,), dtype=acc_dtype, device=F.device)
     with _launch_device(F):
         _attention_stats_kernel[(N,)](
-            F, S, T, NS, NT, M,
+            F, S, T, NS, NT, M, scalars,
             C, HW, F.stride(0),
-            float(ps), float(pc),
             PS_INT=integer_power(ps), PC_INT=integer_power(pc), SAME_POWER=float(ps) == float(pc),
             HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel, SINGLE_HW_BLOCK=single,
             BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
@@ -503,7 +553,7 @@ def attention_stats(F, ps, pc, has_spatial, has_channel, acc_dtype):
     return SideStats(S, T, NS, NT, M)
 
 
-def class_differences(real, syn, num_classes, ps, pc, ws, wc, partials, *,
+def class_differences(real, syn, num_classes, ps, pc, ws, wc, partials, *, scalars=None,
                       real_order=None, real_offsets=None, syn_order=None, syn_offsets=None,
                       real_per_class=0, syn_per_class=0):
     """Per-class mean differences D_s (K, H*W), D_t (K, C) of the normalized vectors.
@@ -511,10 +561,12 @@ def class_differences(real, syn, num_classes, ps, pc, ws, wc, partials, *,
     ``real``/``syn``: ``SideStats``. Class layout: either ``*_order`` (sample indices sorted by class,
     int64) and ``*_offsets`` (K + 1 class starts in that order, int64), or ``*_per_class`` (equal
     contiguous blocks). Writes ``ws ||D_k(s)||^2`` and ``wc ||D_k(t)||^2`` into ``partials`` (K, 2).
+    ``scalars``: as in ``attention_stats``.
     """
     K = num_classes
     HW, C = real.spatial.shape[1], real.channel.shape[1]
     dtype, device = real.spatial.dtype, real.spatial.device
+    scalars = _scalars(scalars, ps, pc, ws, wc, dtype, device)
     DS = torch.empty((K, HW), dtype=dtype, device=device)
     DT = torch.empty((K, C), dtype=dtype, device=device)
     block_hw, block_c = _vector_block(HW), _vector_block(C)
@@ -529,7 +581,7 @@ def class_differences(real, syn, num_classes, ps, pc, ws, wc, partials, *,
             syn.spatial, syn.spatial_norm, floors[2], syn.channel, syn.channel_norm, floors[3],
             DS, DT, partials,
             real_order, real_offsets, syn_order, syn_offsets, real_per_class, syn_per_class,
-            C, HW, float(ws), float(wc),
+            scalars, C, HW,
             HAS_ORDER=real_order is not None, HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
             BLOCK_M=block_m, BLOCK_HW=block_hw, BLOCK_C=block_c,
             num_warps=_num_warps(block_m * max(block_hw, block_c) * elem // 4),
@@ -537,14 +589,17 @@ def class_differences(real, syn, num_classes, ps, pc, ws, wc, partials, *,
     return DS, DT
 
 
-def vector_grad(stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, *,
+def vector_grad(stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, *, scalars=None,
                 labels=None, counts=None, per_class=0):
     """Per-sample gradients w.r.t. the scaled attention vectors, premultiplied by power / scale.
 
     ``stats``: this side's ``SideStats``; ``side_sign`` +1 for the real side, -1 for the synthetic one.
     Class layout: ``labels`` (N,) and ``counts`` (K,), int64 on the device, or ``per_class``.
-    Returns GS (N, H*W), GT (N, C).
+    ``scalars``: as in ``attention_stats``. Returns GS (N, H*W), GT (N, C).
     """
+    if side_sign not in (1, -1):
+        raise ValueError(f"side_sign must be +1 or -1, got {side_sign!r}")
+    scalars = _scalars(scalars, ps, pc, ws, wc, stats.spatial.dtype, stats.spatial.device)
     N, HW = stats.spatial.shape
     C = stats.channel.shape[1]
     GS = torch.empty_like(stats.spatial)
@@ -556,7 +611,7 @@ def vector_grad(stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, *,
             DS, DT, grad_output,
             GS, GT,
             labels, counts, per_class,
-            C, HW, float(side_sign), float(ws), float(wc), float(ps), float(pc), NORM_EPS,
+            scalars, C, HW, int(side_sign),
             HAS_ORDER=labels is not None, HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
             BLOCK_HW=block_hw, BLOCK_C=block_c,
             num_warps=_num_warps(max(block_hw, block_c), per_warp=256),
@@ -564,9 +619,9 @@ def vector_grad(stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, *,
     return GS, GT
 
 
-def attention_backward(F, scale, GS, GT, ps, pc, has_spatial, has_channel):
+def attention_backward(F, scale, GS, GT, ps, pc, has_spatial, has_channel, scalars=None):
     """dF (same shape and dtype as F, contiguous) from the per-sample gradients GS, GT and the
-    forward's per-sample scales (``SideStats.scale``)."""
+    forward's per-sample scales (``SideStats.scale``). ``scalars``: as in ``attention_stats``."""
     F = _sample_contiguous(F)
     N, C, H, W = F.shape
     HW = H * W
@@ -574,11 +629,11 @@ def attention_backward(F, scale, GS, GT, ps, pc, has_spatial, has_channel):
     if not (has_spatial or has_channel):
         return dF.zero_()
     block_c, block_hw, num_warps = feature_launch_config(C, HW, GS.element_size())
+    scalars = _scalars(scalars, ps, pc, 0.0, 0.0, GS.dtype, GS.device)
     with _launch_device(F):
         _attention_bwd_kernel[(N, triton.cdiv(C, block_c))](
-            F, scale, GS, GT, dF,
+            F, scale, GS, GT, dF, scalars,
             C, HW, F.stride(0),
-            float(ps), float(pc),
             PS_INT=integer_power(ps), PC_INT=integer_power(pc), SAME_POWER=float(ps) == float(pc),
             HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel,
             BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,

@@ -4,8 +4,11 @@
 Forward saves only per-sample statistics (``SideStats``: scaled attention vectors, norms and scales,
 N*(H*W + C) + 3N floats per side and layer) and the class differences (K*(H*W + C)); the features
 themselves are the caller's tensors. No host synchronization happens in forward or backward: the
-upstream gradient is read on the device. Triton is imported on first use, so ``import atom_fast``
-works where it is not installed.
+upstream gradient is read on the device. The powers, weights and norm floor reach the kernels as one
+small tensor of the accumulation dtype per loss call (``kernels.attention.loss_scalars``, filled on
+the device and kept for the backward), never as float arguments, which the Triton interpreter would
+round to float32. Triton is imported on first use, so ``import atom_fast`` works where it is not
+installed.
 """
 
 import itertools
@@ -80,22 +83,26 @@ class _FeatureGradient(torch.autograd.Function):
     asking for it (double backward) raises instead of returning a silently wrong zero."""
 
     @staticmethod
-    def forward(ctx, F, scale, GS, GT, ps, pc, has_spatial, has_channel):
-        return _kernels().attention_backward(F, scale, GS, GT, ps, pc, has_spatial, has_channel)
+    def forward(ctx, F, scale, GS, GT, ps, pc, has_spatial, has_channel, scalars):
+        return _kernels().attention_backward(F, scale, GS, GT, ps, pc, has_spatial, has_channel,
+                                             scalars)
 
     @staticmethod
     def backward(ctx, grad):
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
-def _feature_gradient(F, stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, side_layout):
-    """The gradient of the loss w.r.t. one side's features F (vector_grad, then one pass over F)."""
+def _feature_gradient(F, stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, scalars,
+                      side_layout):
+    """The gradient of the loss w.r.t. one side's features F (vector_grad, then one pass over F);
+    ``scalars``: the forward's ``loss_scalars``."""
     kernels = _kernels()
     go = grad_output.reshape(1).to(stats.spatial.dtype)
-    GS, GT = kernels.vector_grad(stats, DS, DT, go, side_sign, ps, pc, ws, wc, **side_layout)
+    GS, GT = kernels.vector_grad(stats, DS, DT, go, side_sign, ps, pc, ws, wc, scalars=scalars,
+                                 **side_layout)
     if torch.is_grad_enabled():  # create_graph=True: record a node whose backward raises
-        return _FeatureGradient.apply(F, stats.scale, GS, GT, ps, pc, ws != 0, wc != 0)
-    return kernels.attention_backward(F, stats.scale, GS, GT, ps, pc, ws != 0, wc != 0)
+        return _FeatureGradient.apply(F, stats.scale, GS, GT, ps, pc, ws != 0, wc != 0, scalars)
+    return kernels.attention_backward(F, stats.scale, GS, GT, ps, pc, ws != 0, wc != 0, scalars)
 
 
 class FusedAttentionLoss(torch.autograd.Function):
@@ -120,17 +127,23 @@ class FusedAttentionLoss(torch.autograd.Function):
         saved = []
         if has_spatial or has_channel:
             class_args = _class_layout_arguments(layout)
+            # the powers, weights and norm floor for every kernel of this call and its backward
+            scalars = kernels.loss_scalars(spatial_power, channel_power, spatial_weight,
+                                           channel_weight, dtype=acc_dtype, device=reals[0].device)
             for i, (real, syn) in enumerate(zip(reals, syns)):
                 real_stats = kernels.attention_stats(real, spatial_power, channel_power,
-                                                     has_spatial, has_channel, acc_dtype)
+                                                     has_spatial, has_channel, acc_dtype, scalars)
                 syn_stats = kernels.attention_stats(syn, spatial_power, channel_power,
-                                                    has_spatial, has_channel, acc_dtype)
+                                                    has_spatial, has_channel, acc_dtype, scalars)
                 DS, DT = kernels.class_differences(real_stats, syn_stats, layout.num_classes,
                                                    spatial_power, channel_power, spatial_weight,
-                                                   channel_weight, partials[i], **class_args)
+                                                   channel_weight, partials[i], scalars=scalars,
+                                                   **class_args)
                 # Statistics of a side that needs no gradient are not kept until backward.
                 saved += [*_pack(real_stats if needs_real[i] else None),
                           *_pack(syn_stats if needs_syn[i] else None), DS, DT]
+            # five values, never written again: kept on ctx beside the Python scalars
+            ctx.scalars = scalars
         # Features are saved only for the sides that need a gradient: the real features of a
         # distillation step (computed under no_grad) must not stay alive until backward.
         ctx.save_for_backward(*(f if need else None for f, need in zip(features, needs)), *saved)
@@ -172,7 +185,7 @@ class FusedAttentionLoss(torch.autograd.Function):
                     continue  # no work for a side that needs no gradient
                 grads[index] = _feature_gradient(
                     features[index], stats, layer.spatial_diff, layer.channel_diff, grad_output,
-                    sign, ps, pc, ws, wc, _side_layout_arguments(ctx.layout, side))
+                    sign, ps, pc, ws, wc, ctx.scalars, _side_layout_arguments(ctx.layout, side))
         # layout and the four scalars get no gradient
         return (None, None, None, None, None, *grads)
 
@@ -204,6 +217,7 @@ def class_attention_sums(features, labels, num_classes, spatial_power, channel_p
     """
     kernels = _kernels()
     with torch.no_grad():
+        # attention_stats builds the powers' loss_scalars for its one launch
         stats = kernels.attention_stats(features.detach(), spatial_power, channel_power,
                                         has_spatial, has_channel, accumulation_dtype(features.dtype))
         spatial = channel = None
@@ -228,8 +242,11 @@ class AttentionLossFromSums(torch.autograd.Function):
                 spatial_power, channel_power, spatial_weight, channel_weight, syn):
         kernels = _kernels()
         acc_dtype = accumulation_dtype(syn.dtype)
+        # for the stats kernel now and the backward's kernels (the weights are applied here in torch)
+        scalars = kernels.loss_scalars(spatial_power, channel_power, spatial_weight, channel_weight,
+                                       dtype=acc_dtype, device=syn.device)
         stats = kernels.attention_stats(syn, spatial_power, channel_power, spatial_weight != 0,
-                                        channel_weight != 0, acc_dtype)
+                                        channel_weight != 0, acc_dtype, scalars)
         # Counts kept on the host (K values) are copied without waiting for the device.
         real_counts = real_counts.to(syn.device, non_blocking=True).to(acc_dtype).clamp_min(1)
         if syn_labels is None:
@@ -257,6 +274,7 @@ class AttentionLossFromSums(torch.autograd.Function):
             DT = difference(real_channel, stats.channel, stats.channel_norm, channel_power)
             loss = loss + channel_weight * DT.pow(2).sum()
         ctx.save_for_backward(syn, *stats, DS, DT, syn_labels, syn_counts)
+        ctx.scalars = scalars  # five values, never written again
         ctx.params = (spatial_power, channel_power, spatial_weight, channel_weight)
         ctx.per_class = side_layout.get("per_class", 0)
         return loss
@@ -270,7 +288,8 @@ class AttentionLossFromSums(torch.autograd.Function):
             side_layout = dict(per_class=ctx.per_class)
         else:
             side_layout = dict(labels=syn_labels, counts=syn_counts)
-        grad = _feature_gradient(syn, stats, DS, DT, grad_output, -1.0, ps, pc, ws, wc, side_layout)
+        grad = _feature_gradient(syn, stats, DS, DT, grad_output, -1.0, ps, pc, ws, wc, ctx.scalars,
+                                 side_layout)
         # the sums, counts, labels, class count and the four scalars get no gradient
         return (None,) * 9 + (grad,)
 

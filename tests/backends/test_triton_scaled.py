@@ -64,14 +64,9 @@ def test_eps_floor_on_the_unscaled_norm_in_the_kernels():
     assert (norms < 1e-12).any() and (norms > 1e-12).any()
     ref_loss, ref_grad = _loss_and_grad(real, syn, K, p, "reference", torch.float64)
     loss, grad = _loss_and_grad(real, syn, K, p, "triton", torch.float64)
-    # The interpreter rounds the kernels' eps argument to float32 (9.99999998e-13): 1e-8 at the floor.
-    tol = 1e-7 if _interpreted() else 1e-10
+    tol = 1e-10
     torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=tol * ref_grad.abs().max().item())
-
-
-def _interpreted():
-    return type(kernels._attention_stats_kernel).__name__ == "InterpretedFunction"
 
 
 def test_stats_kernel_scale_and_scaled_vectors():

@@ -7,8 +7,10 @@ ahead of time to PTX and a cubin with the ptxas that ships in the triton wheel. 
 
 This catches what the interpreter cannot: code that does not lower for the GPU, register spills,
 and loads that did not vectorize. It prints one row per variant (registers, spilled bytes,
-stack frame, shared memory, widest global load) and exits 1 if any variant failed to compile or
-spilled more than SPILL_LIMIT bytes.
+stack frame, shared memory, widest global load) and exits 1 if any variant failed to compile,
+spilled more than SPILL_LIMIT bytes, takes a float scalar argument (the kernels read powers,
+weights and eps from a tensor, ``loss_scalars``: the interpreter would round a float argument to
+float32), or, for float64 features, converts any value to or from float32 (``through_float32``).
 
     python tools/compile_check/sm90.py [--quick] [--out FILE.md]
 
@@ -92,15 +94,18 @@ def drive_launchers():
             for ps, pc in POWERS:
                 for ws, wc in WEIGHTS:
                     hs, hc = ws != 0, wc != 0
-                    rstats = K.attention_stats(real, ps, pc, hs, hc, acc)
-                    sstats = K.attention_stats(syn, ps, pc, hs, hc, acc)
+                    # one scalars tensor for every launch of a loss call, as the backend does
+                    scalars = K.loss_scalars(ps, pc, ws, wc, dtype=acc, device="cpu")
+                    rstats = K.attention_stats(real, ps, pc, hs, hc, acc, scalars)
+                    sstats = K.attention_stats(syn, ps, pc, hs, hc, acc, scalars)
                     for class_args, side_args in layouts:
                         partials = torch.zeros((K_CLASSES, 2), dtype=acc)
                         DS, DT = K.class_differences(rstats, sstats, K_CLASSES, ps, pc, ws, wc,
-                                                     partials, **class_args)
+                                                     partials, scalars=scalars, **class_args)
                         go = torch.ones(1, dtype=acc)
-                        GS, GT = K.vector_grad(sstats, DS, DT, go, -1.0, ps, pc, ws, wc, **side_args)
-                        K.attention_backward(syn, sstats.scale, GS, GT, ps, pc, hs, hc)
+                        GS, GT = K.vector_grad(sstats, DS, DT, go, -1.0, ps, pc, ws, wc,
+                                               scalars=scalars, **side_args)
+                        K.attention_backward(syn, sstats.scale, GS, GT, ps, pc, hs, hc, scalars)
 
 
 def resource_usage(ptx):
@@ -124,6 +129,14 @@ def widest_load(ptx):
         vec = int(k[1]) if k.startswith("v") else 1
         return vec * int(re.search(r"(\d+)$", k).group(1))
     return max(kinds, key=width) if kinds else "-"
+
+
+def through_float32(ptx):
+    """The PTX conversions to or from f32 (``cvt.rn.f32.f64``, ``cvt.f64.f32``, ...): a float64
+    variant has none, so no value of a float64 loss passes through float32. (libdevice's float64
+    exp2/log2 test the high word of their argument with a few f32 instructions; those are no
+    conversions of a value.)"""
+    return re.findall(r"^\s*(cvt\.\S*f32\S*)", ptx, re.M)
 
 
 def describe(constexprs, fn):
@@ -164,12 +177,19 @@ def main():
             dtypes = sorted({v for k, v in signature.items() if v.startswith("*")})
             label = f"{fn.__name__} | {','.join(dtypes)} | {describe(constexprs, fn)} | {options.num_warps}"
             try:
-                # Python floats would arrive as fp32 and be rounded for float64 features.
-                fp32_scalars = [k for k, v in signature.items() if v == "fp32"]
-                if fp32_scalars:
-                    raise TypeError(f"fp32 scalar arguments {fp32_scalars}: declare them tl.float64")
+                # A float argument is rounded to float32 by the interpreter whatever its declared
+                # type (compiled code keeps a tl.float64 one), so float64 tests would not see what
+                # runs on the GPU: the kernels read their float scalars from a tensor instead.
+                float_scalars = [k for k, v in signature.items() if v in ("fp16", "bf16", "fp32", "fp64")]
+                if float_scalars:
+                    raise TypeError(f"float scalar arguments {float_scalars}: pass them in the "
+                                    "loss_scalars tensor")
                 compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
                                           options=options.__dict__)
+                float_pointers = {v for v in signature.values() if v.startswith(("*fp", "*bf"))}
+                if float_pointers == {"*fp64"} and through_float32(compiled.asm["ptx"]):
+                    raise TypeError("float64 variant converts through float32: "
+                                    f"{sorted(set(through_float32(compiled.asm['ptx'])))}")
                 regs, spills, stack = resource_usage(compiled.asm["ptx"])
                 shared = compiled.metadata.shared
                 load = widest_load(compiled.asm["ptx"])

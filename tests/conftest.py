@@ -36,3 +36,18 @@ def _store_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATOM_FAST_CACHE", str(tmp_path_factory.mktemp("atom-fast-cache")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """One torch thread per test: the tensors and networks here are tiny, and two OpenMP threads only
+    add synchronization (10-50x slower on a busy 2-core machine). Tests marked ``default_threads``
+    (the native op's parallel loops) keep torch's default."""
+    if request.node.get_closest_marker("default_threads"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -25,9 +25,10 @@ DTYPE_ROWS = [
 ]
 
 
-@pytest.fixture(params=["triton", "native"])
+@pytest.fixture(params=["triton", pytest.param("native", marks=pytest.mark.default_threads)])
 def backend(request):
-    """Each fused backend; the native op must be built (tests fail, never skip, when it is not)."""
+    """Each fused backend; the native op must be built (tests fail, never skip, when it is not). The
+    native op's OpenMP loops run with torch's default thread count (conftest.py: one thread elsewhere)."""
     return request.param
 
 

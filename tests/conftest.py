@@ -36,3 +36,64 @@ def _store_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATOM_FAST_CACHE", str(tmp_path_factory.mktemp("atom-fast-cache")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """One torch thread per test: the tensors and networks here are tiny, two OpenMP threads only
+    add synchronization (10-50x slower on a busy 2-core machine), and the second core is left to the
+    background commands below. Tests marked ``default_threads`` (the native op's parallel loops) keep
+    torch's default."""
+    if request.node.get_closest_marker("default_threads"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- commands run in the background (tests/_background.py) -------------------------------------------
+
+from _background import BackgroundRuns  # noqa: E402
+
+_BACKGROUND = BackgroundRuns()
+
+
+def _skipped(item):
+    return any(m.args and m.args[0] is True for m in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that read a background command's result run last, so that it has the whole run to
+    finish in."""
+    marked = [item for item in items if item.get_closest_marker("background")]
+    if marked:
+        items[:] = [item for item in items if not item.get_closest_marker("background")] + marked
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session):
+    if not session.config.option.collectonly:
+        for item in session.items:
+            marker = item.get_closest_marker("background")
+            if marker and not _skipped(item):
+                _BACKGROUND.add(marker)
+        _BACKGROUND.start()
+    yield
+
+
+def pytest_sessionfinish(session):
+    _BACKGROUND.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = _BACKGROUND.summary()
+    if lines:
+        terminalreporter.write_line("background commands: " + "; ".join(lines))
+
+
+@pytest.fixture
+def background_result(request):
+    """The subprocess.CompletedProcess of the command in the test's ``background`` marker."""
+    return _BACKGROUND.result(request.node.get_closest_marker("background"))

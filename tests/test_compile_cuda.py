@@ -1,9 +1,10 @@
 """The CUDA kernels of the native op compile for sm_90 (nvcc, no GPU needed), so the part of csrc/
-that CI cannot build (CPU torch) cannot rot unnoticed. Running them is the GPU issue's job."""
+that CI cannot build (CPU torch) cannot rot unnoticed. Running them is the GPU issue's job.
+The compile runs in the background from the start of the test session (conftest.py,
+tests/_background.py)."""
 
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -12,9 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-def test_cuda_kernels_compile_for_sm90():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_check", "cuda.py")],
-                          capture_output=True, text=True, timeout=600)
+@pytest.mark.background([sys.executable, os.path.join(ROOT, "tools", "compile_check", "cuda.py")], timeout=600)
+def test_cuda_kernels_compile_for_sm90(background_result):
+    proc = background_result
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for kernel in ("stats_kernel", "class_kernel", "vector_grad_kernel", "grad_kernel"):
         assert kernel in proc.stdout

@@ -25,9 +25,10 @@ DTYPE_ROWS = [
 ]
 
 
-@pytest.fixture(params=["triton", "native"])
+@pytest.fixture(params=["triton", pytest.param("native", marks=pytest.mark.default_threads)])
 def backend(request):
-    """Each fused backend; the native op must be built (tests fail, never skip, when it is not)."""
+    """Each fused backend; the native op must be built (tests fail, never skip, when it is not). The
+    native op's OpenMP loops run with torch's default thread count (conftest.py: one thread elsewhere)."""
     return request.param
 
 
@@ -71,17 +72,40 @@ def _check_once(backend, shapes, K, B, IPC, ps=4.0, pc=4.0, ws=1.0, wc=1.0, dtyp
 
 
 # ---- realistic: 10 classes x 128 real images, IPC 1/10/50, small channel count -----------------
+# The native op runs every case. Interpreted Triton spends ~25 ms per sample in the statistics kernel
+# alone, so it runs the IPC 10 layout only (marked slow); what the other realistic cases add for it,
+# class member loops over several full blocks and a partial one, is the test after these two.
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("ipc", [1, 10, 50])
+def _native(*values):
+    return pytest.param("native", *values, marks=pytest.mark.default_threads)
+
+
+@pytest.mark.parametrize("backend,ipc", [_native(1), _native(10), _native(50),
+                                         pytest.param("triton", 10, marks=pytest.mark.slow)])
 def test_realistic_class_layout(backend, ipc):
     _check_once(backend, [(4, 8, 8)], K=10, B=128, IPC=ipc)
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("backend", [_native()])
 def test_realistic_with_real_grad_and_labels(backend):
     _check_once(backend, [(3, 6, 6)], K=10, B=128, IPC=10, labels=True, real_grad=True, upstream=0.37)
+
+
+@pytest.mark.parametrize("labels,real_grad", [(False, False), (True, True)])
+def test_class_member_blocks_at_the_default_size(backend, labels, real_grad):
+    # The kernels' own block sizes (nothing monkeypatched): each real class is 2 full blocks of members
+    # and a partial one, each synthetic class a full block and a partial one; the two layouts and the
+    # real side's gradient of the realistic cases above.
+    block = 16
+    if backend == "triton":
+        import atom_fast.kernels.attention as kernels
+
+        C, H, W = ODD[0]
+        vector = max(kernels._vector_block(H * W), kernels._vector_block(C))
+        assert min(kernels.BLOCK_MEMBERS, kernels.CLASS_TILE_BYTES // 4 // vector) == block  # as launched
+    _check_once(backend, ODD, K=2, B=2 * block + 1, IPC=block + 1, ps=2.5, pc=4, labels=labels,
+                real_grad=real_grad, upstream=0.37)
 
 
 # ---- odd shapes and the parameter matrix ---------------------------------------------------------
@@ -197,7 +221,8 @@ def test_nan_and_inf_features_give_nan_loss(backend):
         assert torch.isnan(atom_fast.attention_loss(reals, [s.detach()], 3, backend="reference"))
 
 
-def test_float64_gradcheck_of_the_fused_backward(backend):
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.slow), _native()])
+def test_float64_gradcheck_of_the_fused_backward(backend):  # Triton: 144 interpreted forward passes
     K, B, IPC = 2, 2, 1
     reals, syns = make_layers([(2, 2, 3)], K * B, K * IPC, torch.float64, DEVICE, real_relu=False)
     r, s = reals[0].requires_grad_(), syns[0].requires_grad_()

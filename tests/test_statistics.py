@@ -18,8 +18,9 @@ from atom_fast import ClassStatistics, attention_loss, class_statistics, mmd_los
 from atom_fast.backends import native_available, triton_available
 
 BACKENDS = ["reference",
-            pytest.param("native", marks=pytest.mark.skipif(not native_available(),
-                                                             reason="native op not built")),
+            pytest.param("native", marks=[pytest.mark.skipif(not native_available(),
+                                                              reason="native op not built"),
+                                          pytest.mark.default_threads]),
             pytest.param("triton", marks=pytest.mark.skipif(not triton_available(),
                                                             reason="triton not installed"))]
 # (dtype, rtol): float64 to 1e-10, float32 to 1e-5 relative (the bar every fast path is held to)

@@ -16,6 +16,8 @@ from conftest import DEVICE
 from test_fused import ODD, _check_once
 
 ops = torch.ops.atom_fast
+# the op's OpenMP loops run with torch's default thread count here (conftest.py: one thread elsewhere)
+pytestmark = pytest.mark.default_threads
 
 
 def test_the_extension_is_built():

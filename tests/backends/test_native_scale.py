@@ -15,6 +15,8 @@ from conftest import DEVICE
 from test_fused import ODD, _check_once
 
 ops = torch.ops.atom_fast
+# the op's OpenMP loops run with torch's default thread count here (conftest.py: one thread elsewhere)
+pytestmark = pytest.mark.default_threads
 FP32_RANGE = (1e-30, 1e30)  # reference values outside it cannot be compared in float32
 
 

@@ -11,6 +11,8 @@ from _data import class_labels, make_layers
 from conftest import DEVICE
 
 ops = torch.ops.atom_fast
+# the op's OpenMP loops run with torch's default thread count here (conftest.py: one thread elsewhere)
+pytestmark = pytest.mark.default_threads
 
 # (dtype, relative tolerance of loss and gradient against the full-feature native loss)
 ROWS = [pytest.param(torch.float64, 1e-10, id="fp64"), pytest.param(torch.float32, 1e-5, id="fp32")]

@@ -13,9 +13,12 @@ from test_fused import ODD, _check_once
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Shrink every block so that each kernel's loops run several times on a small shape."""
-    monkeypatch.setattr(kernels, "MAX_BLOCK_HW", 4)
-    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 8)
+    """Shrink every block so that each kernel's loops run at least twice on a small shape, the last
+    block partial: on ODD (C=7, HW=15) tiles of 4 channels x 8 positions (2 x 2 tiles per sample),
+    vectors in blocks of 4, classes in blocks of 2 members. Each tile costs the interpreter a few
+    milliseconds per sample, so the tiles are no smaller than that."""
+    monkeypatch.setattr(kernels, "MAX_BLOCK_HW", 8)
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 32)
     monkeypatch.setattr(kernels, "MAX_BLOCK_VEC", 4)
     monkeypatch.setattr(kernels, "BLOCK_MEMBERS", 2)
 
@@ -25,6 +28,7 @@ def test_block_loops_run_more_than_once(small_blocks, ps, pc, labels):
     C, H, W = ODD[0]
     block_c, block_hw, _ = kernels.feature_launch_config(C, H * W)
     assert block_hw < H * W and block_c < C  # several spatial and channel blocks per sample
+    assert (block_c, block_hw) == (4, 8)  # two of each, the second partial
     assert kernels._vector_block(H * W) < H * W
     _check_once("triton", ODD, K=3, B=5, IPC=3, ps=ps, pc=pc, labels=labels, real_grad=True, upstream=0.5)
 

@@ -11,6 +11,8 @@ from atom_fast.distill import networks
 from atom_fast.distill.networks import ConvNet
 
 ops = torch.ops.atom_fast
+# the op's OpenMP loops run with torch's default thread count here (conftest.py: one thread elsewhere)
+pytestmark = pytest.mark.default_threads
 
 SHAPES = [(3, 5, 7, 9), (2, 4, 8, 8), (2, 3, 6, 5), (1, 1, 2, 2), (2, 2, 2, 7), (2, 2, 1, 6), (4, 16, 32, 32)]
 

@@ -258,6 +258,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test_images: torch.Tens
             best_of_schedule_accuracy=accuracies[best], best_of_schedule_epoch=schedule[best],
             test_schedule=list(schedule), schedule_accuracies=accuracies, final_train_loss=loss,
             train_seconds=total - test_s[0], test_seconds=test_s[0]))
+        epochs_bar.refresh()  # a finished model shows its last epoch, however fast the epochs ran
         if progress is not None:
             progress(m, accuracies[-1])
     epochs_bar.close()

@@ -225,6 +225,8 @@ def _fake_rows():
 def test_outputs_survive_a_missing_matplotlib(monkeypatch, tmp_path, capsys):
     loss, step = _fake_rows()
     monkeypatch.setattr(plan, "run_plan", lambda jobs, args, start: (loss, step, [], []))
+    # the figure beside the step rows: twelve 2048x2048 matmuls (~3 s of CPU) that nothing here reads
+    monkeypatch.setattr(bench_run.measure, "matmul_gflops", lambda device, n=2048: 1.0)
     for name in ("matplotlib", "matplotlib.pyplot"):
         monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` raises ImportError
     with pytest.warns(UserWarning, match="matplotlib"):

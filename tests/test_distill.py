@@ -292,11 +292,6 @@ def test_outputs_grid_and_atomic_write(tmp_path):
 # CLI, end to end on a tiny folder dataset
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_folder_dataset(tmp_path_factory.mktemp("folder"))
-
-
 def _cli(folder, out, *extra):
     args = ["--dataset", "folder", "--data-path", str(folder), "--ipc", "2", "--batch-real", "4",
             "--width", "8", "--iterations", "6", "--eval-models", "2", "--eval-epochs", "4",

@@ -28,11 +28,6 @@ from _procs import child_env, free_port
 ITERATIONS = 300  # a few ms each: the signal lands after about 3, the run would end after ~2 s more
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_folder_dataset(tmp_path_factory.mktemp("folder"))
-
-
 def _args(folder, out, *extra, iterations=ITERATIONS, log_every=1):
     return ["--dataset", "folder", "--data-path", str(folder), "--ipc", "1", "--batch-real", "4",
             "--width", "8", "--iterations", str(iterations), "--eval-models", "1", "--eval-epochs", "1",

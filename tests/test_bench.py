@@ -138,6 +138,7 @@ def tiny_run(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_json_csv_png(tiny_run):
     out, stdout = tiny_run
     files = sorted(p.suffix for p in out.iterdir())
@@ -259,6 +260,7 @@ def test_plot_shows_speedups_and_peak_memory_in_ipc_order():
         plt.close(fig)
 
 
+@pytest.mark.slow
 def test_both_entry_points_parse_the_same_options():
     for cmd in ([sys.executable, "-m", "bench.run", "--help"], [sys.executable, str(BENCH / "run.py"), "--help"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -53,6 +53,7 @@ def test_shard_classes_covers_every_class_once():
         shard_classes(2, 3, 0)
 
 
+@pytest.mark.slow
 def test_two_processes_make_the_images_of_one_and_resume_across_world_sizes(tmp_path):
     one = _single(*COMMON, "--iterations", "4", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
@@ -78,6 +79,7 @@ def test_two_processes_make_the_images_of_one_and_resume_across_world_sizes(tmp_
     assert _close(_images(tmp_path / "one"), _images(tmp_path / "mixed")) <= 1e-5
 
 
+@pytest.mark.slow
 def test_more_processes_than_classes_is_a_clear_error(tmp_path):
     data = write_folder_dataset(tmp_path / "data", classes=("a", "b"), train=4, test=1)
     res = _torchrun(3, "--dataset", "folder", "--data-path", str(data), "--ipc", "1",
@@ -88,6 +90,7 @@ def test_more_processes_than_classes_is_a_clear_error(tmp_path):
     assert "Traceback" not in res.stderr.split("atom-fast: error:")[0][-2000:]
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_others_with_a_one_line_error(tmp_path):
     """Rank 1 is killed mid-run; rank 0 must stop within the timeout with a clear message."""
     port = free_port()

@@ -37,6 +37,7 @@ def _evaluate(folder, path, out, *extra):
                      "--eval-models", "2", "--eval-epochs", "2", "--out", str(out), *extra])
 
 
+@pytest.mark.slow
 def test_evaluate_a_plain_set_on_four_architectures(folder, plain_set, tmp_path, capsys):
     archs = "convnet,alexnet,vgg11,resnet18"
     assert _evaluate(folder, plain_set, tmp_path / "ev", "--eval-model", archs, "--width", "16",

@@ -38,6 +38,16 @@ def _store_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """The tiny 3-class image folder (tests/_data.py) that the CLI tests distil from, written once per
+    session, so that the store the CLI prepares from it in the cache above is prepared once. Tests
+    only read it."""
+    from _data import write_folder_dataset
+
+    return write_folder_dataset(tmp_path_factory.mktemp("folder"))
+
+
 @pytest.fixture(autouse=True)
 def _one_thread(request):
     """One torch thread per test: the tensors and networks here are tiny, two OpenMP threads only

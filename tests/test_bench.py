@@ -138,6 +138,7 @@ def tiny_run(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_json_csv_png(tiny_run):
     out, stdout = tiny_run
     files = sorted(p.suffix for p in out.iterdir())
@@ -225,6 +226,8 @@ def _fake_rows():
 def test_outputs_survive_a_missing_matplotlib(monkeypatch, tmp_path, capsys):
     loss, step = _fake_rows()
     monkeypatch.setattr(plan, "run_plan", lambda jobs, args, start: (loss, step, [], []))
+    # the figure beside the step rows: twelve 2048x2048 matmuls (~3 s of CPU) that nothing here reads
+    monkeypatch.setattr(bench_run.measure, "matmul_gflops", lambda device, n=2048: 1.0)
     for name in ("matplotlib", "matplotlib.pyplot"):
         monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib` raises ImportError
     with pytest.warns(UserWarning, match="matplotlib"):
@@ -257,6 +260,7 @@ def test_plot_shows_speedups_and_peak_memory_in_ipc_order():
         plt.close(fig)
 
 
+@pytest.mark.slow
 def test_both_entry_points_parse_the_same_options():
     for cmd in ([sys.executable, "-m", "bench.run", "--help"], [sys.executable, str(BENCH / "run.py"), "--help"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)

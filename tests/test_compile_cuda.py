@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 @pytest.mark.background([sys.executable, os.path.join(ROOT, "tools", "compile_check", "cuda.py")], timeout=600)
 def test_cuda_kernels_compile_for_sm90(background_result):

@@ -26,6 +26,7 @@ ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 ENV.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _bundled_assembler(), reason="triton wheel without the NVIDIA backend binaries")
 @pytest.mark.background([sys.executable, os.path.join(ROOT, "tools", "compile_check", "sm90.py"), "--quick"],
                         cwd=ROOT, env=ENV, timeout=900)

@@ -254,6 +254,7 @@ def _all_reduce_worker(rank, world, port, result_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_all_reduce_over_two_processes_equals_the_whole_batch(tmp_path):
     import torch.multiprocessing as mp
 

@@ -13,12 +13,6 @@ from atom_fast.distill import cli
 from atom_fast.distill.loop import Distiller, class_pools, random_indices
 from atom_fast.distill.output import render_grid
 
-from _data import write_folder_dataset
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_folder_dataset(tmp_path_factory.mktemp("folder"))
 
 
 def _cli(folder, out, *extra):

@@ -11,6 +11,7 @@ import pytest
 from atom_fast.distill import cli, pipelines
 
 
+@pytest.mark.slow
 def test_evaluate_a_plain_set_on_four_architectures(evaluate_cli, plain_set, tmp_path, capsys):
     archs = "convnet,alexnet,vgg11,resnet18"
     assert evaluate_cli(plain_set, tmp_path / "ev", "--eval-model", archs, "--width", "16",

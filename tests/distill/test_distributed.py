@@ -53,6 +53,7 @@ def test_shard_classes_covers_every_class_once():
         shard_classes(2, 3, 0)
 
 
+@pytest.mark.slow
 def test_two_processes_make_the_images_of_one_and_resume_across_world_sizes(tmp_path):
     one = _single(*COMMON, "--iterations", "4", "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
@@ -68,15 +69,17 @@ def test_two_processes_make_the_images_of_one_and_resume_across_world_sizes(tmp_
         assert i == j and abs(a - b) <= 1e-5 * abs(a)
     # evaluation models were spread over the ranks and gathered: the same accuracies
     assert r2["accuracies"] == pytest.approx(r1["accuracies"], abs=1e-9)
-    # two processes for 2 iterations, then one process resumes to 4: the same images
-    half = _torchrun(2, *COMMON, "--iterations", "2", "--out", str(tmp_path / "mixed"))
+    # two processes for 2 iterations, then one process resumes to 4: the same images (only the
+    # images are compared, so neither leg evaluates: the evaluation settings are not part of a resume)
+    half = _torchrun(2, *COMMON, "--iterations", "2", "--eval-models", "0", "--out", str(tmp_path / "mixed"))
     assert half.returncode == 0, half.stderr[-3000:]
-    rest = _single(*COMMON, "--iterations", "4", "--resume", "--out", str(tmp_path / "mixed"))
+    rest = _single(*COMMON, "--iterations", "4", "--eval-models", "0", "--resume", "--out", str(tmp_path / "mixed"))
     assert rest.returncode == 0, rest.stderr
     assert "resuming from" in rest.stderr
     assert _close(_images(tmp_path / "one"), _images(tmp_path / "mixed")) <= 1e-5
 
 
+@pytest.mark.slow
 def test_more_processes_than_classes_is_a_clear_error(tmp_path):
     data = write_folder_dataset(tmp_path / "data", classes=("a", "b"), train=4, test=1)
     res = _torchrun(3, "--dataset", "folder", "--data-path", str(data), "--ipc", "1",
@@ -87,6 +90,7 @@ def test_more_processes_than_classes_is_a_clear_error(tmp_path):
     assert "Traceback" not in res.stderr.split("atom-fast: error:")[0][-2000:]
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_others_with_a_one_line_error(tmp_path):
     """Rank 1 is killed mid-run; rank 0 must stop within the timeout with a clear message."""
     port = free_port()

@@ -28,11 +28,6 @@ from _procs import child_env, free_port
 ITERATIONS = 300  # a few ms each: the signal lands after about 3, the run would end after ~2 s more
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_folder_dataset(tmp_path_factory.mktemp("folder"))
-
-
 def _args(folder, out, *extra, iterations=ITERATIONS, log_every=1):
     return ["--dataset", "folder", "--data-path", str(folder), "--ipc", "1", "--batch-real", "4",
             "--width", "8", "--iterations", str(iterations), "--eval-models", "1", "--eval-epochs", "1",
@@ -122,6 +117,7 @@ def _images(out):
 # -- the CLI --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_iteration_reached_and_resume_matches_an_uninterrupted_run(folder,
                                                                                           tmp_path):
     out = tmp_path / "stopped"
@@ -143,6 +139,7 @@ def test_sigterm_checkpoints_the_iteration_reached_and_resume_matches_an_uninter
     assert torch.equal(_images(out), _images(tmp_path / "whole"))
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_at_the_same_iteration(folder, tmp_path):
     """torchrun forwards the signal to each rank; they agree on the iteration and resume together.
     The loss is reported every 5 iterations here, so the stop also flushes unreported ones."""
@@ -163,6 +160,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_iteration(folder, tmp_
     assert torch.equal(_images(out), _images(tmp_path / "whole"))
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_iteration(folder, tmp_path):
     """Only rank 1 gets SIGTERM (the ranks started by hand, no torchrun): rank 0 learns it from the
     per-iteration flag, stops after the same iteration and writes the checkpoint."""
@@ -296,6 +294,7 @@ def test_a_second_signal_ends_the_process_at_once(first, second):
     assert "finished the iteration" not in out
 
 
+@pytest.mark.slow
 def test_the_stop_flag_over_a_gloo_side_group(tmp_path):
     """With NCCL the stop flag goes over a gloo group made once; here the default group is gloo and
     the Context claims NCCL, so that path runs on this CPU."""

@@ -552,6 +552,7 @@ def test_cli(tmp_path, capsys):
     assert "cifar-10-batches-py" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_as_a_command(tmp_path):
     inet = tmp_path / "inet"
     write_imagenet_npz(inet, classes=2, per_class=3, size=32, batches=1)

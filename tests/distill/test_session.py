@@ -20,11 +20,6 @@ from atom_fast.distill.output import write_atomic
 from _data import write_folder_dataset
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_folder_dataset(tmp_path_factory.mktemp("folder"))
-
-
 def _cli(folder, out, *extra):
     args = ["--dataset", "folder", "--data-path", str(folder), "--ipc", "1", "--batch-real", "4",
             "--width", "8", "--iterations", "4", "--eval-models", "1", "--eval-epochs", "2",

@@ -160,6 +160,7 @@ def _run(*args, nproc=1):
                           capture_output=True, text=True, env=child_env(), timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_from_a_store_in_one_and_two_processes(tmp_path):
     store, _ = make_pair(tmp_path / "store")
     one = _run("--store", str(tmp_path / "store"), *CLI, "--out", str(tmp_path / "one"))

@@ -94,7 +94,7 @@ setup(
     install_requires=["torch>=2.1", "numpy", "tqdm", "pillow", "kornia>=0.7"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["atom-fast = atom_fast.distill.cli:main"]},

@@ -74,9 +74,19 @@ def _skipped(item):
     return any(m.args and m.args[0] is True for m in item.iter_markers("skipif"))
 
 
+# Under pytest-xdist (``-n 2``, the README's command) each worker is a process of its own: the tests
+# marked ``slow`` go first, so that the long ones start early and the short ones fill in behind them,
+# and a background command runs when its test asks for it, in that test's worker (started with the
+# session, it would run once in every worker).
+XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The tests that read a background command's result run last, so that it has the whole run to
-    finish in."""
+    """In one process, the tests that read a background command's result run last, so that it has
+    the whole run to finish in; under xdist, the slow tests run first."""
+    if XDIST_WORKER:
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: order kept
+        return
     marked = [item for item in items if item.get_closest_marker("background")]
     if marked:
         items[:] = [item for item in items if not item.get_closest_marker("background")] + marked
@@ -84,7 +94,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtestloop(session):
-    if not session.config.option.collectonly:
+    if not session.config.option.collectonly and not XDIST_WORKER:
         for item in session.items:
             marker = item.get_closest_marker("background")
             if marker and not _skipped(item):

@@ -29,10 +29,10 @@ CREATED = ("runs/", "out/", "STORE/", "/tmp/", "~/", "$", "DIR/", "data/", "cifa
            "train/", "test/", "checkpoint.pt", "synthetic.pt", "results.json", "manifest.json",
            "images.png", "accuracy.png", "synthetic.png", ".cache/", "res_", "losses", "/proc/",
            "<cache>", "train_data_batch", "val_data", "map_clsloc")
-# Flags of other programs that the pages mention on their own (torchrun, pip, pytest).
+# Flags of other programs that the pages mention on their own (torchrun, pip, pytest, pytest-xdist).
 EXTERNAL_FLAGS = {"--shutdown-timeout", "--nproc-per-node", "--nnodes", "--standalone",
                   "--rdzv-backend", "--rdzv-endpoint", "--no-build-isolation", "--no-deps",
-                  "--durations", "--index-url", "--extra-index-url"}
+                  "--durations", "--dist", "--index-url", "--extra-index-url"}
 TOP = {p.name for p in ROOT.iterdir() if not p.name.startswith(".") or p.name == ".ci"}
 # Words that point at documents which are not in the repository.
 OUTSIDE = [re.compile(p, re.IGNORECASE) for p in (
@@ -178,8 +178,10 @@ def check(pages=PAGES):
                     continue
                 if not python_name_exists(m.group(0)):
                     problems.append(f"{page}:{i}: no such Python name: {m.group(0)}")
-            if words and OUR_COMMANDS.match(span):
-                for flag in re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)", span):
+            # a span of several commands (a && b, a | b): only our commands' flags are ours
+            ours = [part for part in re.split(r"&&|\|\||[|;]", span) if OUR_COMMANDS.match(part.strip())]
+            if words and ours:
+                for flag in re.findall(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)", " ".join(ours)):
                     if flag not in flags:
                         problems.append(f"{page}:{i}: no command defines the flag {flag}: {span}")
             elif re.fullmatch(r"--[a-z0-9][a-z0-9-]*( \S+)?", span):

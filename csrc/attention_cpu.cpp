@@ -173,7 +173,6 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
   acc_t* out = stats.data_ptr<acc_t>();
   const auto k = cpu::row_kernels<acc_t>(ps, pc);
   const bool same = has_s && has_t && ps == pc;
-  const acc_t aps = static_cast<acc_t>(ps), apc = static_cast<acc_t>(pc);
   const double p_max = std::max(has_s ? ps : 0.0, has_t ? pc : 0.0);
   // largest log2 of a rescale factor (m_new / m_old)^p that keeps C * H * W such terms finite
   const double log2_limit = std::is_same_v<acc_t, float> ? 80.0 : 900.0;
@@ -205,10 +204,10 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
         const acc_t inv = m > 0 ? acc_t(1) / m : acc_t(1);
         acc_t row_m, part = 0;
         if (same) {
-          row_m = k.both(x, s + lo, len, aps, inv, &part);
+          row_m = k.both(x, s + lo, len, ps, inv, &part);
         } else {
-          row_m = has_s ? k.spatial(x, s + lo, len, aps, inv) : k.row_max(x, len);
-          if (has_t) part = k.channel(x, len, apc, inv);
+          row_m = has_s ? k.spatial(x, s + lo, len, ps, inv) : k.row_max(x, len);
+          if (has_t) part = k.channel(x, len, pc, inv);
         }
         if (has_t) t[c] = lo == 0 ? part : t[c] + part;
         if (row_m > m && row_m >= tiny && !fixed) {  // this row raised the max (then m > 0)
@@ -381,10 +380,10 @@ at::Tensor backward_typed(const at::Tensor& grad_loss, const at::Tensor& F, cons
         acc_t* o;
         if constexpr (direct) o = df + off; else o = obuf.data();
         if (same) {
-          k.grad_both(x, gs.data(), gt[c], o, HW, aps, inv);
+          k.grad_both(x, gs.data(), gt[c], o, HW, ps, inv);
         } else {
-          if (has_s) k.grad_spatial(x, gs.data(), o, HW, aps, inv);
-          if (has_t) k.grad_channel(x, gt[c], o, HW, apc, inv, has_s);
+          if (has_s) k.grad_spatial(x, gs.data(), o, HW, ps, inv);
+          if (has_t) k.grad_channel(x, gt[c], o, HW, pc, inv, has_s);
         }
         if constexpr (!direct)
           for (int64_t i = 0; i < HW; ++i) df[off + i] = static_cast<scalar_t>(o[i]);
@@ -425,6 +424,19 @@ at::Tensor attention_stats_cpu(const at::Tensor& features, double ps, double pc,
   return stats;
 }
 
+// |x|^p elementwise by the row kernels' non-integer power path (for any p; a test hook).
+at::Tensor general_power_cpu(const at::Tensor& x, double p) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "atom_fast::_general_power: x must be float32 or float64, got ", x.scalar_type());
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "general_power_cpu", [&] {
+    const auto k = cpu::row_kernels<scalar_t>(p, p);
+    k.power(in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), in.numel(), p);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace atom_fast
 
@@ -432,4 +444,5 @@ TORCH_LIBRARY_IMPL(atom_fast, CPU, m) {
   m.impl("attention_forward", &atom_fast::attention_forward_cpu);
   m.impl("attention_backward", &atom_fast::attention_backward_cpu);
   m.impl("attention_stats", &atom_fast::attention_stats_cpu);
+  m.impl("_general_power", &atom_fast::general_power_cpu);
 }

@@ -52,6 +52,8 @@ TORCH_LIBRARY(atom_fast, m) {
       "instance_norm_relu_pool_backward(Tensor? grad_f, Tensor? grad_pooled, Tensor input, "
       "Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // Test hook (CPU only): |x|^p elementwise through the row kernels' non-integer power path.
+  m.def("_general_power(Tensor x, float p) -> Tensor");
 }
 
 // ---- Python module: importing atom_fast._C registers the ops above --------------------------------

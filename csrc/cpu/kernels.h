@@ -20,14 +20,16 @@ inline int power_index(double p) {
 template <typename acc_t>
 struct RowKernels {
   // the last acc_t argument `inv` scales the row: x' = x * inv (1/m of its sample)
-  using Spatial = acc_t (*)(const acc_t*, acc_t*, int64_t, acc_t, acc_t);
-  using Channel = acc_t (*)(const acc_t*, int64_t, acc_t, acc_t);
-  using Both = acc_t (*)(const acc_t*, acc_t*, int64_t, acc_t, acc_t, acc_t*);
-  using GradSpatial = void (*)(const acc_t*, const acc_t*, acc_t*, int64_t, acc_t, acc_t);
-  using GradChannel = void (*)(const acc_t*, acc_t, acc_t*, int64_t, acc_t, acc_t, bool);
-  using GradBoth = void (*)(const acc_t*, const acc_t*, acc_t, acc_t*, int64_t, acc_t, acc_t);
+  // the power p is a double in every type (a float32 p would move |x|^p by |p log x| ulps)
+  using Spatial = acc_t (*)(const acc_t*, acc_t*, int64_t, double, acc_t);
+  using Channel = acc_t (*)(const acc_t*, int64_t, double, acc_t);
+  using Both = acc_t (*)(const acc_t*, acc_t*, int64_t, double, acc_t, acc_t*);
+  using GradSpatial = void (*)(const acc_t*, const acc_t*, acc_t*, int64_t, double, acc_t);
+  using GradChannel = void (*)(const acc_t*, acc_t, acc_t*, int64_t, double, acc_t, bool);
+  using GradBoth = void (*)(const acc_t*, const acc_t*, acc_t, acc_t*, int64_t, double, acc_t);
   using Reduce = acc_t (*)(const acc_t*, int64_t);
   using Scale = void (*)(acc_t*, int64_t, acc_t);
+  using Power = void (*)(const acc_t*, acc_t*, int64_t, double);
   Spatial spatial;          // s[i] += |x'[i]|^ps, returns max_i |x[i]|
   Channel channel;          // returns sum_i |x'[i]|^pc
   Both both;                // both when ps == pc (*t = the sum), returns max_i |x[i]|
@@ -37,6 +39,7 @@ struct RowKernels {
   Reduce row_max;           // max_i |x[i]|
   Reduce sum_squares;       // sum_i x[i]^2
   Scale scale;              // x[i] *= f
+  Power power;              // out[i] = |x[i]|^p by the non-integer path (the test hook's)
 };
 
 using PowerSequence = std::make_integer_sequence<int, kMaxUnrolledPower + 1>;  // 0, 1, ..., 16

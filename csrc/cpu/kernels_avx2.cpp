@@ -4,9 +4,11 @@
 #include "kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define ATOM_FAST_ISA isa_avx2
+#define ATOM_FAST_POW8 1  // row_kernels.h: the AVX2 intrinsics of the float32 general power
 #include "row_kernels.h"
 #pragma GCC pop_options
 

@@ -1,0 +1,116 @@
+"""The native CPU op's non-integer power |x|^p (csrc/cpu/row_kernels.h, pow_general / pow8) against
+float64, elementwise, through the test hook ``atom_fast::_general_power`` (the row kernels' own path),
+on both instruction sets: within 1 float32 ulp over the whole float32 range (subnormal inputs and
+results, zero, overflow to inf) for powers 0.5..64 and the gradient's p - 1."""
+
+import numpy as np
+import pytest
+import torch
+
+from atom_fast.backends import native as _native
+
+pytestmark = pytest.mark.skipif(not _native.AVAILABLE, reason="native op not built")
+
+ops = torch.ops.atom_fast
+
+POWERS = [0.5, 0.75, 1.5, 2.5, 3.7, 7.3, 15.5, 24.5, 33.3, 63.9, 64.0]
+GRAD_POWERS = [-0.5, -0.25, 0.5, 2.7]  # p - 1 of the gradient, for p = 0.5, 0.75, 1.5, 3.7
+ULP_BOUND = 1.0  # measured: 0.531 ulp at most (one float64 -> float32 rounding plus ~0.03 ulp)
+FLOAT_MAX = float(torch.finfo(torch.float32).max)
+
+
+@pytest.fixture(params=["default", "avx2"])
+def isa(request, monkeypatch):
+    if request.param == "default":
+        monkeypatch.setenv("ATOM_FAST_CPU_ISA", "default")
+    elif _native.cpu_isa() != "avx2":
+        pytest.skip("this CPU has no AVX2 + FMA")
+    assert _native.cpu_isa() == request.param
+    return request.param
+
+
+def _magnitudes():
+    """Every 4099th non-negative finite float32 bit pattern (all binades, subnormals included) and
+    the edges: 0, the smallest and largest subnormal, the smallest normal, 1 and its neighbours,
+    the largest float."""
+    step = np.arange(0, 0x7F800000, 4099, dtype=np.int64)
+    edges = np.array([0, 1, 2, 3, 0x007FFFFF, 0x00800000, 0x00800001, 0x3F7FFFFF, 0x3F800000,
+                      0x3F800001, 0x7F7FFFFE, 0x7F7FFFFF], dtype=np.int64)
+    bits = np.concatenate([step, edges]).astype(np.uint32).view(np.int32)
+    return torch.from_numpy(bits.view(np.float32).copy())
+
+
+def _near_overflow(p):
+    """Inputs whose p-th power lies within a few ulp of the largest float, on both sides."""
+    edge = torch.tensor(FLOAT_MAX, dtype=torch.float64).pow(1 / p).float()
+    bits = edge.view(torch.int32) + torch.arange(-64, 65, dtype=torch.int32)
+    return bits.view(torch.float32)
+
+
+def _ulps(got, want):
+    """|got - want| in float32 ulps of want (float64), subnormal spacing below the normals."""
+    mag = want.abs().clamp_min(2.0 ** -126)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 23)
+    return (got.double() - want).abs() / ulp
+
+
+def _check(x, p):
+    got = ops._general_power(x, p)
+    want = x.double().pow(p)
+    want[x == 0] = 0  # the op's convention: 0 for every p (0^p of a gradient with p - 1 < 0)
+    rounded = want.float()  # float64 -> float32 rounds to 0, subnormals and inf as float32 would
+    over = torch.isinf(rounded)
+    assert torch.equal(torch.isinf(got), over), (p, x[torch.isinf(got) != over][:5])
+    finite = ~over
+    err = _ulps(got[finite], want[finite])
+    assert err.max().item() <= ULP_BOUND, (p, err.max().item(), x[finite][err.argmax()].item())
+    return err.max().item()
+
+
+@pytest.mark.parametrize("p", POWERS + GRAD_POWERS)
+def test_power_within_one_ulp_over_the_float_range(isa, p):
+    x = _magnitudes()
+    _check(x, p)
+    if p > 1:  # below 1 no finite input overflows
+        _check(_near_overflow(p), p)
+    # the sign is dropped: |x|^p
+    torch.testing.assert_close(ops._general_power(-x, p), ops._general_power(x, p), rtol=0, atol=0)
+
+
+def test_zero_nan_and_integer_powers(isa):
+    x = torch.tensor([0.0, -0.0, float("nan"), 1.0, 2.0, 0.5])
+    for p in (0.5, 2.5, -0.5):
+        got = ops._general_power(x, p)
+        assert got[0] == 0 and got[1] == 0 and torch.isnan(got[2])
+    # the general path at integer powers (the row kernels unroll these; the hook does not)
+    x = _magnitudes()
+    for p in (1.0, 2.0, 4.0, 16.0):
+        _check(x, p)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 255, 256, 257, 1001])
+def test_value_does_not_depend_on_position(isa, n):
+    # the AVX2 loop does 8 at a time and the tail through the same vector code: an element's value
+    # is the same wherever it sits in a row
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(n + 5, generator=g) * torch.exp2(torch.randint(-140, 20, (n + 5,), generator=g).float())
+    full = ops._general_power(x, 2.5)
+    for start in (0, 1, 3, 5):
+        part = ops._general_power(x[start:start + n].clone(), 2.5)
+        assert torch.equal(part, full[start:start + n])
+
+
+def test_float64_keeps_std_pow():
+    x = torch.rand(1000, dtype=torch.float64) * 10
+    torch.testing.assert_close(ops._general_power(x, 2.5), x.pow(2.5), rtol=1e-15, atol=0)
+
+
+def test_row_kernels_use_it(isa):
+    # one channel: the stats' spatial entries are |x / m|^p one element each (m = 1 here), by the
+    # chunked row loop, for a row longer than a chunk with an odd tail
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1000, generator=g) * torch.exp2(torch.randint(-30, 1, (1000,), generator=g).float())
+    x[0] = 1.0
+    for p in (0.5, 2.5, 3.7, 24.5):
+        got = ops.attention_stats(x.view(1, 1, 1, -1), p, p, True, False)[0, :x.numel()]
+        assert torch.equal(got, ops._general_power(x, p))

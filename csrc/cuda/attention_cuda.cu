@@ -254,7 +254,9 @@ __global__ void __launch_bounds__(kThreads) vector_grad_kernel(
     const acc_t* __restrict__ stats, const acc_t* __restrict__ diffs,
     const int64_t* __restrict__ offsets, const int64_t* __restrict__ cls,
     const acc_t* __restrict__ grad_loss, acc_t* __restrict__ G, int64_t C, int64_t HW, acc_t sign,
-    acc_t ws, acc_t wc, acc_t ps, acc_t pc, bool has_s, bool has_t) {
+    acc_t ws, acc_t wc, double ps, double pc, bool has_s, bool has_t) {
+  // ps, pc stay double: normalizer() decides the eps floor in float64 with them, as the CPU op
+  // does (a float32 p would move that decision for float32 features)
   __shared__ acc_t scratch[kWarps];
   const int64_t n = blockIdx.x, k = cls[n], L = HW + C;
   const acc_t count = static_cast<acc_t>(offsets[k + 1] - offsets[k]);
@@ -262,11 +264,11 @@ __global__ void __launch_bounds__(kThreads) vector_grad_kernel(
   const acc_t* x = stats + n * (L + kStatsExtra);
   const acc_t inv_m = acc_t(1) / x[L];
   if (has_s)
-    normalize_grad(x, normalizer(x[L], x[L + 1], ps), inv_m, diffs + k * L, coef * ws, ps, HW,
-                   G + n * L, scratch);
+    normalize_grad(x, normalizer(x[L], x[L + 1], ps), inv_m, diffs + k * L, coef * ws,
+                   static_cast<acc_t>(ps), HW, G + n * L, scratch);
   if (has_t)
     normalize_grad(x + HW, normalizer(x[L], x[L + 2], pc), inv_m, diffs + k * L + HW, coef * wc,
-                   pc, C, G + n * L + HW, scratch);
+                   static_cast<acc_t>(pc), C, G + n * L + HW, scratch);
 }
 
 // Block (n, row group): rows c of sample n, flattened over (c, hw) so small H*W keeps threads busy.
@@ -382,7 +384,7 @@ at::Tensor attention_backward_cuda(const at::Tensor& grad_loss, const at::Tensor
         stats.data_ptr<acc_t>(), diffs.data_ptr<acc_t>(), offsets.data_ptr<int64_t>(),
         cls.data_ptr<int64_t>(), go.data_ptr<acc_t>(), G.data_ptr<acc_t>(), C, HW,
         static_cast<acc_t>(sign), static_cast<acc_t>(ws), static_cast<acc_t>(wc),
-        static_cast<acc_t>(ps), static_cast<acc_t>(pc), has_s, has_t);
+        ps, pc, has_s, has_t);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     grad_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
         F.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(), G.data_ptr<acc_t>(), dF.data_ptr<scalar_t>(), C, HW, rows,

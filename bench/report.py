@@ -42,8 +42,8 @@ def loss_markdown(rows, env):
             f"{rows[0]['real_per_class']} real per call (larger class counts are processed in chunks "
             f"of 10 classes); {s['dtype']}, ps={s['ps']:g} pc={s['pc']:g} ws={s['ws']:g} wc={s['wc']:g}; "
             "only the synthetic features require grad. GB/s: bytes that must move (fwd reads real + "
-            "syn, bwd reads syn and writes its gradient) / median; 'of copy': median over the timed "
-            "calls of (call GB/s / GB/s of a copy_ of the real features timed just before it); "
+            "syn, bwd reads syn and writes its gradient) / median; 'of copy': that GB/s over the 80th "
+            "percentile of the GB/s of copy_s of the real features, one timed just before each call; "
             "peak extra: fresh process, above the inputs (CPU: resident-set growth). compile = "
             "torch.compile(dynamic=False) of the reference.")
     lines = [head, "",

@@ -21,8 +21,8 @@ it, compiled afresh for each timed shape; the compilation is the first warm-up c
 alone), fwd+bwd. Times: median with 20th/80th percentiles, the device synchronized around every
 call. Achieved GB/s counts the bytes that must move (docs/loss.md): forward reads every real and synthetic
 feature once, backward reads the synthetic features and writes their gradient once; it is compared
-with a ``copy_`` of the real features timed just before each call (the median of the paired
-ratios). Peak extra memory, in a fresh process per provider and mode: CUDA, peak allocated above
+with a ``copy_`` of the real features timed just before each call (against the 80th percentile
+of those copies' GB/s; bench/loss_table.py). Peak extra memory, in a fresh process per provider and mode: CUDA, peak allocated above
 the inputs; CPU, growth of the resident set during one call with glibc returning every block >= 64 KiB to the OS (so freed temporaries cannot hide in the
 heap); the backward alone is not measured on CPU.
 

@@ -1,6 +1,6 @@
 """What a run costs: seconds per distillation iteration and per evaluation epoch, per dataset shape.
 
-    python -m bench.run_cost --out bench/results/run-cost-DATE.json     # about 2-3 minutes on 2 CPU cores
+    python -m bench.run_cost --out bench/results/run-cost-DATE.json     # 7-8 minutes on the busy 2-core VM of bench/results
 
 Random images of MNIST's shape (1x28x28) and CIFAR-10's (3x32x32), 10 classes, go through the code
 the CLI runs: ``Distiller.step`` with the CLI's defaults (fused loop, DSA, batch_real 128, ConvNet-3

@@ -341,7 +341,8 @@ class Distiller:
                 x = self._augment(x, draw.augmentation, positions, sizes)
                 maps, emb = self.net.features(x)
                 del x
-                labels = torch.arange(start, stop, device=self.device) // b
+                # host labels: class_statistics checks and counts them without a device read
+                labels = torch.arange(start, stop) // b
                 stats = class_statistics(maps[:-1] if attention else None, n, labels=labels,
                                          embedding=emb, spatial_power=c.spatial_power,
                                          channel_power=c.channel_power, spatial=ws != 0,

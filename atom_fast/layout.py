@@ -153,7 +153,19 @@ def check_blocks(n, num_classes, name):
 
 def check_presence(real_counts, syn_counts, class_names=None, real_name="real_labels",
                    syn_name="syn_labels"):
-    """Every class with samples on one side has samples on the other (host or device counts)."""
+    """Every class with samples on one side has samples on the other (host or device counts;
+    host counts are compared as Python numbers, no tensor op per class)."""
+    if real_counts.device.type == "cpu" and syn_counts.device.type == "cpu":
+        real, syn = real_counts.tolist(), syn_counts.tolist()
+        for here, there, missing, present in ((real, syn, syn_name, "real"),
+                                              (syn, real, real_name, "synthetic")):
+            for k, (a, b) in enumerate(zip(here, there)):
+                if a > 0 and b == 0:
+                    if class_names is not None:
+                        k = int(class_names[k])
+                    raise ValueError(f"{missing} has no sample of class {k}, which has {present} "
+                                     "samples; every class needs samples on both sides")
+        return
     only_real = (real_counts > 0) & (syn_counts == 0)
     only_syn = (syn_counts > 0) & (real_counts == 0)
     for mask, missing, present in ((only_real, syn_name, "real"), (only_syn, real_name, "synthetic")):

@@ -40,7 +40,10 @@ class DSAConfig:
 
 @dataclass
 class DSADraw:
-    """One draw per group; every field has the group count as its first dimension (CPU tensors)."""
+    """One draw per group; every field has the group count as its first dimension (CPU tensors).
+
+    Not changed once applied: :func:`apply` keeps host copies made from it (``host_lists``,
+    ``theta``)."""
 
     op: torch.Tensor          # (G,) int64 index into config.operations
     brightness: torch.Tensor  # (G,) added value in [-b/2, b/2)
@@ -55,6 +58,30 @@ class DSADraw:
     @property
     def groups(self) -> int:
         return self.op.shape[0]
+
+    def host_lists(self):
+        """``(op, flip)`` as Python lists, made once per draw (the bookkeeping of :func:`apply`)."""
+        lists = self.__dict__.get("_lists")
+        if lists is None:
+            lists = self.__dict__["_lists"] = (self.op.tolist(), self.flip.tolist())
+        return lists
+
+    def theta(self, name: str) -> torch.Tensor:
+        """``(G, 2, 3)`` affine matrices of every group for "scale" or "rotate" (host), made once per
+        draw."""
+        key = "_theta_" + name
+        theta = self.__dict__.get(key)
+        if theta is None:
+            theta = torch.zeros(self.groups, 2, 3)
+            if name == "scale":
+                s = self.scale
+                theta[:, 0, 0], theta[:, 1, 1] = s[:, 1], s[:, 0]
+            else:
+                a = self.angle
+                theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a), torch.sin(-a)
+                theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a), torch.cos(a)
+            self.__dict__[key] = theta
+        return theta
 
     def select(self, index: Sequence[int]) -> "DSADraw":
         """The draws of some groups (e.g. one class), as a new DSADraw."""
@@ -90,14 +117,9 @@ def draw(groups: int, im_size: Sequence[int], config: DSAConfig = DSAConfig(),
     return DSADraw(op, brightness, saturation, contrast, shift, cutout, flip, scale, angle)
 
 
-def _rows(sizes: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """Row indices (host) of the groups where ``chosen`` is true; rows are laid out group by group."""
-    return torch.repeat_interleave(chosen, sizes).nonzero().squeeze(1)
-
-
-def _per_row(values: torch.Tensor, sizes: torch.Tensor, chosen: torch.Tensor, device,
-             dtype=None) -> torch.Tensor:
-    out = torch.repeat_interleave(values[chosen], sizes[chosen], dim=0)
+def _per_row(values: torch.Tensor, group_of_row: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """The host ``values`` of each row's group (``group_of_row``: host indices), on ``device``."""
+    out = values.index_select(0, group_of_row)
     return out.to(device=device, dtype=dtype or out.dtype, non_blocking=True)
 
 
@@ -135,52 +157,54 @@ def _affine(x, theta):
 
 
 def apply(x: torch.Tensor, params: DSADraw, group_sizes: Sequence[int],
-          config: DSAConfig = DSAConfig()) -> torch.Tensor:
-    """Augment ``x (N, C, H, W)``, whose rows are ``params.groups`` groups of ``group_sizes`` rows.
+          config: DSAConfig = DSAConfig(), groups: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Augment ``x (N, C, H, W)``, whose rows are ``params.groups`` groups of ``group_sizes`` rows
+    (or, with ``groups``, the groups of ``params`` at those positions, e.g. the classes of one
+    chunk: the same as ``apply(x, params.select(groups), group_sizes)``, without the selection).
 
     Differentiable w.r.t. ``x``; rows of groups whose operation is not used are passed through
     untouched (bitwise). Returns a new tensor.
     """
-    sizes = torch.as_tensor(group_sizes, dtype=torch.long).flatten()
-    if sizes.numel() != params.groups:
-        raise ValueError(f"group_sizes has {sizes.numel()} entries but params has "
-                         f"{params.groups} groups")
-    if int(sizes.sum()) != x.shape[0]:
-        raise ValueError(f"group_sizes sum to {int(sizes.sum())} but x has {x.shape[0]} rows")
+    # The bookkeeping (which groups, which rows) is done on Python ints from the host draw: no
+    # tensor op per group, and nothing is read from the device.
+    sizes = [int(v) for v in torch.as_tensor(group_sizes, dtype=torch.long).flatten().tolist()]
+    groups = list(range(params.groups)) if groups is None else [int(g) for g in groups]
+    if len(sizes) != len(groups):
+        raise ValueError(f"group_sizes has {len(sizes)} entries but params has "
+                         f"{len(groups)} groups")
+    if sum(sizes) != x.shape[0]:
+        raise ValueError(f"group_sizes sum to {sum(sizes)} but x has {x.shape[0]} rows")
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
     names = list(config.operations)
     h, w = x.shape[-2:]
     dev = x.device
+    ops, flips = params.host_lists()
     for k, name in enumerate(names):
-        chosen = params.op == k
-        if name == "flip":
-            chosen = chosen & params.flip
-        if not bool(chosen.any()):
+        # positions (in ``groups``) of the groups that got operation k
+        chosen = [i for i, g in enumerate(groups) if ops[g] == k and (name != "flip" or flips[g])]
+        if not chosen:
             continue
-        every = bool(chosen.all())  # e.g. evaluation batches: one operation for all rows
+        every = len(chosen) == len(groups)  # e.g. evaluation batches: one operation for all rows
+        group_of_row = torch.tensor([groups[i] for i in chosen for _ in range(sizes[i])],
+                                    dtype=torch.long)
         if not every:
-            rows = _rows(sizes, chosen).to(dev, non_blocking=True)
+            rows = torch.tensor([r for i in chosen for r in range(starts[i], starts[i] + sizes[i])],
+                                dtype=torch.long).to(dev, non_blocking=True)
         sub = x if every else x.index_select(0, rows)
         if name == "color":
-            sub = _color(sub, *(_per_row(getattr(params, f), sizes, chosen, dev, x.dtype)
+            sub = _color(sub, *(_per_row(getattr(params, f), group_of_row, dev, x.dtype)
                                 for f in ("brightness", "saturation", "contrast")))
         elif name == "crop":
-            sub = _crop(sub, _per_row(params.shift, sizes, chosen, dev))
+            sub = _crop(sub, _per_row(params.shift, group_of_row, dev))
         elif name == "cutout":
             size = (int(h * config.cutout + 0.5), int(w * config.cutout + 0.5))
-            sub = _cutout(sub, _per_row(params.cutout, sizes, chosen, dev), size)
+            sub = _cutout(sub, _per_row(params.cutout, group_of_row, dev), size)
         elif name == "flip":
             sub = sub.flip(3)
-        elif name == "scale":
-            s = params.scale
-            theta = torch.zeros(params.groups, 2, 3)
-            theta[:, 0, 0], theta[:, 1, 1] = s[:, 1], s[:, 0]
-            sub = _affine(sub, _per_row(theta, sizes, chosen, dev))
-        elif name == "rotate":
-            a = params.angle
-            theta = torch.zeros(params.groups, 2, 3)
-            theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a), torch.sin(-a)
-            theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a), torch.cos(a)
-            sub = _affine(sub, _per_row(theta, sizes, chosen, dev))
+        elif name in ("scale", "rotate"):
+            sub = _affine(sub, _per_row(params.theta(name), group_of_row, dev))
         x = sub if every else x.index_copy(0, rows, sub)
     return x
 

@@ -252,9 +252,10 @@ class Distiller:
     def _fetch(self, iteration: int):
         return self.real.fetch(self.classes, self.draw(iteration).real_positions)
 
-    def fetch_real(self, iteration: int):
+    def fetch_real(self, iteration: int, draw: Optional[Draw] = None):
         """Iteration ``iteration``'s raw real batch (fetched ahead by the prefetch thread when it
-        was asked for), and the fetch of the next iteration's started in the background."""
+        was asked for; else from ``draw``, that iteration's draws, when given), and the fetch of the
+        next iteration's started in the background."""
         raw = None
         if self._next is not None:
             it, future = self._next
@@ -263,7 +264,8 @@ class Distiller:
             if it == iteration:
                 raw = result
         if raw is None:
-            raw = self._fetch(iteration)
+            raw = (self._fetch(iteration) if draw is None
+                   else self.real.fetch(self.classes, draw.real_positions))
         if self._pool is not None and iteration + 1 < self.config.iterations:
             self._next = (iteration + 1, self._pool.submit(self._fetch, iteration + 1))
         return raw
@@ -293,7 +295,7 @@ class Distiller:
         """Run iteration ``iteration``; returns this process's part of the loss (0-dim, not synced)."""
         c = self.config
         draw = self.draw(iteration)
-        raw = self.fetch_real(iteration)
+        raw = self.fetch_real(iteration, draw)
         self._reset_network(iteration)
         self.optimizer.zero_grad(set_to_none=True)
         if c.loop == "fused":
@@ -320,8 +322,15 @@ class Distiller:
         """DSA of rows laid out as the owned-class ``positions`` with ``sizes`` rows each."""
         if params is None:
             return x
-        p = params if len(positions) == params.groups else params.select(positions)
-        return dsa.apply(x, p, sizes)
+        return dsa.apply(x, params, sizes, groups=positions)
+
+    def _chunk_labels(self, start: int, stop: int) -> torch.Tensor:
+        """Owned-class positions of real rows ``start:stop``, on the host (class_statistics checks
+        and counts them without a device read), made once per run for each chunk."""
+        cache = self.__dict__.setdefault("_labels", {})
+        if (start, stop) not in cache:
+            cache[start, stop] = torch.arange(start, stop) // self.config.batch_real
+        return cache[start, stop]
 
     def _real_statistics(self, draw: Draw, raw):
         """The real side of the loss, streamed: ``real_chunk`` images at a time through the network
@@ -341,8 +350,7 @@ class Distiller:
                 x = self._augment(x, draw.augmentation, positions, sizes)
                 maps, emb = self.net.features(x)
                 del x
-                # host labels: class_statistics checks and counts them without a device read
-                labels = torch.arange(start, stop) // b
+                labels = self._chunk_labels(start, stop)
                 stats = class_statistics(maps[:-1] if attention else None, n, labels=labels,
                                          embedding=emb, spatial_power=c.spatial_power,
                                          channel_power=c.channel_power, spatial=ws != 0,

@@ -13,7 +13,8 @@ import numbers
 import torch
 
 from atom_fast.constants import accumulation_dtype
-from atom_fast.layout import check_blocks, check_labels, check_num_classes, check_presence, on_device
+from atom_fast.layout import (check_blocks, check_labels, check_num_classes, check_presence,
+                              on_device)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -223,7 +224,8 @@ def check_embedding_against_statistics(stats, syn_emb):
     if stats.embedding is None:
         raise ValueError("the real statistics hold no embedding sums "
                          "(class_statistics(..., embedding=...))")
-    if syn_emb[0].numel() != stats.embedding.shape[1]:
-        raise ValueError(f"syn_emb has {syn_emb[0].numel()} values per sample but the real "
+    per_sample = math.prod(syn_emb.shape[1:])
+    if per_sample != stats.embedding.shape[1]:
+        raise ValueError(f"syn_emb has {per_sample} values per sample but the real "
                          f"statistics' embedding has {stats.embedding.shape[1]}")
     check_statistics_device(stats, syn_emb.device, syn_emb.dtype, "syn_emb")

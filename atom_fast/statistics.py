@@ -18,6 +18,7 @@ value and the same gradient w.r.t. the synthetic features as the full real batch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple, Union
 
@@ -239,7 +240,7 @@ def class_statistics(real=None, num_classes: Optional[int] = None, *,
         if embedding.device != device:
             raise ValueError(f"embedding is on {embedding.device} but real is on {device}")
     elements = K * (sum(f.shape[2] * f.shape[3] + f.shape[1] for f in layers) +
-                    (embedding[0].numel() if embedding is not None else 0))
+                    (math.prod(embedding.shape[1:]) if embedding is not None else 0))
     if elements > MAX_STATISTICS_ELEMENTS:
         raise ValueError(f"num_classes={K} would need {elements:,} values of statistics (more than "
                          f"{MAX_STATISTICS_ELEMENTS:,}); is num_classes right?")

@@ -12,7 +12,8 @@ Triton launcher of the Triton backend, counts once, the ops inside it are not se
   Triton backends (Triton interpreted on CPU, ``TRITON_INTERPRET=1``);
 * per ``Distiller.step`` of the fused loop (ATOM, native backend, DSA on, batch_real 128) at 10
   classes and IPC 1, 10, 50, and at 100 classes IPC 1; and the DataDAM-script loop at 10 classes IPC
-  1 beside it. The images are 3x16x16 and the network is 16 wide (depth 3): the op count does not
+  1 beside it; on CPU, and on the meta device, where the step dispatches what it would on a GPU
+  (copies of host data to the device included) without computing anything. The images are 3x16x16 and the network is 16 wide (depth 3): the op count does not
   depend on the sizes, only on the classes, the IPC and the number of chunks.
 
 Host time: microseconds per layer of one forward + backward on tiny tensors (native backend, one
@@ -122,8 +123,9 @@ def loss_counts(backends, layers=2):
     return rows
 
 
-def step_counts(settings):
-    """Ops of one ``Distiller.step`` (after a warm-up step) for each (label, classes, ipc, loop)."""
+def step_counts(settings, device):
+    """Ops of one ``Distiller.step`` (after a warm-up step) for each (label, classes, ipc, loop) on
+    ``device`` ("cpu", or "meta": the ops a GPU step dispatches, shapes only)."""
     from atom_fast.distill.loop import DistillConfig, Distiller
 
     rows = []
@@ -134,13 +136,19 @@ def step_counts(settings):
         y = torch.arange(classes).repeat_interleave(per_class)
         cfg = DistillConfig(method="atom", ipc=ipc, batch_real=128, width=16, depth=3, loop=loop,
                             backend="native", dsa=True, iterations=3)
-        d = Distiller(x, y, classes, cfg, "cpu", prefetch=False)
-        d.step(0)
+        d = Distiller(x, y, classes, cfg, device, prefetch=False)
+        try:
+            d.step(0)
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. a read of the meta device
+            rows.append({"label": label, "device": device, "classes": classes, "ipc": ipc,
+                         "loop": loop, "chunks": None, "ops": None, "by_op": {},
+                         "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
         counter = OpCounter()
         with counter:
             d.step(1)
         d.close()
-        rows.append({"label": label, "classes": classes, "ipc": ipc, "loop": loop,
+        rows.append({"label": label, "device": device, "classes": classes, "ipc": ipc, "loop": loop,
                      "chunks": len(d.chunks) if loop == "fused" else None, "ops": counter.total,
                      "by_op": dict(counter.ops.most_common())})
     return rows
@@ -197,12 +205,17 @@ def markdown(result):
         target = TARGETS.get(r["path"], "")
         lines.append(f"| {r['path']} | {r['backend']} | {r['ops_per_layer']:g} | {target} | {top} |")
     lines += ["", "## Per distillation step (ATOM, native, DSA, batch_real 128, 3x16x16, width 16)",
-              "", "| step | loop | classes | IPC | synthetic chunks | ops | top ops |",
-              "|---|---|---:|---:|---:|---:|---|"]
+              "", "cpu: the ops of a CPU step (the native block tail; copies to the device are no-ops). "
+              "meta: the same step on the meta device, the op stream of a GPU step (the block tail as "
+              "modules, every copy of host data to the device counted as `_to_copy`).", "",
+              "| step | device | loop | classes | IPC | synthetic chunks | ops | top ops |",
+              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in result["steps"]:
         top = ", ".join(f"{k} {v}" for k, v in list(r["by_op"].items())[:5])
-        lines.append(f"| {r['label']} | {r['loop']} | {r['classes']} | {r['ipc']} | "
-                     f"{r['chunks'] if r['chunks'] is not None else ''} | {r['ops']} | {top} |")
+        lines.append(f"| {r['label']} | {r.get('device', 'cpu')} | {r['loop']} | {r['classes']} | "
+                     f"{r['ipc']} | "
+                     f"{r['chunks'] if r['chunks'] is not None else ''} | {r['ops']} | "
+                     f"{top or r.get('error', '')} |")
     lines += ["", "## Host time per layer, forward + backward (native, tiny tensors, one thread)", "",
               "| path | layers per call | us per call | us per layer |", "|---|---:|---:|---:|"]
     for r in result["host"]:
@@ -230,7 +243,7 @@ def main(argv=None):
         "versions": environment.versions(),
         "targets": TARGETS,
         "loss": loss_counts(backends),
-        "steps": step_counts(settings),
+        "steps": step_counts(settings, "cpu") + step_counts(settings, "meta"),
         "host": host_times(200 if args.quick else 2000),
     }
     text = markdown(result)

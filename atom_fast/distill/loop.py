@@ -332,6 +332,13 @@ class Distiller:
             cache[start, stop] = torch.arange(start, stop) // self.config.batch_real
         return cache[start, stop]
 
+    def _plan(self, draw: Draw, per_class: int) -> Optional[dsa.RowPlan]:
+        """The iteration's DSA draw laid out over ``per_class`` rows of every owned class (made once
+        per iteration and side; each chunk applies a row range of it), or None without DSA."""
+        if draw.augmentation is None:
+            return None
+        return dsa.RowPlan(draw.augmentation, [per_class] * len(self.classes), self.device)
+
     def _real_statistics(self, draw: Draw, raw):
         """The real side of the loss, streamed: ``real_chunk`` images at a time through the network
         under no_grad, each chunk reduced to class statistics at once."""
@@ -340,14 +347,12 @@ class Distiller:
         attention = self.weights is not None
         ws, wc = self.weights or (0.0, 0.0)
         total = None
+        plan = self._plan(draw, b)
         for start in range(0, n * b, self.real_chunk):
             stop = min(start + self.real_chunk, n * b)
-            first, last = start // b, (stop - 1) // b
-            positions = list(range(first, last + 1))
-            sizes = [min(stop, (k + 1) * b) - max(start, k * b) for k in positions]
             with torch.no_grad():
                 x = self.real.convert(raw, start, stop)
-                x = self._augment(x, draw.augmentation, positions, sizes)
+                x = x if plan is None else plan.apply(x, start)
                 maps, emb = self.net.features(x)
                 del x
                 labels = self._chunk_labels(start, stop)
@@ -377,9 +382,10 @@ class Distiller:
         stats = self._real_statistics(draw, raw)
         total = torch.zeros((), device=self.device)
         whole = len(self.chunks) == 1
+        plan = self._plan(draw, c.ipc)
         for chunk in self.chunks:
             syn = self.syn[chunk.start * c.ipc:chunk.stop * c.ipc]
-            syn = self._augment(syn, draw.augmentation, list(chunk), [c.ipc] * len(chunk))
+            syn = syn if plan is None else plan.apply(syn, chunk.start * c.ipc)
             syn_maps, syn_emb = self.net.features(syn)
             part = stats if whole else stats.select(chunk)
             loss = self._terms(part, part, syn_maps[:-1], syn_emb, len(chunk), c.backend)

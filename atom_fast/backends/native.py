@@ -148,22 +148,22 @@ def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_we
 # ---- the real side as class statistics (docs/scale.md) ------------------------------------------------
 
 
-def _denominators(stats, HW, C, ps, pc):
-    """(N, 2) per-sample denominators [max(||s'||, floor_s) | max(||t'||, floor_t)] from the ops'
-    stats layout [s' | t' | m | ||s'|| | ||t'||] (x' = x / m^p, floored at norm_floor(m, p)); the
-    floor is formed once when the two powers are equal."""
-    m = stats[:, HW + C]
-    floor_s = norm_floor(m, ps)
-    norms = stats[:, HW + C + 1:]
-    if pc == ps:
-        return torch.maximum(norms, floor_s[:, None])
-    return torch.maximum(norms, torch.stack([floor_s, norm_floor(m, pc)], 1))
+def _parts(stats, HW, C, ps, pc):
+    """``(s', t', den_s, den_t)`` from the ops' stats layout [s' | t' | m | ||s'|| | ||t'||] (views
+    of it, and the (N, 1) denominators max(||x'||, norm_floor(m, p)); x' = x / m^p). The floor is
+    formed once when the two powers are equal."""
+    s, t, m, norms = stats.split([HW, C, 1, 2], 1)
+    floor = norm_floor(m, ps)
+    if pc != ps:
+        floor = torch.cat([floor, norm_floor(m, pc)], 1)
+    den_s, den_t = torch.maximum(norms, floor).split(1, 1)
+    return s, t, den_s, den_t
 
 
 def _normalized(stats, HW, C, ps, pc):
     """(N, H*W + C) normalized per-sample vectors [s_hat | t_hat] from the ops' stats layout."""
-    den = _denominators(stats, HW, C, ps, pc)
-    return torch.cat([stats[:, :HW] / den[:, :1], stats[:, HW:HW + C] / den[:, 1:]], 1)
+    s, t, den_s, den_t = _parts(stats, HW, C, ps, pc)
+    return torch.cat([s / den_s, t / den_t], 1)
 
 
 def class_attention_sums(features, labels, num_classes, spatial_power, channel_power, has_spatial,
@@ -179,13 +179,13 @@ def class_attention_sums(features, labels, num_classes, spatial_power, channel_p
     stats = ops.attention_stats(features.detach(), float(spatial_power), float(channel_power),
                                 bool(has_spatial), bool(has_channel))
     # the op's fresh stats are normalized in place (no per-sample copy), then summed by class
-    den = _denominators(stats, HW, C, spatial_power, channel_power)
+    s, t, den_s, den_t = _parts(stats, HW, C, spatial_power, channel_power)
     if has_spatial:
-        stats[:, :HW].div_(den[:, :1])
+        s.div_(den_s)
     if has_channel:
-        stats[:, HW:HW + C].div_(den[:, 1:])
-    sums = class_sums(stats[:, :HW + C], labels, num_classes)
-    return (sums[:, :HW] if has_spatial else None), (sums[:, HW:] if has_channel else None)
+        t.div_(den_t)
+    S, T = class_sums(stats[:, :HW + C], labels, num_classes).split([HW, C], 1)
+    return (S if has_spatial else None), (T if has_channel else None)
 
 
 class _LossFromSums(torch.autograd.Function):

@@ -60,12 +60,14 @@ def check(device, **settings):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            with torch.profiler.profile(activities=activities) as prof, counter:
-                d.step(1)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        with torch.profiler.profile(activities=activities) as prof:
+            # only the step: the profiler's own start and stop may synchronize
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                with counter:
+                    d.step(1)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize(device)
         events = prof.events()
         result["kernels"] = sum(1 for e in events

@@ -3,7 +3,8 @@
 Each check raises ``TypeError`` (wrong kind) or ``ValueError`` (wrong value) with a message that
 names the argument, and returns the argument in the form the backends take. The class-layout checks
 (labels, blocks, classes present on both sides) are in ``atom_fast.layout``, beside the layout they
-build. Nothing here reads a device tensor on the host except through ``layout.check_labels``.
+build. Nothing here reads a device tensor on the host except ``layout.check_labels`` given labels on
+a device (host labels are read where they are).
 """
 
 import math
@@ -12,7 +13,8 @@ import numbers
 import torch
 
 from atom_fast.constants import accumulation_dtype
-from atom_fast.layout import check_blocks, check_labels, check_num_classes, check_presence
+from atom_fast.layout import (check_blocks, check_labels, check_num_classes, check_presence,
+                              on_device)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -187,7 +189,8 @@ def check_syn_against_statistics(stats, num_syn, num_classes, real_labels, syn_l
         syn_counts = torch.full((K,), per_class, dtype=torch.int64)
     else:
         syn_labels = check_labels(syn_labels, num_syn, "syn_labels", device, K)
-        syn_counts = torch.bincount(syn_labels, minlength=K).cpu()
+        syn_counts = torch.bincount(syn_labels, minlength=K).cpu()  # host labels: no device read
+        syn_labels = on_device(syn_labels, device)
     check_presence(stats.counts, syn_counts, real_name="the real statistics")
     return syn_labels
 
@@ -221,7 +224,8 @@ def check_embedding_against_statistics(stats, syn_emb):
     if stats.embedding is None:
         raise ValueError("the real statistics hold no embedding sums "
                          "(class_statistics(..., embedding=...))")
-    if syn_emb[0].numel() != stats.embedding.shape[1]:
-        raise ValueError(f"syn_emb has {syn_emb[0].numel()} values per sample but the real "
+    per_sample = math.prod(syn_emb.shape[1:])
+    if per_sample != stats.embedding.shape[1]:
+        raise ValueError(f"syn_emb has {per_sample} values per sample but the real "
                          f"statistics' embedding has {stats.embedding.shape[1]}")
     check_statistics_device(stats, syn_emb.device, syn_emb.dtype, "syn_emb")

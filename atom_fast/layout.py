@@ -109,10 +109,13 @@ def check_num_classes(num_classes, name="num_classes"):
 
 
 def check_labels(labels, n, name, device, num_classes=None):
-    """int64 ``(n,)`` labels on ``device``, non-negative and below ``num_classes`` (when given).
+    """int64 ``(n,)`` labels on ``device`` or on the host (CPU), non-negative and below
+    ``num_classes`` (when given).
 
-    Reads their range on the host: one synchronization. Returns them contiguous (the kernels index
-    labels with unit stride).
+    Host labels are checked where they are: no device memory is read. Labels on another device
+    (e.g. CUDA) are checked by reading their range on the host: one synchronization, which host
+    labels avoid. Returns them contiguous, on the device they came on (the kernels index labels with
+    unit stride; :func:`on_device` moves host labels over).
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
@@ -121,8 +124,9 @@ def check_labels(labels, n, name, device, num_classes=None):
     if labels.ndim != 1 or labels.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},) to match the features, "
                          f"got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"{name} is on {labels.device} but the features are on {device}")
+    if labels.device != device and labels.device.type != "cpu":
+        raise ValueError(f"{name} is on {labels.device} but the features are on {device} "
+                         "(labels may be on the features' device or on the host)")
     if n:
         lo, hi = (int(v) for v in torch.aminmax(labels))
         if lo < 0:
@@ -130,6 +134,12 @@ def check_labels(labels, n, name, device, num_classes=None):
         if num_classes is not None and hi >= num_classes:
             raise ValueError(f"{name} holds {hi}, out of range for num_classes={num_classes}")
     return labels.contiguous()
+
+
+def on_device(t, device):
+    """``t`` on ``device``: a host tensor is copied without waiting for the device (queued), one on
+    ``device`` is returned as is."""
+    return t if t.device == device else t.to(device, non_blocking=True)
 
 
 def check_blocks(n, num_classes, name):
@@ -143,7 +153,19 @@ def check_blocks(n, num_classes, name):
 
 def check_presence(real_counts, syn_counts, class_names=None, real_name="real_labels",
                    syn_name="syn_labels"):
-    """Every class with samples on one side has samples on the other (host or device counts)."""
+    """Every class with samples on one side has samples on the other (host or device counts;
+    host counts are compared as Python numbers, no tensor op per class)."""
+    if real_counts.device.type == "cpu" and syn_counts.device.type == "cpu":
+        real, syn = real_counts.tolist(), syn_counts.tolist()
+        for here, there, missing, present in ((real, syn, syn_name, "real"),
+                                              (syn, real, real_name, "synthetic")):
+            for k, (a, b) in enumerate(zip(here, there)):
+                if a > 0 and b == 0:
+                    if class_names is not None:
+                        k = int(class_names[k])
+                    raise ValueError(f"{missing} has no sample of class {k}, which has {present} "
+                                     "samples; every class needs samples on both sides")
+        return
     only_real = (real_counts > 0) & (syn_counts == 0)
     only_syn = (syn_counts > 0) & (real_counts == 0)
     for mask, missing, present in ((only_real, syn_name, "real"), (only_syn, real_name, "synthetic")):
@@ -159,9 +181,9 @@ def class_layout(num_real, num_syn, num_classes, real_labels, syn_labels, device
                  names=("real", "syn")):
     """Validate the class arguments and build the ClassLayout.
 
-    With labels this reads them on the host (range and per-class counts), one synchronization, and
-    renumbers them 0..K-1 over the classes that occur: a class absent from both sides adds nothing
-    to the loss, so only the present ones are kept, and the work is bounded by the samples, not by
+    With labels this reads them on the host (range and per-class counts: one synchronization for
+    labels on a device, none for host labels, which are then copied to ``device``), and renumbers
+    them 0..K-1 over the classes that occur: a class absent from both sides adds nothing to the loss, so only the present ones are kept, and the work is bounded by the samples, not by
     ``num_classes`` (which only bounds the labels' range). ``names`` are the feature arguments'
     names, for messages.
     """
@@ -178,11 +200,15 @@ def class_layout(num_real, num_syn, num_classes, real_labels, syn_labels, device
     K = None if num_classes is None else check_num_classes(num_classes)
     real_labels = check_labels(real_labels, num_real, "real_labels", device, K)
     syn_labels = check_labels(syn_labels, num_syn, "syn_labels", device, K)
+    if real_labels.device != syn_labels.device:  # one side on the host: both counted there
+        real_labels, syn_labels = real_labels.cpu(), syn_labels.cpu()
     classes, compact = torch.unique(torch.cat([real_labels, syn_labels]), return_inverse=True)
     K = classes.numel()
     real_labels, syn_labels = compact[:num_real], compact[num_real:]
     real_counts = torch.bincount(real_labels, minlength=K)
     syn_counts = torch.bincount(syn_labels, minlength=K)
     check_presence(real_counts, syn_counts, classes)
+    real_labels, syn_labels, real_counts, syn_counts = (
+        on_device(t, device) for t in (real_labels, syn_labels, real_counts, syn_counts))
     return ClassLayout(K, real_labels=real_labels, syn_labels=syn_labels,
                        real_counts=real_counts, syn_counts=syn_counts)

@@ -18,6 +18,7 @@ value and the same gradient w.r.t. the synthetic features as the full real batch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple, Union
 
@@ -26,7 +27,7 @@ import torch
 from atom_fast import backends, checks
 from atom_fast.backends.reference import class_sums
 from atom_fast.constants import accumulation_dtype
-from atom_fast.layout import check_blocks, check_labels, check_num_classes
+from atom_fast.layout import check_blocks, check_labels, check_num_classes, on_device
 
 # Largest statistics one ClassStatistics may hold (elements): K x (H*W + C) per layer. A
 # ``num_classes`` far above any dataset's (e.g. 10**9 by mistake) is an error, not an allocation.
@@ -202,8 +203,10 @@ def class_statistics(real=None, num_classes: Optional[int] = None, *,
         real: ``(N, C, H, W)`` features, or a sequence of them (one per matched layer), or ``None``
             when only the embedding is reduced (DM).
         num_classes: K, required: statistics of several chunks add up only over the same classes.
-        labels: int64 ``(N,)`` class of each sample (on the features' device), or ``None`` for equal
-            contiguous blocks per class (``(K*B, ...)``, the DataDAM/DM layout).
+        labels: int64 ``(N,)`` class of each sample, or ``None`` for equal contiguous blocks per class
+            (``(K*B, ...)``, the DataDAM/DM layout). On the host (CPU) they are checked and counted
+            without reading device memory, then copied to the features' device; on the features'
+            device they are read once (a synchronization on a GPU).
         embedding: ``(N, ...)`` embeddings of the same samples (the MMD term), or ``None``.
         spatial_power, channel_power: ps, pc of the loss that will use them.
         spatial, channel: which attention sums to compute (DataDAM needs only spatial, ATOM's
@@ -237,7 +240,7 @@ def class_statistics(real=None, num_classes: Optional[int] = None, *,
         if embedding.device != device:
             raise ValueError(f"embedding is on {embedding.device} but real is on {device}")
     elements = K * (sum(f.shape[2] * f.shape[3] + f.shape[1] for f in layers) +
-                    (embedding[0].numel() if embedding is not None else 0))
+                    (math.prod(embedding.shape[1:]) if embedding is not None else 0))
     if elements > MAX_STATISTICS_ELEMENTS:
         raise ValueError(f"num_classes={K} would need {elements:,} values of statistics (more than "
                          f"{MAX_STATISTICS_ELEMENTS:,}); is num_classes right?")
@@ -246,7 +249,8 @@ def class_statistics(real=None, num_classes: Optional[int] = None, *,
         counts = torch.full((K,), n // K, dtype=torch.int64)
     else:
         labels = check_labels(labels, n, "labels", device, K)
-        counts = torch.bincount(labels, minlength=K).cpu()
+        counts = torch.bincount(labels, minlength=K).cpu()  # host labels: no device read
+        labels = on_device(labels, device)
     S, T = [], []
     if layers:
         impl = backends.backend_module(backend, device)

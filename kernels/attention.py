@@ -57,7 +57,7 @@ from atom_fast.constants import MAX_UNROLLED_POWER, NORM_EPS, norm_floor
 # the 64x64 TinyImageNet layer 1); TILE_ELEMENTS bounds a (BLOCK_C, BLOCK_HW) tile of the F-streaming
 # kernels. 4096 elements on 4 warps is 32 per thread (eight 16-byte loads in flight): the sm_90
 # ahead-of-time compile (tools/compile_check/sm90.py) shows 8192 spilling for bf16 with a fractional power.
-# Not yet tuned on a GPU (see the GPU issue).
+# Not yet tuned on a GPU (docs/gpu.md).
 MAX_BLOCK_HW = 4096
 TILE_ELEMENTS = 4096
 # Class kernel: members of one class summed per step (the real batches per class of DataDAM, ATOM

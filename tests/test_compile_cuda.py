@@ -1,5 +1,5 @@
 """The CUDA kernels of the native op compile for sm_90 (nvcc, no GPU needed), so the part of csrc/
-that CI cannot build (CPU torch) cannot rot unnoticed. Running them is the GPU issue's job.
+that CI cannot build (CPU torch) cannot rot unnoticed. Running them takes a GPU (docs/gpu.md).
 The compile runs in the background from the start of the test session (conftest.py,
 tests/_background.py)."""
 

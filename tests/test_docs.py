@@ -22,7 +22,10 @@ def test_each_kind_of_problem_is_found(tmp_path, monkeypatch):
         "Run `atom-fast --dataset mnist --no-such-flag 3`.\n"
         "Call `atom_fast.no_such_function`.\n"
         "As the SPEC says, and FIELD.md too.\n"
-        "Fine: `atom_fast/loss.py`, `atom-fast --ipc 10`, `atom_fast.attention_loss`.\n")
+        "Fine: `atom_fast/loss.py`, `atom-fast --ipc 10`, `atom_fast.attention_loss`.\n"
+        "Headings: [gone](loss.md#no-such-heading), [here](#a-heading), [there](loss.md#the-math).\n"
+        "As the performance issue's target says.\n"
+        "## A heading\n")
     try:
         problems = check_docs.check([str(page.relative_to(ROOT))])
     finally:
@@ -33,4 +36,6 @@ def test_each_kind_of_problem_is_found(tmp_path, monkeypatch):
     assert "no command defines the flag --no-such-flag" in text
     assert "no such Python name: atom_fast.no_such_function" in text
     assert "'SPEC'" in text and "'FIELD.md'" in text
-    assert len(problems) == 6, text
+    assert "link to a missing heading: loss.md#no-such-heading" in text
+    assert "\"issue's\"" in text
+    assert len(problems) == 9, text  # the "issue" line matches two patterns

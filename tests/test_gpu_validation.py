@@ -40,7 +40,7 @@ def test_sanitizer_cases_need_a_gpu(capsys):
 def test_the_steps_are_build_tests_sanitizers_bench():
     plan = validate_gpu.steps("py", "OUT", "h100", "full", True, "/cuda/bin/compute-sanitizer")
     names = [name for name, _, _ in plan]
-    assert names == ["build", "tests", "cases", "memcheck", "racecheck", "bench"]
+    assert names == ["build", "tests", "sync", "cases", "memcheck", "racecheck", "bench"]
     cmd = {name: (" ".join(argv), env) for name, argv, env in plan}
     assert cmd["build"][1] == {"ATOM_FAST_BUILD_CUDA": "1"}
     assert "pip install --no-build-isolation -e" in cmd["build"][0]
@@ -48,9 +48,10 @@ def test_the_steps_are_build_tests_sanitizers_bench():
     assert "--tool memcheck" in cmd["memcheck"][0] and "--tool racecheck" in cmd["racecheck"][0]
     assert all("sanitizer_cases.py" in cmd[n][0] for n in ("cases", "memcheck", "racecheck"))
     assert cmd["bench"][0] == "py -m bench.run --device cuda --out OUT/h100-bench.json"
+    assert cmd["sync"][0].endswith("sync_check.py --device cuda --out OUT/h100-sync.json")
     # no compute-sanitizer: those steps are left out (and reported as skipped by main)
     assert [n for n, _, _ in validate_gpu.steps("py", "OUT", "h100", "quick", False, None)] == \
-        ["tests", "cases", "bench"]
+        ["tests", "sync", "cases", "bench"]
 
 
 def _junit(tmp_path, outcomes):
@@ -106,3 +107,19 @@ def test_a_sanitizer_case_runs_the_triton_backend(which):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     case = dict(sanitizer_cases.cases())[which]
     assert sanitizer_cases.run_case("triton", device=device, **case)
+
+
+def test_the_sync_check_runs_a_step_on_meta(tmp_path):
+    """tools/sync_check.py (the GPU step's sync check) imports and runs on any machine with --device
+    meta; without CUDA, --device cuda says so and exits 2."""
+    from tools import sync_check
+
+    out = tmp_path / "sync.json"
+    assert sync_check.main(["--device", "meta", "--size", "8", "--width", "4", "--batch-real", "4",
+                            "--classes", "3", "--out", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["device"] == "meta" and result["by_op"]["convolution"] > 0
+    if not torch.cuda.is_available():
+        assert sync_check.main(["--device", "cuda"]) == 2

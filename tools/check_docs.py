@@ -1,6 +1,6 @@
-"""Check that what the README and docs/ name exists: every repository path and link, every
-``bench/results/`` file, every command-line flag of our commands, every ``atom_fast`` Python name;
-and that no page refers to documents outside the repository.
+"""Check that what the README and docs/ name exists: every repository path and link (and the heading
+a link's ``#anchor`` names), every ``bench/results/`` file, every command-line flag of our commands,
+every ``atom_fast`` Python name; and that no page refers to documents outside the repository.
 
     python tools/check_docs.py            # exit 1 and one line per problem, FILE:LINE: what
 
@@ -37,7 +37,8 @@ TOP = {p.name for p in ROOT.iterdir() if not p.name.startswith(".") or p.name ==
 # Words that point at documents which are not in the repository.
 OUTSIDE = [re.compile(p, re.IGNORECASE) for p in (
     r"\bSPEC(\.md)?\b(?! ?[:=])", r"\bFIELD\.md\b", r"\bSTYLE\.md\b", r"\bthe issue\b", r"\bissue \d+\b",
-    r"\bthis session\b", r"\bthe session\b", r"\bticket\b")]
+    r"\bthis session\b", r"\bthe session\b", r"\bticket\b", r"\bissue's\b",
+    r"\b(the|this|that) [\w-]+ issue\b")]
 OUR_COMMANDS = re.compile(r"^(\S+/)?(atom-fast|python3? (-m )?(atom_fast|bench|tools|examples)|"
                           r"bash (bench|scripts|tools)/|(bench|tools|examples|scripts)/)")
 
@@ -69,6 +70,24 @@ def links(text):
         line = re.sub(r"`[^`]*`", "", line)
         for m in re.finditer(r"\]\(([^)\s]+)\)", line):
             out.append((i, m.group(1)))
+    return out
+
+
+def anchors(text):
+    """The ``#anchor`` of every Markdown heading, as GitHub makes them: lower case, punctuation other
+    than ``-`` and ``_`` dropped, spaces as ``-``, a repeated one suffixed ``-1``, ``-2``, ..."""
+    out, seen, fenced = set(), {}, False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            continue
+        m = re.match(r"#{1,6} +(.+?) *#* *$", line)
+        if fenced or not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
     return out
 
 
@@ -164,11 +183,14 @@ def check(pages=PAGES):
                     problems.append(f"{page}:{i}: refers to a document outside the repository "
                                     f"({m.group(0)!r})")
         for i, target in links(text):
-            if target.startswith(("http://", "https://", "mailto:", "#")):
+            if target.startswith(("http://", "https://", "mailto:")):
                 continue
-            path = target.split("#")[0]
-            if path and not ((ROOT / page).parent / path).exists():
+            path, _, anchor = target.partition("#")
+            file = (ROOT / page).parent / path if path else ROOT / page
+            if path and not file.exists():
                 problems.append(f"{page}:{i}: link to a missing file: {target}")
+            elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text()):
+                problems.append(f"{page}:{i}: link to a missing heading: {target}")
         for i, span in code_spans(text):
             words = span.split()
             if is_path(span) and not path_exists(span, page):

@@ -7,11 +7,13 @@ Steps (each logged to its own file; a failed step does not stop the later ones):
 2. tests    the whole test suite on the GPU: compiled Triton (TRITON_INTERPRET unset), the CUDA op,
             and the GPU-only cases (the > 2^31-element offsets test, ``skipif(DEVICE.type != "cuda")``
             in tests/test_fused.py), which must pass for both fused backends, not skip
-3. cases    tools/sanitizer_cases.py: every Triton and CUDA kernel once on small shapes
-4. memcheck, racecheck
+3. sync     tools/sync_check.py: one fused step under ``torch.cuda.set_sync_debug_mode("error")``
+            (any host synchronization fails it) and the profiler: kernel launches per step
+4. cases    tools/sanitizer_cases.py: every Triton and CUDA kernel once on small shapes
+5. memcheck, racecheck
             the same cases under ``compute-sanitizer --tool memcheck`` / ``racecheck`` (skipped, with
             a message, when compute-sanitizer is not found)
-5. bench    ``python -m bench.run --device cuda`` (``--bench quick`` for the shorter run)
+6. bench    ``python -m bench.run --device cuda`` (``--bench quick`` for the shorter run)
 
 Everything goes to ``bench/results/gpu-validation-<gpu>-<date>/`` (``--out``), each file named
 ``<gpu>-<step>.log`` (``<gpu>`` e.g. ``h100``), with ``<gpu>-summary.json`` holding the device name,
@@ -75,6 +77,8 @@ def steps(python, out, slug, bench, build, sanitizer):
         plan.append(("build", [python, "-m", "pip", "install", "--no-build-isolation", "-e", ".[test,bench]"],
                      {"ATOM_FAST_BUILD_CUDA": "1"}))
     plan.append(("tests", [python, "-m", "pytest", "-q", "-rs", f"--junitxml={junit}"], {}))
+    plan.append(("sync", [python, os.path.join(ROOT, "tools", "sync_check.py"), "--device", "cuda",
+                          "--out", os.path.join(out, f"{slug}-sync.json")], {}))
     plan.append(("cases", cases, {}))
     if sanitizer:
         # no caching allocator under memcheck: every tensor is its own allocation, so an access past

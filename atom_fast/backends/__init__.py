@@ -67,10 +67,12 @@ def triton_interpreted():
 
 
 def native_available(device=None):
-    """Whether the native op (csrc/, built as atom_fast._C) is loaded, with kernels for ``device``."""
+    """Whether the native op (csrc/, built as atom_fast._C) is loaded, with kernels for ``device``
+    (the meta device: its fake kernels, shapes only)."""
     if not native.AVAILABLE:
         return False
-    return device is None or device.type == "cpu" or (device.type == "cuda" and native.HAS_CUDA)
+    return (device is None or device.type in ("cpu", "meta")
+            or (device.type == "cuda" and native.HAS_CUDA))
 
 
 _FALLBACK_WARNED = False
@@ -122,7 +124,7 @@ def resolve_backend(backend, device):
     if backend == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if device.type != "cuda" and not triton_interpreted():
+        if device.type not in ("cuda", "meta") and not triton_interpreted():
             raise RuntimeError(f"backend='triton' runs on CUDA tensors, got {device}; on CPU set "
                                "TRITON_INTERPRET=1 before triton is imported (slow: for tests)")
     if backend == "native" and not native_available(device):

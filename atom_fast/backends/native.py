@@ -148,13 +148,22 @@ def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_we
 # ---- the real side as class statistics (docs/scale.md) ------------------------------------------------
 
 
+def _parts(stats, HW, C, ps, pc):
+    """``(s', t', den_s, den_t)`` from the ops' stats layout [s' | t' | m | ||s'|| | ||t'||] (views
+    of it, and the (N, 1) denominators max(||x'||, norm_floor(m, p)); x' = x / m^p). The floor is
+    formed once when the two powers are equal."""
+    s, t, m, norms = stats.split([HW, C, 1, 2], 1)
+    floor = norm_floor(m, ps)
+    if pc != ps:
+        floor = torch.cat([floor, norm_floor(m, pc)], 1)
+    den_s, den_t = torch.maximum(norms, floor).split(1, 1)
+    return s, t, den_s, den_t
+
+
 def _normalized(stats, HW, C, ps, pc):
-    """(N, H*W + C) normalized per-sample vectors [s_hat | t_hat] from the ops' stats layout
-    [s' | t' | m | ||s'|| | ||t'||] (x' = x / m^p, normalized by max(||x'||, norm_floor(m, p)))."""
-    m = stats[:, HW + C]
-    s_norm = torch.maximum(stats[:, HW + C + 1], norm_floor(m, ps))
-    t_norm = torch.maximum(stats[:, HW + C + 2], norm_floor(m, pc))
-    return torch.cat([stats[:, :HW] / s_norm[:, None], stats[:, HW:HW + C] / t_norm[:, None]], 1)
+    """(N, H*W + C) normalized per-sample vectors [s_hat | t_hat] from the ops' stats layout."""
+    s, t, den_s, den_t = _parts(stats, HW, C, ps, pc)
+    return torch.cat([s / den_s, t / den_t], 1)
 
 
 def class_attention_sums(features, labels, num_classes, spatial_power, channel_power, has_spatial,
@@ -169,8 +178,14 @@ def class_attention_sums(features, labels, num_classes, spatial_power, channel_p
     HW = H * W
     stats = ops.attention_stats(features.detach(), float(spatial_power), float(channel_power),
                                 bool(has_spatial), bool(has_channel))
-    sums = class_sums(_normalized(stats, HW, C, spatial_power, channel_power), labels, num_classes)
-    return (sums[:, :HW] if has_spatial else None), (sums[:, HW:] if has_channel else None)
+    # the op's fresh stats are normalized in place (no per-sample copy), then summed by class
+    s, t, den_s, den_t = _parts(stats, HW, C, spatial_power, channel_power)
+    if has_spatial:
+        s.div_(den_s)
+    if has_channel:
+        t.div_(den_t)
+    S, T = class_sums(stats[:, :HW + C], labels, num_classes).split([HW, C], 1)
+    return (S if has_spatial else None), (T if has_channel else None)
 
 
 class _LossFromSums(torch.autograd.Function):
@@ -179,18 +194,26 @@ class _LossFromSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, syn, real_means, offsets, order, syn_labels, num_classes, ps, pc, ws, wc):
-        _, C, H, W = syn.shape
+        M, C, H, W = syn.shape
         HW = H * W
         has_s, has_t = ws != 0, wc != 0
         stats = ops.attention_stats(syn, ps, pc, has_s, has_t)
-        counts = (offsets[1:] - offsets[:-1]).clamp_min(1).to(stats.dtype)
-        syn_sums = class_sums(_normalized(stats, HW, C, ps, pc), syn_labels, num_classes)
-        diffs = real_means - syn_sums / counts[:, None]
-        loss = stats.new_zeros(())
-        if has_s:
-            loss = loss + ws * diffs[:, :HW].square().sum()
-        if has_t:
-            loss = loss + wc * diffs[:, HW:].square().sum()
+        vectors = _normalized(stats, HW, C, ps, pc)
+        if syn_labels is None:  # equal blocks: the class means need no counts
+            per_class = M // num_classes
+            syn_means = vectors.view(num_classes, per_class, HW + C).sum(dim=1) / per_class
+        else:
+            counts = (offsets[1:] - offsets[:-1]).clamp_min(1).to(stats.dtype)
+            syn_means = class_sums(vectors, syn_labels, num_classes) / counts[:, None]
+        diffs = real_means - syn_means
+        if ws == wc:  # one weighted sum over both terms
+            loss = ws * diffs.square().sum()
+        elif not has_t:
+            loss = ws * diffs[:, :HW].square().sum()
+        elif not has_s:
+            loss = wc * diffs[:, HW:].square().sum()
+        else:
+            loss = ws * diffs[:, :HW].square().sum() + wc * diffs[:, HW:].square().sum()
         ctx.save_for_backward(syn, stats, diffs, offsets, order)
         ctx.params = (ps, pc, ws, wc)
         return loss
@@ -217,9 +240,9 @@ def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_l
     ps, pc = float(spatial_power), float(channel_power)
     ws, wc = float(spatial_weight), float(channel_weight)
     acc = accumulation_dtype(syn.dtype)
-    n = real_counts.to(acc).clamp_min(1)[:, None]
+    n = real_counts.clamp_min(1).to(device=syn.device, dtype=acc, non_blocking=True)[:, None]
     real_means = torch.cat([
-        real_spatial.to(acc) / n if ws != 0 else syn.new_zeros((num_classes, HW), dtype=acc),
-        real_channel.to(acc) / n if wc != 0 else syn.new_zeros((num_classes, C), dtype=acc)], 1)
+        real_spatial if ws != 0 else syn.new_zeros((num_classes, HW), dtype=acc),
+        real_channel if wc != 0 else syn.new_zeros((num_classes, C), dtype=acc)], 1).to(acc) / n
     offsets, order = grouping(syn_labels, M, num_classes, syn.device)
     return _LossFromSums.apply(syn, real_means, offsets, order, syn_labels, num_classes, ps, pc, ws, wc)

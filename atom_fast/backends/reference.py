@@ -9,6 +9,7 @@ float32 before anything is summed; float64 stays float64.
 import torch
 
 from atom_fast.constants import accumulation_dtype, norm_floor
+from atom_fast.layout import class_counts
 
 
 def _accumulation_dtype(x):
@@ -81,7 +82,7 @@ def class_means(x, layout, side):
     if labels is None:
         return x.reshape(K, layout.per_class(side), x.shape[1]).mean(dim=1)
     sums = x.new_zeros((K, x.shape[1])).index_add_(0, labels, x)
-    counts = torch.bincount(labels, minlength=K).clamp_min(1).to(x.dtype)
+    counts = class_counts(labels, K).clamp_min(1).to(x.dtype)
     return sums / counts[:, None]
 
 
@@ -147,7 +148,7 @@ def _syn_class_means(x, labels, num_classes):
     """Class means of the rows of x; a class without rows gets a zero row."""
     if labels is None:
         return x.reshape(num_classes, x.shape[0] // num_classes, x.shape[1]).mean(dim=1)
-    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(x.dtype)
+    counts = class_counts(labels, num_classes).clamp_min(1).to(x.dtype)
     return class_sums(x, labels, num_classes) / counts[:, None]
 
 

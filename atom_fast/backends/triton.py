@@ -30,6 +30,113 @@ def _kernels():
     return attention
 
 
+_LAUNCHERS = None
+
+
+def _launchers():
+    """The four kernel launchers as custom ops (``torch.ops.atom_fast_triton``), registered on first
+    use: each has a fake kernel (shapes only), so the backend runs on the meta device and traces
+    under ``torch.compile``; the real kernel runs on CUDA, or interpreted on CPU. Returns
+    :class:`_Launchers`, whose methods take the launchers' arguments."""
+    global _LAUNCHERS
+    if _LAUNCHERS is None:
+        _LAUNCHERS = _Launchers(_register_ops(_kernels()))
+    return _LAUNCHERS
+
+
+def _register_ops(kernels):
+    """Define the custom ops over the launchers of ``kernels`` (once per process)."""
+    from typing import List
+
+    from torch import Tensor
+
+    lib = "atom_fast_triton"
+
+    @torch.library.custom_op(f"{lib}::attention_stats", mutates_args=())
+    def attention_stats(F: Tensor, ps: float, pc: float, has_spatial: bool, has_channel: bool,
+                        scalars: Tensor) -> List[Tensor]:
+        return list(kernels.attention_stats(F, ps, pc, has_spatial, has_channel, scalars.dtype,
+                                            scalars))
+
+    @attention_stats.register_fake
+    def _(F, ps, pc, has_spatial, has_channel, scalars):
+        N, C, H, W = F.shape
+        acc = scalars.dtype
+        return [F.new_empty((N, H * W), dtype=acc), F.new_empty((N, C), dtype=acc),
+                *(F.new_empty((N,), dtype=acc) for _ in range(3))]
+
+    @torch.library.custom_op(f"{lib}::class_differences", mutates_args=("partials",))
+    def class_differences(real: List[Tensor], syn: List[Tensor], num_classes: int, ps: float,
+                          pc: float, ws: float, wc: float, partials: Tensor, scalars: Tensor,
+                          real_order: Optional[Tensor], real_offsets: Optional[Tensor],
+                          syn_order: Optional[Tensor], syn_offsets: Optional[Tensor],
+                          real_per_class: int, syn_per_class: int) -> List[Tensor]:
+        return list(kernels.class_differences(
+            kernels.SideStats(*real), kernels.SideStats(*syn), num_classes, ps, pc, ws, wc, partials,
+            scalars=scalars, real_order=real_order, real_offsets=real_offsets, syn_order=syn_order,
+            syn_offsets=syn_offsets, real_per_class=real_per_class, syn_per_class=syn_per_class))
+
+    @class_differences.register_fake
+    def _(real, syn, num_classes, ps, pc, ws, wc, partials, scalars, *layout):
+        return [real[0].new_empty((num_classes, real[0].shape[1])),
+                real[1].new_empty((num_classes, real[1].shape[1]))]
+
+    @torch.library.custom_op(f"{lib}::vector_grad", mutates_args=())
+    def vector_grad(stats: List[Tensor], DS: Tensor, DT: Tensor, grad_output: Tensor,
+                    side_sign: int, ps: float, pc: float, ws: float, wc: float, scalars: Tensor,
+                    labels: Optional[Tensor], counts: Optional[Tensor],
+                    per_class: int) -> List[Tensor]:
+        return list(kernels.vector_grad(kernels.SideStats(*stats), DS, DT, grad_output, side_sign,
+                                        ps, pc, ws, wc, scalars=scalars, labels=labels,
+                                        counts=counts, per_class=per_class))
+
+    @vector_grad.register_fake
+    def _(stats, *args):
+        return [torch.empty_like(stats[0]), torch.empty_like(stats[1])]
+
+    @torch.library.custom_op(f"{lib}::attention_backward", mutates_args=())
+    def attention_backward(F: Tensor, scale: Tensor, GS: Tensor, GT: Tensor, ps: float, pc: float,
+                           has_spatial: bool, has_channel: bool, scalars: Tensor) -> Tensor:
+        return kernels.attention_backward(F, scale, GS, GT, ps, pc, has_spatial, has_channel,
+                                          scalars)
+
+    @attention_backward.register_fake
+    def _(F, *args):
+        return torch.empty_like(F, memory_format=torch.contiguous_format)
+
+    return torch.ops.atom_fast_triton
+
+
+class _Launchers:
+    """The launchers of ``atom_fast.kernels.attention`` with their arguments, run as custom ops."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.SideStats = _kernels().SideStats
+
+    def attention_stats(self, F, ps, pc, has_spatial, has_channel, acc_dtype, scalars):
+        return self.SideStats(*self.ops.attention_stats(F, float(ps), float(pc), bool(has_spatial),
+                                                        bool(has_channel), scalars))
+
+    def class_differences(self, real, syn, num_classes, ps, pc, ws, wc, partials, *, scalars,
+                          real_order=None, real_offsets=None, syn_order=None, syn_offsets=None,
+                          real_per_class=0, syn_per_class=0):
+        return tuple(self.ops.class_differences(
+            list(real), list(syn), int(num_classes), float(ps), float(pc), float(ws), float(wc),
+            partials, scalars, real_order, real_offsets, syn_order, syn_offsets,
+            int(real_per_class), int(syn_per_class)))
+
+    def vector_grad(self, stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, *, scalars,
+                    labels=None, counts=None, per_class=0):
+        return tuple(self.ops.vector_grad(list(stats), DS, DT, grad_output, int(side_sign),
+                                          float(ps), float(pc), float(ws), float(wc), scalars,
+                                          labels, counts, int(per_class)))
+
+    def attention_backward(self, F, scale, GS, GT, ps, pc, has_spatial, has_channel, scalars):
+        return self.ops.attention_backward(F, scale, GS, GT, float(ps), float(pc), bool(has_spatial),
+                                           bool(has_channel), scalars)
+
+
 def interpreted():
     """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` before Triton was
     imported), as on a CPU-only machine."""
@@ -84,7 +191,7 @@ class _FeatureGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, F, scale, GS, GT, ps, pc, has_spatial, has_channel, scalars):
-        return _kernels().attention_backward(F, scale, GS, GT, ps, pc, has_spatial, has_channel,
+        return _launchers().attention_backward(F, scale, GS, GT, ps, pc, has_spatial, has_channel,
                                              scalars)
 
     @staticmethod
@@ -96,7 +203,7 @@ def _feature_gradient(F, stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, 
                       side_layout):
     """The gradient of the loss w.r.t. one side's features F (vector_grad, then one pass over F);
     ``scalars``: the forward's ``loss_scalars``."""
-    kernels = _kernels()
+    kernels = _launchers()
     go = grad_output.reshape(1).to(stats.spatial.dtype)
     GS, GT = kernels.vector_grad(stats, DS, DT, go, side_sign, ps, pc, ws, wc, scalars=scalars,
                                  **side_layout)
@@ -113,7 +220,7 @@ class FusedAttentionLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layout, spatial_power, channel_power, spatial_weight, channel_weight, *features):
-        kernels = _kernels()
+        kernels, launchers = _kernels(), _launchers()
         num_layers = len(features) // 2
         reals, syns = features[:num_layers], features[num_layers:]
         acc_dtype = accumulation_dtype(reals[0].dtype)
@@ -131,11 +238,11 @@ class FusedAttentionLoss(torch.autograd.Function):
             scalars = kernels.loss_scalars(spatial_power, channel_power, spatial_weight,
                                            channel_weight, dtype=acc_dtype, device=reals[0].device)
             for i, (real, syn) in enumerate(zip(reals, syns)):
-                real_stats = kernels.attention_stats(real, spatial_power, channel_power,
+                real_stats = launchers.attention_stats(real, spatial_power, channel_power,
                                                      has_spatial, has_channel, acc_dtype, scalars)
-                syn_stats = kernels.attention_stats(syn, spatial_power, channel_power,
+                syn_stats = launchers.attention_stats(syn, spatial_power, channel_power,
                                                     has_spatial, has_channel, acc_dtype, scalars)
-                DS, DT = kernels.class_differences(real_stats, syn_stats, layout.num_classes,
+                DS, DT = launchers.class_differences(real_stats, syn_stats, layout.num_classes,
                                                    spatial_power, channel_power, spatial_weight,
                                                    channel_weight, partials[i], scalars=scalars,
                                                    **class_args)
@@ -215,11 +322,12 @@ def class_attention_sums(features, labels, num_classes, spatial_power, channel_p
     One run of the stats kernel over ``features``; the normalization and the class sums are small
     torch ops on the (N, H*W + C) per-sample vectors. A disabled side is None. Detached.
     """
-    kernels = _kernels()
+    acc_dtype = accumulation_dtype(features.dtype)
     with torch.no_grad():
-        # attention_stats builds the powers' loss_scalars for its one launch
-        stats = kernels.attention_stats(features.detach(), spatial_power, channel_power,
-                                        has_spatial, has_channel, accumulation_dtype(features.dtype))
+        scalars = _kernels().loss_scalars(spatial_power, channel_power, dtype=acc_dtype,
+                                          device=features.device)
+        stats = _launchers().attention_stats(features.detach(), spatial_power, channel_power,
+                                             has_spatial, has_channel, acc_dtype, scalars)
         spatial = channel = None
         if has_spatial:
             spatial = class_sums(_normalized(stats.spatial, stats.spatial_norm, stats.scale,
@@ -245,8 +353,8 @@ class AttentionLossFromSums(torch.autograd.Function):
         # for the stats kernel now and the backward's kernels (the weights are applied here in torch)
         scalars = kernels.loss_scalars(spatial_power, channel_power, spatial_weight, channel_weight,
                                        dtype=acc_dtype, device=syn.device)
-        stats = kernels.attention_stats(syn, spatial_power, channel_power, spatial_weight != 0,
-                                        channel_weight != 0, acc_dtype, scalars)
+        stats = _launchers().attention_stats(syn, spatial_power, channel_power, spatial_weight != 0,
+                                             channel_weight != 0, acc_dtype, scalars)
         # Counts kept on the host (K values) are copied without waiting for the device.
         real_counts = real_counts.to(syn.device, non_blocking=True).to(acc_dtype).clamp_min(1)
         if syn_labels is None:

@@ -13,6 +13,7 @@ class-by-class loop that share a generator see the same transforms).
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -40,7 +41,10 @@ class DSAConfig:
 
 @dataclass
 class DSADraw:
-    """One draw per group; every field has the group count as its first dimension (CPU tensors)."""
+    """One draw per group; every field has the group count as its first dimension (CPU tensors).
+
+    Not changed once applied: :func:`apply` keeps host copies made from it (``host_lists``,
+    ``theta``)."""
 
     op: torch.Tensor          # (G,) int64 index into config.operations
     brightness: torch.Tensor  # (G,) added value in [-b/2, b/2)
@@ -55,6 +59,30 @@ class DSADraw:
     @property
     def groups(self) -> int:
         return self.op.shape[0]
+
+    def host_lists(self):
+        """``(op, flip)`` as Python lists, made once per draw (the bookkeeping of :func:`apply`)."""
+        lists = self.__dict__.get("_lists")
+        if lists is None:
+            lists = self.__dict__["_lists"] = (self.op.tolist(), self.flip.tolist())
+        return lists
+
+    def theta(self, name: str) -> torch.Tensor:
+        """``(G, 2, 3)`` affine matrices of every group for "scale" or "rotate" (host), made once per
+        draw."""
+        key = "_theta_" + name
+        theta = self.__dict__.get(key)
+        if theta is None:
+            theta = torch.zeros(self.groups, 2, 3)
+            if name == "scale":
+                s = self.scale
+                theta[:, 0, 0], theta[:, 1, 1] = s[:, 1], s[:, 0]
+            else:
+                a = self.angle
+                theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a), torch.sin(-a)
+                theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a), torch.cos(a)
+            self.__dict__[key] = theta
+        return theta
 
     def select(self, index: Sequence[int]) -> "DSADraw":
         """The draws of some groups (e.g. one class), as a new DSADraw."""
@@ -90,17 +118,6 @@ def draw(groups: int, im_size: Sequence[int], config: DSAConfig = DSAConfig(),
     return DSADraw(op, brightness, saturation, contrast, shift, cutout, flip, scale, angle)
 
 
-def _rows(sizes: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """Row indices (host) of the groups where ``chosen`` is true; rows are laid out group by group."""
-    return torch.repeat_interleave(chosen, sizes).nonzero().squeeze(1)
-
-
-def _per_row(values: torch.Tensor, sizes: torch.Tensor, chosen: torch.Tensor, device,
-             dtype=None) -> torch.Tensor:
-    out = torch.repeat_interleave(values[chosen], sizes[chosen], dim=0)
-    return out.to(device=device, dtype=dtype or out.dtype, non_blocking=True)
-
-
 def _color(x, b, s, c):
     x = x + b.view(-1, 1, 1, 1)
     m = x.mean(dim=1, keepdim=True)
@@ -134,55 +151,105 @@ def _affine(x, theta):
     return F.grid_sample(x, grid, align_corners=True)
 
 
+# per-row parameters each operation reads, as (field of DSADraw or theta name, float or not)
+_FIELDS = {"color": (("brightness", True), ("saturation", True), ("contrast", True)),
+           "crop": (("shift", False),), "cutout": (("cutout", False),), "flip": (),
+           "scale": (("theta:scale", True),), "rotate": (("theta:rotate", True),)}
+
+
+class RowPlan:
+    """One draw laid out over the rows of a batch (``group_sizes`` rows per group, group after
+    group): for every operation that came up, its rows and their per-row parameters, moved to
+    ``device`` once. :meth:`apply` then augments any row range of that batch (a chunk) with device
+    slices of them: the draw is turned into rows once per batch, not once per chunk.
+
+    ``groups``: the groups of ``params`` the row groups are (default: all, in order).
+    """
+
+    def __init__(self, params: DSADraw, group_sizes: Sequence[int], device, dtype=torch.float32,
+                 config: DSAConfig = DSAConfig(), groups: Optional[Sequence[int]] = None):
+        # The bookkeeping (which groups, which rows) is done on Python ints from the host draw: no
+        # tensor op per group, and nothing is read from the device.
+        sizes = [int(v) for v in torch.as_tensor(group_sizes, dtype=torch.long).flatten().tolist()]
+        groups = list(range(params.groups)) if groups is None else [int(g) for g in groups]
+        if len(sizes) != len(groups):
+            raise ValueError(f"group_sizes has {len(sizes)} entries but params has "
+                             f"{len(groups)} groups")
+        self.rows = sum(sizes)
+        self.config = config
+        starts = [0]
+        for n in sizes[:-1]:
+            starts.append(starts[-1] + n)
+        ops, flips = params.host_lists()
+        self.entries = []
+        for k, name in enumerate(config.operations):
+            # positions (in ``groups``) of the groups that got operation k
+            chosen = [i for i, g in enumerate(groups) if ops[g] == k and (name != "flip" or flips[g])]
+            if not chosen:
+                continue
+            rows = [r for i in chosen for r in range(starts[i], starts[i] + sizes[i])]
+            group_of_row = torch.tensor([groups[i] for i in chosen for _ in range(sizes[i])],
+                                        dtype=torch.long)
+            values = []
+            for field, is_float in _FIELDS[name]:
+                v = (params.theta(field[6:]) if field.startswith("theta:")
+                     else getattr(params, field)).index_select(0, group_of_row)
+                values.append(v.to(device=device, dtype=dtype if is_float else v.dtype,
+                                   non_blocking=True))
+            device_rows = (None if len(rows) == self.rows else
+                           torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True))
+            self.entries.append((name, rows, device_rows, values))
+
+    def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Augment ``x``, rows ``start:start + len(x)`` of the batch. Differentiable w.r.t. ``x``;
+        rows whose group's operation is not used are passed through untouched (bitwise). Returns a
+        new tensor (``x`` itself when no row is augmented)."""
+        n = x.shape[0]
+        stop = start + n
+        if start < 0 or stop > self.rows:
+            raise ValueError(f"rows {start}:{stop} are outside the batch of {self.rows} rows")
+        h, w = x.shape[-2:]
+        for name, rows, device_rows, values in self.entries:
+            i0, i1 = bisect.bisect_left(rows, start), bisect.bisect_left(rows, stop)
+            if i0 == i1:
+                continue
+            every = i1 - i0 == n  # e.g. evaluation batches: one operation for all rows
+            p = [v[i0:i1] for v in values]
+            if not every:
+                index = device_rows[i0:i1] if device_rows is not None else None
+                if index is None:  # every row of the batch, a part of it here
+                    index = torch.arange(rows[i0] - start, rows[i1 - 1] - start + 1, device=x.device)
+                elif start:
+                    index = index - start
+            sub = x if every else x.index_select(0, index)
+            if name == "color":
+                sub = _color(sub, *p)
+            elif name == "crop":
+                sub = _crop(sub, p[0])
+            elif name == "cutout":
+                size = (int(h * self.config.cutout + 0.5), int(w * self.config.cutout + 0.5))
+                sub = _cutout(sub, p[0], size)
+            elif name == "flip":
+                sub = sub.flip(3)
+            else:  # scale, rotate
+                sub = _affine(sub, p[0])
+            x = sub if every else x.index_copy(0, index, sub)
+        return x
+
+
 def apply(x: torch.Tensor, params: DSADraw, group_sizes: Sequence[int],
-          config: DSAConfig = DSAConfig()) -> torch.Tensor:
-    """Augment ``x (N, C, H, W)``, whose rows are ``params.groups`` groups of ``group_sizes`` rows.
+          config: DSAConfig = DSAConfig(), groups: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Augment ``x (N, C, H, W)``, whose rows are ``params.groups`` groups of ``group_sizes`` rows
+    (or, with ``groups``, the groups of ``params`` at those positions, e.g. the classes of one
+    chunk: the same as ``apply(x, params.select(groups), group_sizes)``, without the selection).
 
     Differentiable w.r.t. ``x``; rows of groups whose operation is not used are passed through
-    untouched (bitwise). Returns a new tensor.
+    untouched (bitwise). Returns a new tensor. (A :class:`RowPlan` of one batch, applied once.)
     """
-    sizes = torch.as_tensor(group_sizes, dtype=torch.long).flatten()
-    if sizes.numel() != params.groups:
-        raise ValueError(f"group_sizes has {sizes.numel()} entries but params has "
-                         f"{params.groups} groups")
-    if int(sizes.sum()) != x.shape[0]:
-        raise ValueError(f"group_sizes sum to {int(sizes.sum())} but x has {x.shape[0]} rows")
-    names = list(config.operations)
-    h, w = x.shape[-2:]
-    dev = x.device
-    for k, name in enumerate(names):
-        chosen = params.op == k
-        if name == "flip":
-            chosen = chosen & params.flip
-        if not bool(chosen.any()):
-            continue
-        every = bool(chosen.all())  # e.g. evaluation batches: one operation for all rows
-        if not every:
-            rows = _rows(sizes, chosen).to(dev, non_blocking=True)
-        sub = x if every else x.index_select(0, rows)
-        if name == "color":
-            sub = _color(sub, *(_per_row(getattr(params, f), sizes, chosen, dev, x.dtype)
-                                for f in ("brightness", "saturation", "contrast")))
-        elif name == "crop":
-            sub = _crop(sub, _per_row(params.shift, sizes, chosen, dev))
-        elif name == "cutout":
-            size = (int(h * config.cutout + 0.5), int(w * config.cutout + 0.5))
-            sub = _cutout(sub, _per_row(params.cutout, sizes, chosen, dev), size)
-        elif name == "flip":
-            sub = sub.flip(3)
-        elif name == "scale":
-            s = params.scale
-            theta = torch.zeros(params.groups, 2, 3)
-            theta[:, 0, 0], theta[:, 1, 1] = s[:, 1], s[:, 0]
-            sub = _affine(sub, _per_row(theta, sizes, chosen, dev))
-        elif name == "rotate":
-            a = params.angle
-            theta = torch.zeros(params.groups, 2, 3)
-            theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a), torch.sin(-a)
-            theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a), torch.cos(a)
-            sub = _affine(sub, _per_row(theta, sizes, chosen, dev))
-        x = sub if every else x.index_copy(0, rows, sub)
-    return x
+    plan = RowPlan(params, group_sizes, x.device, x.dtype, config, groups)
+    if plan.rows != x.shape[0]:
+        raise ValueError(f"group_sizes sum to {plan.rows} but x has {x.shape[0]} rows")
+    return plan.apply(x)
 
 
 def augment(x: torch.Tensor, config: DSAConfig = DSAConfig(),

@@ -252,9 +252,10 @@ class Distiller:
     def _fetch(self, iteration: int):
         return self.real.fetch(self.classes, self.draw(iteration).real_positions)
 
-    def fetch_real(self, iteration: int):
+    def fetch_real(self, iteration: int, draw: Optional[Draw] = None):
         """Iteration ``iteration``'s raw real batch (fetched ahead by the prefetch thread when it
-        was asked for), and the fetch of the next iteration's started in the background."""
+        was asked for; else from ``draw``, that iteration's draws, when given), and the fetch of the
+        next iteration's started in the background."""
         raw = None
         if self._next is not None:
             it, future = self._next
@@ -263,7 +264,8 @@ class Distiller:
             if it == iteration:
                 raw = result
         if raw is None:
-            raw = self._fetch(iteration)
+            raw = (self._fetch(iteration) if draw is None
+                   else self.real.fetch(self.classes, draw.real_positions))
         if self._pool is not None and iteration + 1 < self.config.iterations:
             self._next = (iteration + 1, self._pool.submit(self._fetch, iteration + 1))
         return raw
@@ -293,7 +295,7 @@ class Distiller:
         """Run iteration ``iteration``; returns this process's part of the loss (0-dim, not synced)."""
         c = self.config
         draw = self.draw(iteration)
-        raw = self.fetch_real(iteration)
+        raw = self.fetch_real(iteration, draw)
         self._reset_network(iteration)
         self.optimizer.zero_grad(set_to_none=True)
         if c.loop == "fused":
@@ -320,8 +322,22 @@ class Distiller:
         """DSA of rows laid out as the owned-class ``positions`` with ``sizes`` rows each."""
         if params is None:
             return x
-        p = params if len(positions) == params.groups else params.select(positions)
-        return dsa.apply(x, p, sizes)
+        return dsa.apply(x, params, sizes, groups=positions)
+
+    def _chunk_labels(self, start: int, stop: int) -> torch.Tensor:
+        """Owned-class positions of real rows ``start:stop``, on the host (class_statistics checks
+        and counts them without a device read), made once per run for each chunk."""
+        cache = self.__dict__.setdefault("_labels", {})
+        if (start, stop) not in cache:
+            cache[start, stop] = torch.arange(start, stop) // self.config.batch_real
+        return cache[start, stop]
+
+    def _plan(self, draw: Draw, per_class: int) -> Optional[dsa.RowPlan]:
+        """The iteration's DSA draw laid out over ``per_class`` rows of every owned class (made once
+        per iteration and side; each chunk applies a row range of it), or None without DSA."""
+        if draw.augmentation is None:
+            return None
+        return dsa.RowPlan(draw.augmentation, [per_class] * len(self.classes), self.device)
 
     def _real_statistics(self, draw: Draw, raw):
         """The real side of the loss, streamed: ``real_chunk`` images at a time through the network
@@ -331,17 +347,15 @@ class Distiller:
         attention = self.weights is not None
         ws, wc = self.weights or (0.0, 0.0)
         total = None
+        plan = self._plan(draw, b)
         for start in range(0, n * b, self.real_chunk):
             stop = min(start + self.real_chunk, n * b)
-            first, last = start // b, (stop - 1) // b
-            positions = list(range(first, last + 1))
-            sizes = [min(stop, (k + 1) * b) - max(start, k * b) for k in positions]
             with torch.no_grad():
                 x = self.real.convert(raw, start, stop)
-                x = self._augment(x, draw.augmentation, positions, sizes)
+                x = x if plan is None else plan.apply(x, start)
                 maps, emb = self.net.features(x)
                 del x
-                labels = torch.arange(start, stop, device=self.device) // b
+                labels = self._chunk_labels(start, stop)
                 stats = class_statistics(maps[:-1] if attention else None, n, labels=labels,
                                          embedding=emb, spatial_power=c.spatial_power,
                                          channel_power=c.channel_power, spatial=ws != 0,
@@ -368,9 +382,10 @@ class Distiller:
         stats = self._real_statistics(draw, raw)
         total = torch.zeros((), device=self.device)
         whole = len(self.chunks) == 1
+        plan = self._plan(draw, c.ipc)
         for chunk in self.chunks:
             syn = self.syn[chunk.start * c.ipc:chunk.stop * c.ipc]
-            syn = self._augment(syn, draw.augmentation, list(chunk), [c.ipc] * len(chunk))
+            syn = syn if plan is None else plan.apply(syn, chunk.start * c.ipc)
             syn_maps, syn_emb = self.net.features(syn)
             part = stats if whole else stats.select(chunk)
             loss = self._terms(part, part, syn_maps[:-1], syn_emb, len(chunk), c.backend)

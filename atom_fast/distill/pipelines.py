@@ -103,14 +103,15 @@ def load_data(args, ctx, log):
     return StoreData(store)
 
 
-def _check_backend(args, device) -> None:
-    """--backend must work on this device before any data is loaded (e.g. triton on a CPU)."""
+def _check_backend(args, device) -> Optional[str]:
+    """--backend must work on this device before any data is loaded (e.g. triton on a CPU); the
+    backend that computes the attention loss ("auto" resolved), or None for a method without one."""
     if args.method in ("random", "dm"):
-        return
+        return None
     from atom_fast.backends import resolve_backend
 
     try:
-        resolve_backend(args.backend, device)
+        return resolve_backend(args.backend, device)
     except RuntimeError as exc:
         raise ValueError(f"--backend {args.backend}: {exc}") from None
 
@@ -172,7 +173,7 @@ def run_distill(args) -> Optional[dict]:
 def _distill_and_evaluate(args, device, ctx, out) -> Optional[dict]:
     malloc_tuned = device.type == "cpu" and keep_freed_memory()
     log = _logger(ctx)
-    _check_backend(args, device)
+    loss_backend = _check_backend(args, device)
     if ctx.is_main:
         out.check()  # fail fast: before the data loads
     t_start = time.perf_counter()
@@ -223,6 +224,7 @@ def _distill_and_evaluate(args, device, ctx, out) -> Optional[dict]:
         "run_id": run_id, "method": args.method, "ipc": args.ipc,
         "iterations": args.iterations if args.method != "random" else 0,
         "config": {**config, "zca": use_zca, "dsa": args.dsa},
+        "loss_backend": loss_backend,  # what --backend resolved to on this device
         "distributed": {"world_size": ctx.world_size, "backend": ctx.backend},
         "args": vars(args),
         "malloc_keeps_freed_memory": malloc_tuned,

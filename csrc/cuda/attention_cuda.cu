@@ -19,7 +19,7 @@
 //                      grad_kernel        one pass: dF = |F/m|^(ps-1) sgn(F) gs[hw] + |F/m|^(pc-1) sgn(F) gt[c]
 //                                         (the 1/m of the chain rule is folded into gs, gt).
 // No atomics: every sum has a fixed order, so results are bitwise reproducible. No host sync.
-// Launch sizes are first choices, not tuned on a GPU yet (see the GPU issue).
+// Launch sizes are first choices, not tuned on a GPU yet (docs/gpu.md).
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>

@@ -87,8 +87,8 @@ def test_large_powers_with_sides_of_different_magnitude(p, real_scale, syn_scale
     _compare(real_scale, syn_scale, p, rtol=1e-4, channel_weight=0.5)
 
 
-def test_the_issue_example():
-    # issue 14: float32 with p = 50 gave a loss of exactly 0 at magnitude 3 and NaN at magnitude 10
+def test_p50_at_magnitudes_3_and_10():
+    # before the per-sample scale: float32 with p = 50 gave a loss of exactly 0 at magnitude 3 and NaN at magnitude 10
     for magnitude in (3.0, 10.0):
         value = _compare(magnitude, magnitude, 50, rtol=1e-4)
         assert value > 0.1

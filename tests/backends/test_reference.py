@@ -138,7 +138,7 @@ def test_classes_absent_from_both_sides_add_nothing():
     torch.testing.assert_close(with_gap, compact, rtol=1e-12, atol=0)
 
 
-# ---- large powers: a per-sample scale keeps |F|^p finite (issue 14 item 3) ------------------------
+# ---- large powers: a per-sample scale keeps |F|^p finite ------------------------
 
 
 def per_sample_magnitudes(n, C, H, W, lo, hi, generator=None, signed=True):

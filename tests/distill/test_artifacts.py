@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-def test_evaluate_reads_dc_format_and_atom_fast_files(evaluate_cli, plain_set, tmp_path):
+def test_evaluate_reads_the_dc_format(evaluate_cli, plain_set, tmp_path):
     s = torch.load(plain_set)
     dc = tmp_path / "res_DM_folder_ConvNet_2ipc.pt"
     torch.save({"data": [[s["images"], s["labels"]]], "accs_all_exps": {}}, dc)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from atom_fast.backends import resolve_backend
 from atom_fast.distill import cli
 from atom_fast.distill.loop import Distiller, class_pools, random_indices
 from atom_fast.distill.output import render_grid
@@ -34,6 +35,7 @@ def test_cli_smoke_run_writes_everything(folder, tmp_path, capsys):
     assert len(r["accuracies"]) == 2 and r["accuracy_mean"] == pytest.approx(np.mean(r["accuracies"]))
     assert r["config"]["lr_img"] == 1.0 and r["config"]["task_balance"] == 0.01
     assert r["config"]["zca"] is False  # ZCA is on by default for CIFAR only
+    assert r["config"]["backend"] == "auto" and r["loss_backend"] == resolve_backend("auto", torch.device("cpu"))
     assert r["architectures"]["convnet"]["network"] == {"width": 8, "depth": 3, "norm": "instancenorm"}
     assert r["versions"]["torch"] == torch.__version__ and r["timings"]["distill_s"] > 0
     assert [i for i, _ in r["losses"]] == list(range(1, 7))
@@ -73,6 +75,7 @@ def test_cli_methods(folder, tmp_path, method):
     assert _cli(folder, tmp_path / method, *extra) == 0
     r = json.loads((tmp_path / method / "results.json").read_text())
     assert r["method"] == method and r["baseline"] is None
+    assert (r["loss_backend"] is None) == (method in ("random", "dm"))
     assert r["iterations"] == (0 if method == "random" else 2)
 
 

@@ -5,7 +5,7 @@ It runs nvcc on each .cu against the headers of the installed torch (the CPU whe
 and ATen headers the file uses, but not the generated cuda_cmake_macros.h, hence
 C10_CUDA_NO_CMAKE_CONFIGURE_FILE), prints ptxas's registers / spills / shared memory per kernel, and
 exits 1 on a compile error or when a kernel spills more than SPILL_LIMIT bytes. Nothing is linked
-and nothing runs: run the test suite on a GPU for that (the GPU issue).
+and nothing runs: run the test suite on a GPU for that (docs/gpu.md).
 
     python tools/compile_check/cuda.py [--arch sm_90]
 """

@@ -4,7 +4,9 @@ of a loss call on tiny tensors.
 On a GPU every ATen op that touches device memory is at least one kernel launch, and a step's time
 at small sizes is the host's time to issue them. The ops are counted on CPU with a
 ``TorchDispatchMode`` (every op the dispatcher sees, host-side ones included; a custom op, such as a
-Triton launcher of the Triton backend, counts once, the ops inside it are not seen):
+Triton launcher of the Triton backend, counts once, the ops inside it are not seen: the Triton
+launchers also run small torch ops of their own (the class-differences launcher's norm floors,
+log2/mul/rsub/exp2 four each, and its zeroed buffers), so the Triton rows undercount its launches):
 
 * per layer, one ``attention_loss`` forward + backward (the features path, 2 layers: the count per
   layer is half of it), one ``class_statistics`` call (the statistics path) and one

@@ -65,21 +65,26 @@ def _register_ops(kernels):
         return [F.new_empty((N, H * W), dtype=acc), F.new_empty((N, C), dtype=acc),
                 *(F.new_empty((N,), dtype=acc) for _ in range(3))]
 
-    @torch.library.custom_op(f"{lib}::class_differences", mutates_args=("partials",))
+    # The weighted per-class terms come back as a third output, allocated here: an op that writes
+    # into a caller's buffer and also returns tensors cannot be functionalized (torch.compile).
+    @torch.library.custom_op(f"{lib}::class_differences", mutates_args=())
     def class_differences(real: List[Tensor], syn: List[Tensor], num_classes: int, ps: float,
-                          pc: float, ws: float, wc: float, partials: Tensor, scalars: Tensor,
+                          pc: float, ws: float, wc: float, scalars: Tensor,
                           real_order: Optional[Tensor], real_offsets: Optional[Tensor],
                           syn_order: Optional[Tensor], syn_offsets: Optional[Tensor],
                           real_per_class: int, syn_per_class: int) -> List[Tensor]:
-        return list(kernels.class_differences(
+        partials = torch.zeros((num_classes, 2), dtype=scalars.dtype, device=real[0].device)
+        DS, DT = kernels.class_differences(
             kernels.SideStats(*real), kernels.SideStats(*syn), num_classes, ps, pc, ws, wc, partials,
             scalars=scalars, real_order=real_order, real_offsets=real_offsets, syn_order=syn_order,
-            syn_offsets=syn_offsets, real_per_class=real_per_class, syn_per_class=syn_per_class))
+            syn_offsets=syn_offsets, real_per_class=real_per_class, syn_per_class=syn_per_class)
+        return [DS, DT, partials]
 
     @class_differences.register_fake
-    def _(real, syn, num_classes, ps, pc, ws, wc, partials, scalars, *layout):
+    def _(real, syn, num_classes, ps, pc, ws, wc, scalars, *layout):
         return [real[0].new_empty((num_classes, real[0].shape[1])),
-                real[1].new_empty((num_classes, real[1].shape[1]))]
+                real[1].new_empty((num_classes, real[1].shape[1])),
+                scalars.new_empty((num_classes, 2))]
 
     @torch.library.custom_op(f"{lib}::vector_grad", mutates_args=())
     def vector_grad(stats: List[Tensor], DS: Tensor, DT: Tensor, grad_output: Tensor,
@@ -115,15 +120,19 @@ class _Launchers:
         self.SideStats = _kernels().SideStats
 
     def attention_stats(self, F, ps, pc, has_spatial, has_channel, acc_dtype, scalars):
+        if scalars.dtype != acc_dtype:
+            raise ValueError(f"scalars must be a {acc_dtype} tensor (the accumulation dtype), "
+                             f"got {scalars.dtype}")
         return self.SideStats(*self.ops.attention_stats(F, float(ps), float(pc), bool(has_spatial),
                                                         bool(has_channel), scalars))
 
-    def class_differences(self, real, syn, num_classes, ps, pc, ws, wc, partials, *, scalars,
+    def class_differences(self, real, syn, num_classes, ps, pc, ws, wc, *, scalars,
                           real_order=None, real_offsets=None, syn_order=None, syn_offsets=None,
                           real_per_class=0, syn_per_class=0):
+        """(DS, DT, partials): the class differences and the (K, 2) weighted terms."""
         return tuple(self.ops.class_differences(
             list(real), list(syn), int(num_classes), float(ps), float(pc), float(ws), float(wc),
-            partials, scalars, real_order, real_offsets, syn_order, syn_offsets,
+            scalars, real_order, real_offsets, syn_order, syn_offsets,
             int(real_per_class), int(syn_per_class)))
 
     def vector_grad(self, stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, *, scalars,
@@ -229,8 +238,7 @@ class FusedAttentionLoss(torch.autograd.Function):
         needs = ctx.needs_input_grad[-len(features):]
         needs_real, needs_syn = needs[:num_layers], needs[num_layers:]
         # (layer, class, [spatial, channel]) weighted terms; summed once at the end.
-        partials = torch.zeros((num_layers, layout.num_classes, 2), dtype=acc_dtype,
-                               device=reals[0].device)
+        partials = []
         saved = []
         if has_spatial or has_channel:
             class_args = _class_layout_arguments(layout)
@@ -242,10 +250,12 @@ class FusedAttentionLoss(torch.autograd.Function):
                                                      has_spatial, has_channel, acc_dtype, scalars)
                 syn_stats = launchers.attention_stats(syn, spatial_power, channel_power,
                                                     has_spatial, has_channel, acc_dtype, scalars)
-                DS, DT = launchers.class_differences(real_stats, syn_stats, layout.num_classes,
-                                                   spatial_power, channel_power, spatial_weight,
-                                                   channel_weight, partials[i], scalars=scalars,
-                                                   **class_args)
+                DS, DT, terms = launchers.class_differences(real_stats, syn_stats,
+                                                            layout.num_classes, spatial_power,
+                                                            channel_power, spatial_weight,
+                                                            channel_weight, scalars=scalars,
+                                                            **class_args)
+                partials.append(terms)
                 # Statistics of a side that needs no gradient are not kept until backward.
                 saved += [*_pack(real_stats if needs_real[i] else None),
                           *_pack(syn_stats if needs_syn[i] else None), DS, DT]
@@ -257,7 +267,9 @@ class FusedAttentionLoss(torch.autograd.Function):
         ctx.layout = layout
         ctx.params = (spatial_power, channel_power, spatial_weight, channel_weight)
         ctx.num_layers = num_layers
-        return partials.sum()
+        if not partials:  # both weights zero
+            return torch.zeros((), dtype=acc_dtype, device=reals[0].device)
+        return torch.stack(partials).sum()
 
     @staticmethod
     def _unpack(ctx):

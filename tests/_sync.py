@@ -1,7 +1,9 @@
 """Device reads detected on the host: a TorchDispatchMode that records every ATen op, and which of
 them read device memory on the host (``.item()``, ``int(t)``, ``bool(t)``, ``nonzero``, ``tolist``
-all dispatch one of READS). On the meta device such a read raises by itself; the mode also names
-reads of other devices (a CUDA run's would stall the host)."""
+all dispatch one of READS). On the meta device such a read raises by itself, and so do the reads
+READS does not name (boolean-mask indexing, ``.cpu()``, ``.tolist()``, which dispatch other ops or
+none): the tests run on meta for that reason. On another device the mode names only the READS, so
+it is not a complete sync detector there (``torch.cuda.set_sync_debug_mode`` is, on a GPU)."""
 
 from collections import Counter
 

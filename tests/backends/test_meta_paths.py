@@ -79,17 +79,22 @@ def test_host_labels_are_checked_on_the_host_for_device_features():
         attention_loss(stats, syn, syn_labels=torch.tensor([0, 1, 1]), backend="native")
 
 
-def test_host_labels_give_the_values_of_device_labels():
-    """On CPU features the host labels are the device's: the same loss and gradient bitwise as
-    labels given with the features (the check path is the only difference on a GPU)."""
+def test_host_labels_give_the_reference_loss_and_gradient():
+    """Labels given on the host (checked and counted there) give the reference backend's loss and
+    gradient on the features path and on the statistics path, in float64, shuffled; the class
+    counts are the labels' bincount."""
     torch.manual_seed(0)
-    real = [torch.randn(12, *s).relu() for s in SHAPES]
-    syn = [torch.randn(6, *s, requires_grad=True) for s in SHAPES]
+    real = [torch.randn(12, *s, dtype=torch.float64).relu() for s in SHAPES]
+    syn = [torch.randn(6, *s, dtype=torch.float64, requires_grad=True) for s in SHAPES]
     rl, sl = torch.randperm(12) % K, torch.randperm(6) % K
-    loss = attention_loss(real, syn, K, real_labels=rl, syn_labels=sl, backend="native")
-    stats = class_statistics(real, K, labels=rl, backend="native")
-    assert torch.equal(stats.counts, torch.bincount(rl, minlength=K))
-    again = attention_loss(stats, syn, syn_labels=sl, backend="native")
-    torch.testing.assert_close(loss, again, rtol=1e-5, atol=1e-6)
-    assert atom_fast.attention_loss(real, syn, K, real_labels=rl, syn_labels=sl,
-                                    backend="native").equal(loss)
+    kw = dict(spatial_power=4, channel_power=2.5, spatial_weight=0.7, channel_weight=1.3)
+    want = attention_loss(real, syn, K, real_labels=rl, syn_labels=sl, backend="reference", **kw)
+    want_grads = torch.autograd.grad(want, syn)
+    stats = class_statistics(real, K, labels=rl, spatial_power=4, channel_power=2.5, backend="native")
+    assert torch.equal(stats.counts.long(), torch.bincount(rl, minlength=K))
+    for got in (attention_loss(real, syn, K, real_labels=rl, syn_labels=sl, backend="native", **kw),
+                attention_loss(stats, syn, syn_labels=sl, backend="native", **kw)):
+        grads = torch.autograd.grad(got, syn)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)

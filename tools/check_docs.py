@@ -43,13 +43,20 @@ OUR_COMMANDS = re.compile(r"^(\S+/)?(atom-fast|python3? (-m )?(atom_fast|bench|t
                           r"bash (bench|scripts|tools)/|(bench|tools|examples|scripts)/)")
 
 
-def code_spans(text):
-    """(line number, content) of every inline code span and fenced code line."""
-    out, fenced = [], False
+def _lines(text):
+    """(line number, line, inside a fenced code block) of every line but the fence markers."""
+    fenced = False
     for i, line in enumerate(text.splitlines(), 1):
         if line.lstrip().startswith("```"):
             fenced = not fenced
             continue
+        yield i, line, fenced
+
+
+def code_spans(text):
+    """(line number, content) of every inline code span and fenced code line."""
+    out = []
+    for i, line, fenced in _lines(text):
         if fenced:
             out.append((i, line.strip()))
             continue
@@ -60,11 +67,8 @@ def code_spans(text):
 
 def links(text):
     """(line number, target) of every Markdown link outside code."""
-    out, fenced = [], False
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-            continue
+    out = []
+    for i, line, fenced in _lines(text):
         if fenced:
             continue
         line = re.sub(r"`[^`]*`", "", line)
@@ -76,11 +80,8 @@ def links(text):
 def anchors(text):
     """The ``#anchor`` of every Markdown heading, as GitHub makes them: lower case, punctuation other
     than ``-`` and ``_`` dropped, spaces as ``-``, a repeated one suffixed ``-1``, ``-2``, ..."""
-    out, seen, fenced = set(), {}, False
-    for line in text.splitlines():
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-            continue
+    out, seen = set(), {}
+    for _, line, fenced in _lines(text):
         m = re.match(r"#{1,6} +(.+?) *#* *$", line)
         if fenced or not m:
             continue

@@ -15,26 +15,16 @@ import argparse
 import json
 import os
 import sys
-from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.launch_budget import OpCounter  # noqa: E402  (ATen ops dispatched, by name)
+
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def distiller(device, method="atom", ipc=1, classes=10, backend="auto", size=32, width=128,
@@ -56,7 +46,7 @@ def check(device, **settings):
     d = distiller(device, **settings)
     d.step(0)
     result = {"device": str(device), "settings": settings}
-    counter = _Ops()
+    counter = OpCounter()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

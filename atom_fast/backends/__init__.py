@@ -54,20 +54,9 @@ BACKEND_ENV = "ATOM_FAST_BACKEND"
 from atom_fast.backends import native, reference, triton  # noqa: E402  (after the names above)
 
 
-_TRITON_IMPORTS = None
-
-
+@torch.compiler.assume_constant_result  # torch.compile cannot trace an import
 def triton_available():
-    """Whether the triton package imports (the Triton backend is loaded on first use). Decided once
-    per process, and a constant to ``torch.compile`` (which cannot trace an import)."""
-    global _TRITON_IMPORTS
-    if _TRITON_IMPORTS is None:
-        _TRITON_IMPORTS = _triton_imports()
-    return _TRITON_IMPORTS
-
-
-@torch.compiler.assume_constant_result
-def _triton_imports():
+    """Whether the triton package imports (the Triton backend is loaded on first use)."""
     try:
         importlib.import_module("triton")  # the package, not this package's backend module
     except ImportError:

@@ -177,7 +177,8 @@ def check_statistics_device(stats, device, dtype, what):
 
 def check_syn_against_statistics(stats, num_syn, num_classes, real_labels, syn_labels, device,
                                  syn_name):
-    """Validated synthetic labels (or None for equal blocks) against statistics ``stats``."""
+    """Validated synthetic labels (or None for equal blocks) against statistics ``stats``, on
+    ``device``, and their per-class counts (int64, on the host)."""
     if real_labels is not None:
         raise ValueError("real_labels cannot be given with ClassStatistics: the statistics already "
                          "hold the real side's classes")
@@ -192,7 +193,7 @@ def check_syn_against_statistics(stats, num_syn, num_classes, real_labels, syn_l
         syn_counts = torch.bincount(syn_labels, minlength=K).cpu()  # host labels: no device read
         syn_labels = on_device(syn_labels, device)
     check_presence(stats.counts, syn_counts, real_name="the real statistics")
-    return syn_labels
+    return syn_labels, syn_counts
 
 
 def check_layers_against_statistics(stats, syns, ps, pc, ws, wc):

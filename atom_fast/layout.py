@@ -87,11 +87,15 @@ def class_order(labels):
     return torch.argsort(labels, stable=True)
 
 
-def grouping(labels, num, num_classes, device):
-    """``(offsets, order)`` of ``num`` samples with ``labels`` (None: equal blocks, order None)."""
+def grouping(labels, num, num_classes, device, counts=None):
+    """``(offsets, order)`` of ``num`` samples with ``labels`` (None: equal blocks, order None), on
+    ``device``. Given the labels' ``counts`` (e.g. counted on the host), both are computed where the
+    labels are and copied over (host labels: no device op but the two copies)."""
     if labels is None:
         return block_offsets(num_classes, num // num_classes, device), None
-    return class_offsets(class_counts(labels, num_classes)), class_order(labels)
+    if counts is None:
+        counts = class_counts(labels, num_classes)
+    return on_device(class_offsets(counts), device), on_device(class_order(labels), device)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from torch import nn
 
 from atom_fast import backends, checks
 from atom_fast.backends import reference
-from atom_fast.layout import check_num_classes, class_layout
+from atom_fast.layout import check_num_classes, class_layout, grouping, on_device
 from atom_fast.statistics import ClassStatistics
 
 Layers = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -84,21 +84,27 @@ def _attention_loss_from_statistics(stats, syn, num_classes, real_labels, syn_la
     checks.check_layers_against_statistics(stats, syns, *terms)
     device = syns[0].device
     checks.check_statistics_device(stats, device, syns[0].dtype, "syn")
-    labels = checks.check_syn_against_statistics(stats, syns[0].shape[0], num_classes, real_labels,
-                                                 syn_labels, device, "syn")
+    host_labels = syn_labels
+    labels, syn_counts = checks.check_syn_against_statistics(stats, syns[0].shape[0], num_classes,
+                                                             real_labels, syn_labels, device, "syn")
     impl = backends.backend_module(backend, device)
-    counts = stats.counts.to(device, non_blocking=True)
+    counts = on_device(stats.counts, device)
+    # the class layout once for all layers, where the labels came (the host, usually)
+    grouped = grouping(host_labels if host_labels is None or host_labels.device.type == "cpu"
+                       else labels, syns[0].shape[0], stats.num_classes, device, syn_counts)
     total = None
     for s, S, T in zip(syns, stats.spatial, stats.channel):
-        loss = impl.attention_loss_from_sums(S, T, counts, s, labels, stats.num_classes, *terms)
+        loss = impl.attention_loss_from_sums(S, T, counts, s, labels, stats.num_classes, *terms,
+                                             grouped=grouped)
         total = loss if total is None else total + loss
     return total
 
 
 def _mmd_loss_from_statistics(stats, syn_emb, num_classes, real_labels, syn_labels):
     checks.check_embedding_against_statistics(stats, syn_emb)
-    labels = checks.check_syn_against_statistics(stats, syn_emb.shape[0], num_classes, real_labels,
-                                                 syn_labels, syn_emb.device, "syn_emb")
+    labels, _ = checks.check_syn_against_statistics(stats, syn_emb.shape[0], num_classes,
+                                                    real_labels, syn_labels, syn_emb.device,
+                                                    "syn_emb")
     syn = syn_emb.flatten(1).to(stats.dtype)
     return reference.mean_difference_error(stats.embedding, stats.counts.to(syn.device), syn,
                                            labels, stats.num_classes)

@@ -27,7 +27,7 @@ import torch
 from atom_fast import backends, checks
 from atom_fast.backends.reference import class_sums
 from atom_fast.constants import accumulation_dtype
-from atom_fast.layout import check_blocks, check_labels, check_num_classes, on_device
+from atom_fast.layout import check_blocks, check_labels, check_num_classes, grouping, on_device
 
 # Largest statistics one ClassStatistics may hold (elements): K x (H*W + C) per layer. A
 # ``num_classes`` far above any dataset's (e.g. 10**9 by mistake) is an error, not an allocation.
@@ -250,12 +250,15 @@ def class_statistics(real=None, num_classes: Optional[int] = None, *,
     else:
         labels = check_labels(labels, n, "labels", device, K)
         counts = torch.bincount(labels, minlength=K).cpu()  # host labels: no device read
+    # the class layout once for all layers, where the labels are (the host, usually)
+    grouped = grouping(labels, n, K, device, counts) if layers else None
+    if labels is not None:
         labels = on_device(labels, device)
     S, T = [], []
     if layers:
         impl = backends.backend_module(backend, device)
         for f in layers:
-            s, t = impl.class_attention_sums(f, labels, K, ps, pc, spatial, channel)
+            s, t = impl.class_attention_sums(f, labels, K, ps, pc, spatial, channel, grouped=grouped)
             S.append(s)
             T.append(t)
     E = None

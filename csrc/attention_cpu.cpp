@@ -424,6 +424,107 @@ at::Tensor attention_stats_cpu(const at::Tensor& features, double ps, double pc,
   return stats;
 }
 
+// Per-class sums of the normalized attention vectors of one side: the forward's statistics pass,
+// then per class (parallel over classes, members in offsets/order order) sum_n x'_n * r_n. The
+// stats rows live only inside the op; what leaves it is K * (H*W + C) values.
+std::tuple<at::Tensor, at::Tensor> attention_class_sums_cpu(const at::Tensor& features,
+                                                           const at::Tensor& offsets,
+                                                           const c10::optional<at::Tensor>& order,
+                                                           double ps, double pc, bool spatial,
+                                                           bool channel) {
+  const char* op = "atom_fast::attention_class_sums";
+  check_features(features, "features", op);
+  check_power(ps, "spatial_power", op);
+  check_power(pc, "channel_power", op);
+  const int64_t N = features.size(0);
+  const int64_t K = check_layout(offsets, order, N, features, "offsets", "order", op);
+  const Classes cls = read_classes(offsets, order, N, "offsets", "order", op);
+  const at::Tensor F = sample_contiguous(features);
+  const int64_t C = F.size(1), HW = F.size(2) * F.size(3);
+  const auto opts = F.options().dtype(accumulation_type(F.scalar_type()));
+  at::Tensor stats = at::empty({N, HW + C + kStatsExtra}, opts);
+  at::Tensor S = at::empty({K, HW}, opts), T = at::empty({K, C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(), "attention_class_sums_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    side_stats<scalar_t, acc_t>(F, stats, ps, pc, spatial, channel);
+    const acc_t* st = stats.data_ptr<acc_t>();
+    acc_t* s_out = S.data_ptr<acc_t>();
+    acc_t* t_out = T.data_ptr<acc_t>();
+    at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(HW + C);
+      for (int64_t k = begin; k < end; ++k) {
+        class_sum(st, cls, k, HW, C, ps, pc, acc.data());
+        std::copy(acc.begin(), acc.begin() + HW, s_out + k * HW);
+        std::copy(acc.begin() + HW, acc.end(), t_out + k * C);
+      }
+    });
+  });
+  return {S, T};
+}
+
+// The forward with the real side given as class sums (real_spatial (K, H*W), real_channel (K, C),
+// real_counts (K,)): syn's statistics pass, then per class D_k = sums_k / n_k - mean_syn_k(x_hat)
+// and the loss, as attention_forward computes them. attention_backward (sign -1) is its backward.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_sums_typed(
+    const at::Tensor& rs_t, const at::Tensor& rc_t, const at::Tensor& counts_t,
+    const at::Tensor& syn, const Classes& sc, int64_t K, double ps, double pc, double ws,
+    double wc) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t C = syn.size(1), HW = syn.size(2) * syn.size(3);
+  const auto opts = syn.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const bool has_s = ws != 0, has_t = wc != 0;
+  at::Tensor syn_stats = at::empty({syn.size(0), HW + C + kStatsExtra}, opts);
+  at::Tensor diffs = at::empty({K, HW + C}, opts);
+  side_stats<scalar_t, acc_t>(syn, syn_stats, ps, pc, has_s, has_t);
+  const acc_t* rs = rs_t.defined() ? rs_t.data_ptr<acc_t>() : nullptr;
+  const acc_t* rc = rc_t.defined() ? rc_t.data_ptr<acc_t>() : nullptr;
+  const int64_t* counts = counts_t.data_ptr<int64_t>();
+  const acc_t* ss = syn_stats.data_ptr<acc_t>();
+  acc_t* d = diffs.data_ptr<acc_t>();
+  std::vector<acc_t> terms(K);
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mean_s(HW + C);
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t* dk = d + k * (HW + C);
+      class_sum(ss, sc, k, HW, C, ps, pc, mean_s.data());
+      const acc_t nr = static_cast<acc_t>(std::max<int64_t>(counts[k], 1));
+      const acc_t ns = static_cast<acc_t>(std::max<int64_t>(sc.offsets[k + 1] - sc.offsets[k], 1));
+      acc_t sq_s = 0, sq_t = 0;
+      for (int64_t l = 0; l < HW + C; ++l) {
+        const acc_t real = l < HW ? (rs != nullptr ? rs[k * HW + l] : acc_t(0))
+                                  : (rc != nullptr ? rc[k * C + l - HW] : acc_t(0));
+        const acc_t v = real / nr - mean_s[l] / ns;
+        dk[l] = v;
+        (l < HW ? sq_s : sq_t) += v * v;
+      }
+      terms[k] = (has_s ? static_cast<acc_t>(ws) * sq_s : acc_t(0)) +
+                 (has_t ? static_cast<acc_t>(wc) * sq_t : acc_t(0));
+    }
+  });
+  acc_t loss = 0;
+  for (int64_t k = 0; k < K; ++k) loss += terms[k];
+  return {at::scalar_tensor(loss, opts), syn_stats, diffs};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_sums_cpu(
+    const c10::optional<at::Tensor>& real_spatial, const c10::optional<at::Tensor>& real_channel,
+    const at::Tensor& real_counts, const at::Tensor& syn, const at::Tensor& syn_offsets,
+    const c10::optional<at::Tensor>& syn_order, double ps, double pc, double ws, double wc) {
+  const char* op = "atom_fast::attention_forward_sums";
+  const auto a = check_forward_sums(real_spatial, real_channel, real_counts, syn, syn_offsets,
+                                    syn_order, ps, pc, ws, wc);
+  const Classes sc = read_classes(syn_offsets, syn_order, syn.size(0), "syn_offsets", "syn_order",
+                                  op);
+  const at::Tensor s = sample_contiguous(syn);
+  const at::Tensor rs = ws != 0 ? real_spatial->contiguous() : at::Tensor();
+  const at::Tensor rc = wc != 0 ? real_channel->contiguous() : at::Tensor();
+  const at::Tensor counts = real_counts.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "attention_forward_sums_cpu", [&] {
+    return forward_sums_typed<scalar_t>(rs, rc, counts, s, sc, a.K, ps, pc, ws, wc);
+  });
+}
+
 // |x|^p elementwise by the row kernels' non-integer power path (for any p; a test hook).
 at::Tensor general_power_cpu(const at::Tensor& x, double p) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -444,5 +545,7 @@ TORCH_LIBRARY_IMPL(atom_fast, CPU, m) {
   m.impl("attention_forward", &atom_fast::attention_forward_cpu);
   m.impl("attention_backward", &atom_fast::attention_backward_cpu);
   m.impl("attention_stats", &atom_fast::attention_stats_cpu);
+  m.impl("attention_class_sums", &atom_fast::attention_class_sums_cpu);
+  m.impl("attention_forward_sums", &atom_fast::attention_forward_sums_cpu);
   m.impl("_general_power", &atom_fast::general_power_cpu);
 }

@@ -96,6 +96,47 @@ inline ForwardArgs check_forward(const at::Tensor& real, const at::Tensor& syn,
   return {real.size(1), real.size(2) * real.size(3), K};
 }
 
+// attention_forward_sums: the real side as class sums in syn's accumulation dtype (a term's sums
+// are required when its weight is nonzero) and int64 counts (K,), all on syn's device.
+inline ForwardArgs check_forward_sums(const c10::optional<at::Tensor>& real_spatial,
+                                      const c10::optional<at::Tensor>& real_channel,
+                                      const at::Tensor& real_counts, const at::Tensor& syn,
+                                      const at::Tensor& syn_offsets,
+                                      const c10::optional<at::Tensor>& syn_order, double ps,
+                                      double pc, double ws, double wc) {
+  const char* op = "atom_fast::attention_forward_sums";
+  check_features(syn, "syn", op);
+  const int64_t K = check_layout(syn_offsets, syn_order, syn.size(0), syn, "syn_offsets",
+                                 "syn_order", op);
+  const int64_t C = syn.size(1), HW = syn.size(2) * syn.size(3);
+  const auto acc = accumulation_type(syn.scalar_type());
+  auto check_sums = [&](const c10::optional<at::Tensor>& t, int64_t len, double w,
+                        const char* name, const char* weight) {
+    TORCH_CHECK(w == 0 || t.has_value(), op, ": ", name, " is required when ", weight,
+                " is nonzero");
+    if (!t.has_value()) return;
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, op, ": ", name, " must be ", acc, " for ",
+                     syn.scalar_type(), " syn, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == K && t->size(1) == len, op, ": ", name,
+                " must have shape (", K, ", ", len, "), got ", t->sizes());
+    TORCH_CHECK(t->device() == syn.device(), op, ": ", name, " is on ", t->device(),
+                " but syn is on ", syn.device());
+  };
+  check_sums(real_spatial, HW, ws, "real_spatial", "spatial_weight");
+  check_sums(real_channel, C, wc, "real_channel", "channel_weight");
+  TORCH_CHECK_TYPE(real_counts.scalar_type() == at::kLong, op, ": real_counts must be int64, got ",
+                   real_counts.scalar_type());
+  TORCH_CHECK(real_counts.dim() == 1 && real_counts.numel() == K, op,
+              ": real_counts must have shape (", K, ",), got ", real_counts.sizes());
+  TORCH_CHECK(real_counts.device() == syn.device(), op, ": real_counts is on ",
+              real_counts.device(), " but syn is on ", syn.device());
+  check_power(ps, "spatial_power", op);
+  check_power(pc, "channel_power", op);
+  check_weight(ws, "spatial_weight", op);
+  check_weight(wc, "channel_weight", op);
+  return {C, HW, K};
+}
+
 inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& features,
                            const at::Tensor& stats, const at::Tensor& diffs,
                            const at::Tensor& offsets, const c10::optional<at::Tensor>& order,

@@ -18,8 +18,16 @@
 // pass, with the per-(sample, channel) mean and rstd its backward needs;
 // instance_norm_relu_pool_backward(grad_f?, grad_pooled?, input, weight?, bias?, mean, rstd) ->
 // (grad_input, per-row grad_weight, per-row grad_bias), one pass (norm_relu_pool_cpu.cpp; CPU only).
-// attention_stats gives one side's stats alone (the real side of the streamed class-statistics
-// interface, docs/scale.md); a term whose flag is false is written as zeros.
+//   atom_fast::attention_class_sums(features, offsets, order?, ps, pc, spatial, channel)
+//                                   -> (S (K, H*W), T (K, C))
+//   atom_fast::attention_forward_sums(real_spatial?, real_channel?, real_counts, syn, syn_offsets,
+//                                     syn_order?, ps, pc, ws, wc) -> (loss, syn_stats, diffs)
+// are the two halves of the streamed class-statistics interface (docs/scale.md): the per-class
+// sums of one side's normalized attention vectors (S_k = sum_{n in k} s_hat_n; a term whose flag is
+// false is zeros), and the forward with the real side given as those sums and int64 counts n_k
+// (D_k = S_k / n_k - mean_syn_k(s_hat), likewise T; a sums tensor may be omitted when its term's
+// weight is 0). attention_backward with sign -1 is the latter's backward.
+// attention_stats gives one side's stats alone; a term whose flag is false is written as zeros.
 // Implementations: attention_cpu.cpp (CPU), cuda/attention_cuda.cu (CUDA, when built).
 // Autograd and fake (meta) kernels are registered from Python (atom_fast/backends/native.py; the block tail's in atom_fast/distill/block_tail.py).
 
@@ -43,6 +51,15 @@ TORCH_LIBRARY(atom_fast, m) {
   m.def(
       "attention_stats(Tensor features, float spatial_power, float channel_power, bool spatial, "
       "bool channel) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "attention_class_sums(Tensor features, Tensor offsets, Tensor? order, float spatial_power, "
+      "float channel_power, bool spatial, bool channel) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "attention_forward_sums(Tensor? real_spatial, Tensor? real_channel, Tensor real_counts, "
+      "Tensor syn, Tensor syn_offsets, Tensor? syn_order, float spatial_power, "
+      "float channel_power, float spatial_weight, float channel_weight) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "instance_norm_relu_pool(Tensor input, Tensor? weight, Tensor? bias, float eps, bool pool) "

@@ -18,5 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_cuda_kernels_compile_for_sm90(background_result):
     proc = background_result
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for kernel in ("stats_kernel", "class_kernel", "vector_grad_kernel", "grad_kernel"):
+    for kernel in ("stats_kernel", "class_kernel", "class_from_sums_kernel", "sums_kernel",
+                   "vector_grad_kernel", "grad_kernel"):
         assert kernel in proc.stdout

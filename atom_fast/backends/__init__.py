@@ -18,16 +18,20 @@ check again, and never reads a device tensor on the host.
     The features path. ``reals``, ``syns``: equal-length tuples of ``(N, C, H, W)`` features, one
     per layer, of one dtype and device; ``layout``: an ``atom_fast.layout.ClassLayout``. Returns the
     0-dim loss summed over layers, differentiable w.r.t. every feature tensor that requires grad.
-``class_attention_sums(features, labels, num_classes, spatial_power, channel_power, has_spatial, has_channel)``
+``class_attention_sums(features, labels, num_classes, spatial_power, channel_power, has_spatial, has_channel, grouped=None)``
     The statistics path. ``features``: ``(N, C, H, W)`` of one layer; ``labels``: int64 ``(N,)``
-    in ``[0, num_classes)`` or None (equal contiguous blocks). Returns ``(S, T)``: the per-class
-    sums ``(K, H*W)`` and ``(K, C)`` of the L2-normalized spatial and channel attention vectors
-    (each None when its flag is False), detached.
-``attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes, spatial_power, channel_power, spatial_weight, channel_weight)``
+    in ``[0, num_classes)`` on the features' device, or None (equal contiguous blocks). Returns
+    ``(S, T)``: the per-class sums ``(K, H*W)`` and ``(K, C)`` of the L2-normalized spatial and
+    channel attention vectors (each None when its flag is False), detached.
+``attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes, spatial_power, channel_power, spatial_weight, channel_weight, grouped=None)``
     The from-sums path: one layer's loss with the real side given as those sums (None where the
-    weight is 0) and ``real_counts`` ``(K,)`` int64 samples per class. Returns the 0-dim loss,
-    equal in value and in gradient w.r.t. ``syn`` to the features path on the real features behind
-    the sums.
+    weight is 0) and ``real_counts`` ``(K,)`` int64 samples per class on syn's device. Returns the
+    0-dim loss, equal in value and in gradient w.r.t. ``syn`` to the features path on the real
+    features behind the sums.
+
+``grouped`` is the ``(offsets, order)`` of the labels (``atom_fast.layout.grouping``) on the
+features' device, computed once per call by the caller where the labels are (usually the host)
+and shared by the layers; a backend that sums by labels may ignore it.
 
 Rules every backend follows, each defined once: the accumulation dtype and the norm floor
 (``atom_fast.constants``: float32 sums for float32/float16/bfloat16 features, float64 for float64;

@@ -3,8 +3,9 @@ traceable here. It implements the contract of :mod:`atom_fast.backends`.
 
 This module loads ``atom_fast._C``, which registers these ops (see csrc/ops.cpp for their contracts),
 one layer per call: ``attention_forward`` (loss and the small per-sample statistics),
-``attention_backward`` (one side's feature gradient from those statistics) and ``attention_stats``
-(one side's statistics alone). The same library also holds the driver's ConvNet block-tail op
+``attention_backward`` (one side's feature gradient from those statistics), ``attention_stats``
+(one side's statistics alone), ``attention_class_sums`` (one side's per-class sums of normalized
+vectors) and ``attention_forward_sums`` (the forward with the real side given as those sums). The same library also holds the driver's ConvNet block-tail op
 (``instance_norm_relu_pool``), whose Python side is ``atom_fast.distill.block_tail``. This module
 adds the loss ops' fake (meta) kernels, so they trace under ``torch.compile``, and the autograd
 formula of the forward op. It saves only the statistics
@@ -14,7 +15,8 @@ differences and the features of the sides that need a gradient: real features co
 
 The real side can also be given as per-class sums of normalized attention vectors (docs/scale.md):
 ``class_attention_sums`` computes them (chunk by chunk, summable across processes) and
-``attention_loss_from_sums`` is the loss from them, with the same one-pass backward.
+``attention_loss_from_sums`` is the loss from them, with the same one-pass backward: one op call
+per layer each, the normalization and class sums inside the ops.
 """
 
 import importlib.util
@@ -22,8 +24,7 @@ import importlib.util
 import torch
 
 from atom_fast.backends.reference import attention_loss as _reference_attention_loss
-from atom_fast.backends.reference import class_sums
-from atom_fast.constants import accumulation_dtype, norm_floor
+from atom_fast.constants import accumulation_dtype
 from atom_fast.layout import grouping
 
 if importlib.util.find_spec("atom_fast._C") is None:
@@ -85,12 +86,15 @@ if AVAILABLE:
                               diffs)
         ctx.params = (ps, pc, ws, wc)
         ctx.mark_non_differentiable(real_stats, syn_stats, diffs)
+        ctx.set_materialize_grads(False)  # no zero gradients made for the three outputs above
 
     def _backward(ctx, grad_loss, _grad_real_stats, _grad_syn_stats, _grad_diffs):
         (real, syn, real_offsets, syn_offsets, real_order, syn_order, real_stats, syn_stats,
          diffs) = ctx.saved_tensors
         params = ctx.params
         grad_real = grad_syn = None
+        if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
+            return None, None, None, None, None, None, None, None, None, None
         if ctx.needs_input_grad[0]:
             grad_real = ops.attention_backward(grad_loss, real, real_stats, diffs, real_offsets,
                                                real_order, 1.0, *params)
@@ -146,103 +150,95 @@ def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_we
 
 
 # ---- the real side as class statistics (docs/scale.md) ------------------------------------------------
+# Two ops, one call per layer each: attention_class_sums (the statistics pass and the per-class sums
+# of the normalized vectors, inside the op) and attention_forward_sums (the forward with the real
+# side given as those sums), whose backward is attention_backward on the synthetic side.
 
+if AVAILABLE:
 
-def _parts(stats, HW, C, ps, pc):
-    """``(s', t', den_s, den_t)`` from the ops' stats layout [s' | t' | m | ||s'|| | ||t'||] (views
-    of it, and the (N, 1) denominators max(||x'||, norm_floor(m, p)); x' = x / m^p). The floor is
-    formed once when the two powers are equal."""
-    s, t, m, norms = stats.split([HW, C, 1, 2], 1)
-    floor = norm_floor(m, ps)
-    if pc != ps:
-        floor = torch.cat([floor, norm_floor(m, pc)], 1)
-    den_s, den_t = torch.maximum(norms, floor).split(1, 1)
-    return s, t, den_s, den_t
+    @torch.library.register_fake("atom_fast::attention_class_sums")
+    def _class_sums_fake(features, offsets, order, spatial_power, channel_power, spatial, channel):
+        torch._check(offsets.device == features.device,
+                     lambda: f"atom_fast::attention_class_sums: offsets is on {offsets.device} but "
+                             f"features is on {features.device}")
+        acc = accumulation_dtype(features.dtype)
+        _, C, H, W = features.shape
+        K = offsets.shape[0] - 1
+        return (features.new_empty((K, H * W), dtype=acc), features.new_empty((K, C), dtype=acc))
 
+    @torch.library.register_fake("atom_fast::attention_forward_sums")
+    def _forward_sums_fake(real_spatial, real_channel, real_counts, syn, syn_offsets, syn_order,
+                           spatial_power, channel_power, spatial_weight, channel_weight):
+        for t, name in ((real_spatial, "real_spatial"), (real_channel, "real_channel"),
+                        (real_counts, "real_counts"), (syn_offsets, "syn_offsets"),
+                        (syn_order, "syn_order")):
+            torch._check(t is None or t.device == syn.device,
+                         lambda: f"atom_fast::attention_forward_sums: {name} is on {t.device} but "
+                                 f"syn is on {syn.device}")
+        acc = accumulation_dtype(syn.dtype)
+        _, C, H, W = syn.shape
+        K = syn_offsets.shape[0] - 1
+        return (syn.new_empty((), dtype=acc),
+                syn.new_empty((syn.shape[0], H * W + C + STATS_EXTRA), dtype=acc),
+                syn.new_empty((K, H * W + C), dtype=acc))
 
-def _normalized(stats, HW, C, ps, pc):
-    """(N, H*W + C) normalized per-sample vectors [s_hat | t_hat] from the ops' stats layout."""
-    s, t, den_s, den_t = _parts(stats, HW, C, ps, pc)
-    return torch.cat([s / den_s, t / den_t], 1)
+    def _setup_sums_context(ctx, inputs, output):
+        _, _, _, syn, syn_offsets, syn_order, ps, pc, ws, wc = inputs
+        _, syn_stats, diffs = output
+        need = ctx.needs_input_grad[3]
+        ctx.save_for_backward(syn if need else None, syn_stats if need else None, diffs,
+                              syn_offsets, syn_order)
+        ctx.params = (ps, pc, ws, wc)
+        ctx.mark_non_differentiable(syn_stats, diffs)
+        ctx.set_materialize_grads(False)
+
+    def _sums_backward(ctx, grad_loss, _grad_stats, _grad_diffs):
+        syn, syn_stats, diffs, syn_offsets, syn_order = ctx.saved_tensors
+        grad_syn = None
+        if grad_loss is not None and ctx.needs_input_grad[3]:
+            grad_syn = ops.attention_backward(grad_loss, syn, syn_stats, diffs, syn_offsets,
+                                              syn_order, -1.0, *ctx.params)
+        return None, None, None, grad_syn, None, None, None, None, None, None
+
+    torch.library.register_autograd("atom_fast::attention_forward_sums", _sums_backward,
+                                    setup_context=_setup_sums_context)
 
 
 def class_attention_sums(features, labels, num_classes, spatial_power, channel_power, has_spatial,
-                         has_channel):
+                         has_channel, grouped=None):
     """Per-class sums of the normalized attention vectors of ``features`` (N, C, H, W).
 
-    labels: int64 (N,) in [0, num_classes), or None for equal contiguous blocks. Returns (S, T):
-    S (num_classes, H*W), T (num_classes, C), each None when its flag is False; float32 (float64 for
-    float64 features), detached. Arguments are checked by the caller (atom_fast.loss).
+    labels: int64 (N,) in [0, num_classes), or None for equal contiguous blocks; ``grouped``: their
+    ``(offsets, order)`` (:func:`atom_fast.layout.grouping`) when the caller already has them (one
+    per batch, shared by its layers). Returns (S, T): S (num_classes, H*W), T (num_classes, C),
+    each None when its flag is False; float32 (float64 for float64 features), detached. Arguments
+    are checked by the caller (atom_fast.statistics).
     """
-    _, C, H, W = features.shape
-    HW = H * W
-    stats = ops.attention_stats(features.detach(), float(spatial_power), float(channel_power),
-                                bool(has_spatial), bool(has_channel))
-    # the op's fresh stats are normalized in place (no per-sample copy), then summed by class
-    s, t, den_s, den_t = _parts(stats, HW, C, spatial_power, channel_power)
-    if has_spatial:
-        s.div_(den_s)
-    if has_channel:
-        t.div_(den_t)
-    S, T = class_sums(stats[:, :HW + C], labels, num_classes).split([HW, C], 1)
+    offsets, order = grouped if grouped is not None else grouping(labels, features.shape[0],
+                                                                  num_classes, features.device)
+    S, T = ops.attention_class_sums(features.detach(), offsets, order, float(spatial_power),
+                                    float(channel_power), bool(has_spatial), bool(has_channel))
     return (S if has_spatial else None), (T if has_channel else None)
 
 
-class _LossFromSums(torch.autograd.Function):
-    """ws ||S/n - mean_syn(s_hat)||^2 + wc ||T/n - mean_syn(t_hat)||^2 summed over classes; the
-    backward is the op's one pass over syn (read F, write dF) with the class differences D_k."""
-
-    @staticmethod
-    def forward(ctx, syn, real_means, offsets, order, syn_labels, num_classes, ps, pc, ws, wc):
-        M, C, H, W = syn.shape
-        HW = H * W
-        has_s, has_t = ws != 0, wc != 0
-        stats = ops.attention_stats(syn, ps, pc, has_s, has_t)
-        vectors = _normalized(stats, HW, C, ps, pc)
-        if syn_labels is None:  # equal blocks: the class means need no counts
-            per_class = M // num_classes
-            syn_means = vectors.view(num_classes, per_class, HW + C).sum(dim=1) / per_class
-        else:
-            counts = (offsets[1:] - offsets[:-1]).clamp_min(1).to(stats.dtype)
-            syn_means = class_sums(vectors, syn_labels, num_classes) / counts[:, None]
-        diffs = real_means - syn_means
-        if ws == wc:  # one weighted sum over both terms
-            loss = ws * diffs.square().sum()
-        elif not has_t:
-            loss = ws * diffs[:, :HW].square().sum()
-        elif not has_s:
-            loss = wc * diffs[:, HW:].square().sum()
-        else:
-            loss = ws * diffs[:, :HW].square().sum() + wc * diffs[:, HW:].square().sum()
-        ctx.save_for_backward(syn, stats, diffs, offsets, order)
-        ctx.params = (ps, pc, ws, wc)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        syn, stats, diffs, offsets, order = ctx.saved_tensors
-        grad = ops.attention_backward(grad_loss, syn, stats, diffs, offsets, order, -1.0, *ctx.params)
-        return grad, None, None, None, None, None, None, None, None, None
-
-
 def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes,
-                             spatial_power, channel_power, spatial_weight, channel_weight):
+                             spatial_power, channel_power, spatial_weight, channel_weight,
+                             grouped=None):
     """The attention loss of one layer with the real side given as class sums (docs/scale.md).
 
     real_spatial (K, H*W) / real_channel (K, C): sums of the real samples' normalized vectors (None
-    where that term's weight is 0), in syn's accumulation dtype; real_counts (K,): samples per class.
-    syn (M, C, H, W); syn_labels int64 (M,) or None (equal blocks). Returns the 0-dim loss, equal in
-    value and gradient w.r.t. syn to the full-feature loss on the real features behind the sums.
-    Arguments are checked by the caller (atom_fast.loss).
+    where that term's weight is 0), in syn's accumulation dtype; real_counts (K,): int64 samples per
+    class, on syn's device. syn (M, C, H, W); syn_labels int64 (M,) or None (equal blocks);
+    ``grouped``: their ``(offsets, order)`` when the caller already has them (one per batch, shared
+    by its layers). Returns the 0-dim loss, equal in value and gradient w.r.t. syn to the
+    full-feature loss on the real features behind the sums. Arguments are checked by the caller
+    (atom_fast.loss).
     """
-    M, C, H, W = syn.shape
-    HW = H * W
-    ps, pc = float(spatial_power), float(channel_power)
     ws, wc = float(spatial_weight), float(channel_weight)
-    acc = accumulation_dtype(syn.dtype)
-    n = real_counts.clamp_min(1).to(device=syn.device, dtype=acc, non_blocking=True)[:, None]
-    real_means = torch.cat([
-        real_spatial if ws != 0 else syn.new_zeros((num_classes, HW), dtype=acc),
-        real_channel if wc != 0 else syn.new_zeros((num_classes, C), dtype=acc)], 1).to(acc) / n
-    offsets, order = grouping(syn_labels, M, num_classes, syn.device)
-    return _LossFromSums.apply(syn, real_means, offsets, order, syn_labels, num_classes, ps, pc, ws, wc)
+    if real_counts.dtype != torch.int64:  # counts given as floats (whole numbers)
+        real_counts = real_counts.to(torch.int64)
+    offsets, order = grouped if grouped is not None else grouping(syn_labels, syn.shape[0],
+                                                                  num_classes, syn.device)
+    return ops.attention_forward_sums(real_spatial if ws != 0 else None,
+                                      real_channel if wc != 0 else None, real_counts, syn, offsets,
+                                      order, float(spatial_power), float(channel_power), ws, wc)[0]

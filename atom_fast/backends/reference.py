@@ -133,9 +133,9 @@ def class_sums(x, labels, num_classes):
 
 
 def class_attention_sums(features, labels, num_classes, spatial_power, channel_power,
-                         has_spatial, has_channel):
+                         has_spatial, has_channel, grouped=None):
     """(S (K, H*W), T (K, C)): per-class sums of the normalized spatial / channel attention vectors
-    (None where the flag is off); detached."""
+    (None where the flag is off); detached. Sums by ``labels`` (``grouped`` is not needed)."""
     with torch.no_grad():
         S = (class_sums(spatial_attention(features, spatial_power), labels, num_classes)
              if has_spatial else None)
@@ -161,8 +161,10 @@ def mean_difference_error(real_sums, real_counts, syn_vectors, syn_labels, num_c
 
 
 def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes,
-                             spatial_power, channel_power, spatial_weight, channel_weight):
-    """The attention loss of one layer with the real side given as class sums (docs/scale.md)."""
+                             spatial_power, channel_power, spatial_weight, channel_weight,
+                             grouped=None):
+    """The attention loss of one layer with the real side given as class sums (docs/scale.md).
+    Groups by ``syn_labels`` (``grouped`` is not needed)."""
     terms = []
     if spatial_weight != 0:
         terms.append(spatial_weight * mean_difference_error(

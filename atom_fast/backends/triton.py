@@ -328,7 +328,7 @@ def _normalized(vectors, norms, scale, power):
 
 
 def class_attention_sums(features, labels, num_classes, spatial_power, channel_power,
-                         has_spatial, has_channel):
+                         has_spatial, has_channel, grouped=None):
     """Per-class sums of the normalized spatial (K, H*W) and channel (K, C) attention vectors.
 
     One run of the stats kernel over ``features``; the normalization and the class sums are small
@@ -415,7 +415,8 @@ class AttentionLossFromSums(torch.autograd.Function):
 
 
 def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes,
-                             spatial_power, channel_power, spatial_weight, channel_weight):
+                             spatial_power, channel_power, spatial_weight, channel_weight,
+                             grouped=None):
     """The attention loss of one layer with the real side given as class sums (docs/scale.md).
 
     ``ws * sum_k ||S_k / n_k - mean_syn_k(s_hat)||^2 + wc * sum_k ||T_k / n_k - mean_syn_k(t_hat)||^2``,

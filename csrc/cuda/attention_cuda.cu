@@ -220,6 +220,57 @@ __global__ void __launch_bounds__(kThreads) class_kernel(
   if (threadIdx.x == 0) terms[k] = ws * sq_s + wc * sq_t;
 }
 
+// S_k, T_k = sum over class k's members of x' * r (one block per class, members in order).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) sums_kernel(
+    const acc_t* __restrict__ stats, const acc_t* __restrict__ factors,
+    const int64_t* __restrict__ offsets, const int64_t* __restrict__ order, acc_t* __restrict__ S,
+    acc_t* __restrict__ T, int64_t C, int64_t HW) {
+  const int64_t k = blockIdx.x, L = HW + C, row_len = HW + C + kStatsExtra;
+  const int64_t i0 = offsets[k], i1 = offsets[k + 1];
+  for (int64_t l = threadIdx.x; l < L; l += kThreads) {
+    const int part = l < HW ? 0 : 1;
+    acc_t sum = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = member(order, i);
+      sum += stats[row * row_len + l] * factors[2 * row + part];
+    }
+    if (l < HW) S[k * HW + l] = sum; else T[k * C + l - HW] = sum;
+  }
+}
+
+// class_kernel with the real side given as class sums and counts (a null sums pointer: zeros).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) class_from_sums_kernel(
+    const acc_t* __restrict__ real_spatial, const acc_t* __restrict__ real_channel,
+    const int64_t* __restrict__ real_counts, const acc_t* __restrict__ syn_stats,
+    const acc_t* __restrict__ syn_factors, const int64_t* __restrict__ syn_offsets,
+    const int64_t* __restrict__ syn_order, acc_t* __restrict__ diffs, acc_t* __restrict__ terms,
+    int64_t C, int64_t HW, acc_t ws, acc_t wc) {
+  __shared__ acc_t scratch[kWarps];
+  const int64_t k = blockIdx.x, L = HW + C, row_len = HW + C + kStatsExtra;
+  const int64_t s0 = syn_offsets[k], s1 = syn_offsets[k + 1];
+  const acc_t nr = static_cast<acc_t>(real_counts[k] > 0 ? real_counts[k] : 1);
+  const acc_t ns = static_cast<acc_t>(s1 - s0 > 0 ? s1 - s0 : 1);
+  acc_t sq_s = 0, sq_t = 0;
+  for (int64_t l = threadIdx.x; l < L; l += kThreads) {
+    const int part = l < HW ? 0 : 1;
+    const acc_t sum_r = l < HW ? (real_spatial != nullptr ? real_spatial[k * HW + l] : acc_t(0))
+                               : (real_channel != nullptr ? real_channel[k * C + l - HW] : acc_t(0));
+    acc_t sum_s = 0;
+    for (int64_t i = s0; i < s1; ++i) {
+      const int64_t row = member(syn_order, i);
+      sum_s += syn_stats[row * row_len + l] * syn_factors[2 * row + part];
+    }
+    const acc_t d = sum_r / nr - sum_s / ns;
+    diffs[k * L + l] = d;
+    if (l < HW) sq_s += d * d; else sq_t += d * d;
+  }
+  sq_s = block_sum(sq_s, scratch);
+  sq_t = block_sum(sq_t, scratch);
+  if (threadIdx.x == 0) terms[k] = ws * sq_s + wc * sq_t;
+}
+
 template <typename acc_t>
 __global__ void sum_kernel(const acc_t* __restrict__ terms, int64_t K, acc_t* __restrict__ loss) {
   acc_t total = 0;
@@ -417,6 +468,89 @@ at::Tensor attention_stats_cuda(const at::Tensor& features, double ps, double pc
   return stats;
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_class_sums_cuda(const at::Tensor& features,
+                                                            const at::Tensor& offsets_in,
+                                                            const c10::optional<at::Tensor>& order_in,
+                                                            double ps, double pc, bool spatial,
+                                                            bool channel) {
+  const char* op = "atom_fast::attention_class_sums";
+  check_features(features, "features", op);
+  check_power(ps, "spatial_power", op);
+  check_power(pc, "channel_power", op);
+  const int64_t N = features.size(0);
+  const int64_t K = check_layout(offsets_in, order_in, N, features, "offsets", "order", op);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const at::Tensor F = sample_contiguous(features), offsets = offsets_in.contiguous();
+  c10::optional<at::Tensor> order;
+  if (order_in.has_value()) order = order_in->contiguous();
+  const int64_t C = F.size(1), HW = F.size(2) * F.size(3);
+  const auto opts = F.options().dtype(accumulation_type(F.scalar_type()));
+  at::Tensor stats = at::empty({N, HW + C + kStatsExtra}, opts);
+  at::Tensor factors = at::empty({N, 2}, opts);
+  at::Tensor S = at::empty({K, HW}, opts), T = at::empty({K, C}, opts);
+  const bool same = spatial && channel && ps == pc;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, F.scalar_type(), "attention_class_sums_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stats_kernel<scalar_t, acc_t><<<N, kThreads, 0, stream>>>(
+        F.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(), C, HW, F.stride(0), make_power(ps),
+        make_power(pc), spatial, channel, same);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    factor_kernel<acc_t><<<(N + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        stats.data_ptr<acc_t>(), factors.data_ptr<acc_t>(), N, C, HW, ps, pc);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sums_kernel<acc_t><<<K, kThreads, 0, stream>>>(
+        stats.data_ptr<acc_t>(), factors.data_ptr<acc_t>(), offsets.data_ptr<int64_t>(),
+        optional_ptr(order), S.data_ptr<acc_t>(), T.data_ptr<acc_t>(), C, HW);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {S, T};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_sums_cuda(
+    const c10::optional<at::Tensor>& real_spatial, const c10::optional<at::Tensor>& real_channel,
+    const at::Tensor& real_counts_in, const at::Tensor& syn_in, const at::Tensor& syn_offsets_in,
+    const c10::optional<at::Tensor>& syn_order_in, double ps, double pc, double ws, double wc) {
+  const auto a = check_forward_sums(real_spatial, real_channel, real_counts_in, syn_in,
+                                    syn_offsets_in, syn_order_in, ps, pc, ws, wc);
+  const c10::cuda::CUDAGuard guard(syn_in.device());
+  const at::Tensor syn = sample_contiguous(syn_in), syn_offsets = syn_offsets_in.contiguous();
+  const at::Tensor counts = real_counts_in.contiguous();
+  c10::optional<at::Tensor> syn_order;
+  if (syn_order_in.has_value()) syn_order = syn_order_in->contiguous();
+  const bool has_s = ws != 0, has_t = wc != 0, same = has_s && has_t && ps == pc;
+  const at::Tensor rs = has_s ? real_spatial->contiguous() : at::Tensor();
+  const at::Tensor rc = has_t ? real_channel->contiguous() : at::Tensor();
+  const int64_t C = a.C, HW = a.HW, K = a.K, N = syn.size(0);
+  const auto opts = syn.options().dtype(accumulation_type(syn.scalar_type()));
+  at::Tensor syn_stats = at::empty({N, HW + C + kStatsExtra}, opts);
+  at::Tensor syn_factors = at::empty({N, 2}, opts);
+  at::Tensor diffs = at::empty({K, HW + C}, opts);
+  at::Tensor terms = at::empty({K}, opts);
+  at::Tensor loss = at::empty({}, opts);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, syn.scalar_type(), "attention_forward_sums_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stats_kernel<scalar_t, acc_t><<<N, kThreads, 0, stream>>>(
+        syn.data_ptr<scalar_t>(), syn_stats.data_ptr<acc_t>(), C, HW, syn.stride(0),
+        make_power(ps), make_power(pc), has_s, has_t, same);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    factor_kernel<acc_t><<<(N + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+        syn_stats.data_ptr<acc_t>(), syn_factors.data_ptr<acc_t>(), N, C, HW, ps, pc);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    class_from_sums_kernel<acc_t><<<K, kThreads, 0, stream>>>(
+        has_s ? rs.data_ptr<acc_t>() : nullptr, has_t ? rc.data_ptr<acc_t>() : nullptr,
+        counts.data_ptr<int64_t>(), syn_stats.data_ptr<acc_t>(), syn_factors.data_ptr<acc_t>(),
+        syn_offsets.data_ptr<int64_t>(), optional_ptr(syn_order), diffs.data_ptr<acc_t>(),
+        terms.data_ptr<acc_t>(), C, HW, static_cast<acc_t>(has_s ? ws : 0.0),
+        static_cast<acc_t>(has_t ? wc : 0.0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_kernel<acc_t><<<1, 1, 0, stream>>>(terms.data_ptr<acc_t>(), K, loss.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, syn_stats, diffs};
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace atom_fast
@@ -425,4 +559,6 @@ TORCH_LIBRARY_IMPL(atom_fast, CUDA, m) {
   m.impl("attention_forward", &atom_fast::cuda::attention_forward_cuda);
   m.impl("attention_backward", &atom_fast::cuda::attention_backward_cuda);
   m.impl("attention_stats", &atom_fast::cuda::attention_stats_cuda);
+  m.impl("attention_class_sums", &atom_fast::cuda::attention_class_sums_cuda);
+  m.impl("attention_forward_sums", &atom_fast::cuda::attention_forward_sums_cuda);
 }

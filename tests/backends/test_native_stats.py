@@ -196,3 +196,83 @@ def test_stats_op_checks_its_arguments():
         ops.attention_stats(reals[0], float("inf"), 4.0, True, True)
     with pytest.raises(TypeError, match=r"features must be float32, float64, float16 or bfloat16"):
         ops.attention_stats(reals[0].int(), 4.0, 4.0, True, True)
+
+
+@pytest.mark.parametrize("dtype,ps,pc,spatial,channel,ordered", [
+    (torch.float32, 4.0, 4.0, True, True, False), (torch.float64, 2.5, 8.0, True, False, True),
+    (torch.bfloat16, 3.0, 0.5, False, True, True), (torch.float16, 1.0, 2.0, True, True, False)])
+def test_opcheck_class_sums_and_forward_sums(dtype, ps, pc, spatial, channel, ordered):
+    # the two ops of the statistics path: schema, fake (meta) kernel, autograd registration
+    reals, syns = make_layers([(5, 3, 4)], 8, 6, dtype, DEVICE)
+    labels = torch.tensor([1, 0, 2, 1, 1, 0, 2, 2], device=DEVICE)
+    offsets = torch.tensor([0, 2, 5, 8], device=DEVICE)
+    order = torch.argsort(labels, stable=True) if ordered else None
+    torch.library.opcheck(ops.attention_class_sums.default,
+                          (reals[0], offsets, order, ps, pc, spatial, channel))
+    S, T = ops.attention_class_sums(reals[0], offsets, order, ps, pc, spatial, channel)
+    assert S.shape == (3, 12) and T.shape == (3, 5)
+    counts = torch.tensor([2, 3, 3], device=DEVICE)
+    syn_offsets = torch.tensor([0, 2, 4, 6], device=DEVICE)
+    syn_order = torch.tensor([5, 0, 1, 4, 2, 3], device=DEVICE) if ordered else None
+    syn = syns[0].clone().requires_grad_()
+    ws, wc = (0.3 if spatial else 0.0), (1 / 3 if channel else 0.0)
+    torch.library.opcheck(ops.attention_forward_sums.default,
+                          (S if spatial else None, T if channel else None, counts, syn, syn_offsets,
+                           syn_order, ps, pc, ws, wc))
+
+
+def test_forward_sums_matches_the_forward_op_in_float64():
+    # the real side's sums in, the same loss, stats and class differences out as attention_forward
+    reals, syns = make_layers([(6, 5, 3)], 12, 6, torch.float64, DEVICE)
+    real_offsets = torch.tensor([0, 5, 7, 12], device=DEVICE)
+    real_order = torch.randperm(12, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    syn_offsets = torch.tensor([0, 1, 3, 6], device=DEVICE)
+    syn_order = torch.tensor([4, 2, 0, 5, 1, 3], device=DEVICE)
+    args = (2.5, 3.7, 0.3, 1 / 3)
+    loss, _, syn_stats, diffs = ops.attention_forward(reals[0], syns[0], real_offsets, syn_offsets,
+                                                      real_order, syn_order, *args)
+    S, T = ops.attention_class_sums(reals[0], real_offsets, real_order, 2.5, 3.7, True, True)
+    counts = real_offsets[1:] - real_offsets[:-1]
+    got, got_stats, got_diffs = ops.attention_forward_sums(S, T, counts, syns[0], syn_offsets,
+                                                           syn_order, *args)
+    torch.testing.assert_close(got, loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(got_stats, syn_stats, rtol=0, atol=0)
+    torch.testing.assert_close(got_diffs, diffs, rtol=1e-13, atol=1e-16)
+
+
+def test_sums_ops_check_their_arguments():
+    reals, syns = make_layers([(5, 3, 4)], 6, 3, torch.float32, DEVICE)
+    offsets = torch.tensor([0, 2, 4, 6], device=DEVICE)
+    syn_offsets = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    S, T = ops.attention_class_sums(reals[0], offsets, None, 4.0, 4.0, True, True)
+    counts = torch.full((3,), 2, dtype=torch.int64, device=DEVICE)
+    syn = syns[0]
+    with pytest.raises(RuntimeError, match=r"attention_class_sums: offsets must start at 0 and end "
+                                           r"at N = 6"):
+        ops.attention_class_sums(reals[0], syn_offsets, None, 4.0, 4.0, True, True)
+    with pytest.raises(RuntimeError, match=r"attention_class_sums: order must be a permutation"):
+        ops.attention_class_sums(reals[0], offsets, torch.zeros(6, dtype=torch.int64), 4.0, 4.0,
+                                 True, True)
+    with pytest.raises(RuntimeError, match=r"real_spatial is required when spatial_weight is nonzero"):
+        ops.attention_forward_sums(None, T, counts, syn, syn_offsets, None, 4.0, 4.0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"real_channel must have shape \(3, 5\)"):
+        ops.attention_forward_sums(S, S, counts, syn, syn_offsets, None, 4.0, 4.0, 1.0, 1.0)
+    with pytest.raises(TypeError, match=r"real_spatial must be Float for Float syn, got Double"):
+        ops.attention_forward_sums(S.double(), T, counts, syn, syn_offsets, None, 4.0, 4.0, 1.0, 1.0)
+    with pytest.raises(TypeError, match=r"real_counts must be int64"):
+        ops.attention_forward_sums(S, T, counts.float(), syn, syn_offsets, None, 4.0, 4.0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"real_counts must have shape \(3,\)"):
+        ops.attention_forward_sums(S, T, counts[:2], syn, syn_offsets, None, 4.0, 4.0, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"channel_weight must be finite and non-negative"):
+        ops.attention_forward_sums(S, T, counts, syn, syn_offsets, None, 4.0, 4.0, 1.0, -1.0)
+
+
+def test_from_sums_gradcheck_in_float64():
+    # finite differences, non-dyadic weights, non-integer powers; also an undefined incoming gradient
+    reals, syns = make_layers([(3, 2, 3)], 6, 3, torch.float64, DEVICE)
+    S, T = _native.class_attention_sums(reals[0], None, 3, 2.5, 3.7, True, True)
+    counts = torch.full((3,), 2, dtype=torch.int64, device=DEVICE)
+    s = syns[0].clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: _native.attention_loss_from_sums(S, T, counts, x, None, 3, 2.5, 3.7, 0.3, 1 / 3),
+        (s,), check_undefined_grad=True)

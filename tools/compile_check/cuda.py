@@ -43,7 +43,8 @@ def parse_ptxas(text):
         m = re.search(r"Compiling entry function '(\S+)'", line)
         if m:
             name = m.group(1)
-            for short in ("stats_kernel", "class_kernel", "sum_kernel", "class_of_kernel",
+            for short in ("stats_kernel", "class_kernel", "class_from_sums_kernel", "sums_kernel",
+                          "sum_kernel", "class_of_kernel",
                           "vector_grad_kernel", "grad_kernel"):
                 if short in name:
                     t = re.search(short + r"I(.*?)E", name)

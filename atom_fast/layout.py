@@ -1,5 +1,6 @@
 """Which samples belong to which class: equal contiguous blocks, or explicit int64 labels."""
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import Optional
@@ -77,8 +78,26 @@ def class_offsets(counts):
 
 
 def block_offsets(num_classes, per_class, device):
-    """The ``class_offsets`` of equal contiguous blocks of ``per_class`` samples."""
-    return torch.arange(num_classes + 1, dtype=torch.int64, device=device) * per_class
+    """The ``class_offsets`` of equal contiguous blocks of ``per_class`` samples.
+
+    Made once per (classes, block size, device) and reused: the ops only read it, and a loop calls
+    the loss with the same blocks every step (no tensor op, no device launch after the first).
+    Traced by torch.compile or under a fake-tensor mode, it is built there as before."""
+    device = torch.device(device)
+    if torch.compiler.is_compiling() or _faking():
+        return torch.arange(num_classes + 1, dtype=torch.int64, device=device) * per_class
+    return _cached_block_offsets(int(num_classes), int(per_class), device)
+
+
+def _faking():
+    """Whether a fake-tensor mode is active (opcheck, export): a cached real tensor cannot enter it."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_block_offsets(num_classes, per_class, device):
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor, whatever the caller's mode
+        return torch.arange(num_classes + 1, dtype=torch.int64, device=device) * per_class
 
 
 def class_order(labels):

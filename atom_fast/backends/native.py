@@ -125,6 +125,44 @@ if AVAILABLE:
                                     setup_context=_setup_backward_context)
 
 
+class _Loss(torch.autograd.Function):
+    """The features path's autograd node: ``attention_forward``, then ``attention_backward`` for
+    each side that needs a gradient. The same formula as the ops' registered autograd (which serves
+    direct callers of ``torch.ops.atom_fast.attention_forward`` and torch.compile), without its
+    per-call dispatch through torch.library's Python wrapper (a large part of a tiny call's host
+    time: bench/launch_budget.py)."""
+
+    @staticmethod
+    def forward(ctx, real, syn, real_offsets, syn_offsets, real_order, syn_order, ps, pc, ws, wc):
+        output = ops.attention_forward(real, syn, real_offsets, syn_offsets, real_order, syn_order,
+                                       ps, pc, ws, wc)
+        _setup_context(ctx, (real, syn, real_offsets, syn_offsets, real_order, syn_order, ps, pc,
+                             ws, wc), output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _backward(ctx, grad_loss, None, None, None)
+
+
+class _LossFromSums(torch.autograd.Function):
+    """``attention_forward_sums`` and its backward (``attention_backward`` on syn), as
+    :class:`_Loss` for the features path."""
+
+    @staticmethod
+    def forward(ctx, real_spatial, real_channel, real_counts, syn, syn_offsets, syn_order, ps, pc,
+                ws, wc):
+        output = ops.attention_forward_sums(real_spatial, real_channel, real_counts, syn,
+                                            syn_offsets, syn_order, ps, pc, ws, wc)
+        _setup_sums_context(ctx, (real_spatial, real_channel, real_counts, syn, syn_offsets,
+                                  syn_order, ps, pc, ws, wc), output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _sums_backward(ctx, grad_loss, None, None)
+
+
 def layout_arguments(layout, device):
     """(real_offsets, syn_offsets, real_order, syn_order) of the ops for a ClassLayout."""
     real_offsets, real_order = layout.offsets_and_order("real", device)
@@ -142,9 +180,10 @@ def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_we
     real_offsets, syn_offsets, real_order, syn_order = layout_arguments(layout, reals[0].device)
     total = None
     for real, syn in zip(reals, syns):
-        loss = ops.attention_forward(real, syn, real_offsets, syn_offsets, real_order, syn_order,
-                                     spatial_power, channel_power, spatial_weight,
-                                     channel_weight)[0]
+        args = (real, syn, real_offsets, syn_offsets, real_order, syn_order, spatial_power,
+                channel_power, spatial_weight, channel_weight)
+        # torch.compile traces the op with its registered autograd (and removes the host overhead)
+        loss = ops.attention_forward(*args)[0] if torch.compiler.is_compiling() else _Loss.apply(*args)
         total = loss if total is None else total + loss
     return total
 
@@ -239,6 +278,8 @@ def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_l
         real_counts = real_counts.to(torch.int64)
     offsets, order = grouped if grouped is not None else grouping(syn_labels, syn.shape[0],
                                                                   num_classes, syn.device)
-    return ops.attention_forward_sums(real_spatial if ws != 0 else None,
-                                      real_channel if wc != 0 else None, real_counts, syn, offsets,
-                                      order, float(spatial_power), float(channel_power), ws, wc)[0]
+    args = (real_spatial if ws != 0 else None, real_channel if wc != 0 else None, real_counts, syn,
+            offsets, order, float(spatial_power), float(channel_power), ws, wc)
+    if torch.compiler.is_compiling():
+        return ops.attention_forward_sums(*args)[0]
+    return _LossFromSums.apply(*args)

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -44,7 +45,7 @@ class DSADraw:
     """One draw per group; every field has the group count as its first dimension (CPU tensors).
 
     Not changed once applied: :func:`apply` keeps host copies made from it (``host_lists``,
-    ``theta``)."""
+    ``host_array``, ``theta``)."""
 
     op: torch.Tensor          # (G,) int64 index into config.operations
     brightness: torch.Tensor  # (G,) added value in [-b/2, b/2)
@@ -66,6 +67,15 @@ class DSADraw:
         if lists is None:
             lists = self.__dict__["_lists"] = (self.op.tolist(), self.flip.tolist())
         return lists
+
+    def host_array(self, name: str) -> np.ndarray:
+        """A field (or ``theta:scale`` / ``theta:rotate``) as a numpy array, made once per draw."""
+        key = "_array_" + name
+        array = self.__dict__.get(key)
+        if array is None:
+            t = self.theta(name[6:]) if name.startswith("theta:") else getattr(self, name)
+            array = self.__dict__[key] = t.numpy()
+        return array
 
     def theta(self, name: str) -> torch.Tensor:
         """``(G, 2, 3)`` affine matrices of every group for "scale" or "rotate" (host), made once per
@@ -119,31 +129,21 @@ def draw(groups: int, im_size: Sequence[int], config: DSAConfig = DSAConfig(),
 
 
 def _color(x, b, s, c):
-    x = x + b.view(-1, 1, 1, 1)
+    """Brightness, saturation, contrast; ``b, s, c`` are per-row ``(N, 1, 1, 1)``."""
+    x = x + b
     m = x.mean(dim=1, keepdim=True)
-    x = (x - m) * s.view(-1, 1, 1, 1) + m
+    x = (x - m) * s + m
     m = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - m) * c.view(-1, 1, 1, 1) + m
+    return (x - m) * c + m
 
 
-def _crop(x, shift):
-    # integer translation with zero fill, by gathering from a 1-pixel zero-padded copy
-    n, _, h, w = x.shape
-    padded = F.pad(x, (1, 1, 1, 1))
-    iy = (torch.arange(h, device=x.device).view(1, h) + shift[:, :1] + 1).clamp(0, h + 1)
-    ix = (torch.arange(w, device=x.device).view(1, w) + shift[:, 1:] + 1).clamp(0, w + 1)
+def _crop_gather(x, iy, ix):
+    """Integer translation with zero fill: row n's output pixel (y, x) is pixel (iy[n, y, 0],
+    ix[n, 0, x]) of a 1-pixel zero-padded copy (indices 0 and H + 1 / W + 1 are the zero border)."""
+    n = x.shape[0]
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
     rows = torch.arange(n, device=x.device).view(n, 1, 1)
-    return padded.permute(0, 2, 3, 1)[rows, iy.unsqueeze(2), ix.unsqueeze(1)].permute(0, 3, 1, 2)
-
-
-def _cutout(x, centre, size):
-    n, _, h, w = x.shape
-    ys = torch.arange(h, device=x.device).view(1, h) - (centre[:, :1] - size[0] // 2)
-    xs = torch.arange(w, device=x.device).view(1, w) - (centre[:, 1:] - size[1] // 2)
-    keep_y = (ys < 0) | (ys >= size[0])
-    keep_x = (xs < 0) | (xs >= size[1])
-    mask = (keep_y.unsqueeze(2) | keep_x.unsqueeze(1)).to(x.dtype)
-    return x * mask.unsqueeze(1)
+    return padded[rows, iy, ix].permute(0, 3, 1, 2)
 
 
 def _affine(x, theta):
@@ -151,54 +151,104 @@ def _affine(x, theta):
     return F.grid_sample(x, grid, align_corners=True)
 
 
-# per-row parameters each operation reads, as (field of DSADraw or theta name, float or not)
-_FIELDS = {"color": (("brightness", True), ("saturation", True), ("contrast", True)),
-           "crop": (("shift", False),), "cutout": (("cutout", False),), "flip": (),
-           "scale": (("theta:scale", True),), "rotate": (("theta:rotate", True),)}
-
-
 class RowPlan:
     """One draw laid out over the rows of a batch (``group_sizes`` rows per group, group after
-    group): for every operation that came up, its rows and their per-row parameters, moved to
-    ``device`` once. :meth:`apply` then augments any row range of that batch (a chunk) with device
-    slices of them: the draw is turned into rows once per batch, not once per chunk.
+    group): for every operation that came up, its rows and what it needs to transform them, made on
+    the host and moved to ``device`` in two copies (one float, one int64 buffer) once per batch.
+    :meth:`apply` then augments any row range of that batch (a chunk): on the device, only the
+    transforms themselves and a gather/scatter of the rows each operation touches.
+
+    What is made on the host (numpy, from the host draw; nothing is read from the device): the rows
+    of each operation, each row's group, the colour factors and affine matrices per row, and per
+    group the crop's source rows and columns and the cutout's mask (these depend on the image size,
+    ``image_size`` (H, W), taken from the first batch applied when not given).
 
     ``groups``: the groups of ``params`` the row groups are (default: all, in order).
     """
 
     def __init__(self, params: DSADraw, group_sizes: Sequence[int], device, dtype=torch.float32,
-                 config: DSAConfig = DSAConfig(), groups: Optional[Sequence[int]] = None):
-        # The bookkeeping (which groups, which rows) is done on Python ints from the host draw: no
-        # tensor op per group, and nothing is read from the device.
-        sizes = [int(v) for v in torch.as_tensor(group_sizes, dtype=torch.long).flatten().tolist()]
+                 config: DSAConfig = DSAConfig(), groups: Optional[Sequence[int]] = None,
+                 image_size: Optional[Sequence[int]] = None):
+        sizes = [int(v) for v in np.asarray(group_sizes, dtype=np.int64).reshape(-1)]
         groups = list(range(params.groups)) if groups is None else [int(g) for g in groups]
         if len(sizes) != len(groups):
             raise ValueError(f"group_sizes has {len(sizes)} entries but params has "
                              f"{len(groups)} groups")
         self.rows = sum(sizes)
         self.config = config
-        starts = [0]
-        for n in sizes[:-1]:
-            starts.append(starts[-1] + n)
-        ops, flips = params.host_lists()
+        self.device, self.dtype = torch.device(device), dtype
+        self._params, self._sizes, self._groups = params, sizes, groups
+        self._size = None
         self.entries = []
+        if image_size is not None:
+            self._build(int(image_size[0]), int(image_size[1]))
+
+    def _build(self, h: int, w: int):
+        """The per-operation entries for images of h x w: ``(name, rows, device_rows, values)``."""
+        params, sizes, groups, config = self._params, self._sizes, self._groups, self.config
+        starts = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)]).astype(np.int64)
+        ops, flips = params.host_lists()
+        fl, it = [], []  # float and int64 parts, concatenated into one buffer each
+
+        def put(buffer, array):
+            offset = sum(a.size for a in buffer)
+            buffer.append(np.ascontiguousarray(array).reshape(-1))
+            return offset, array.shape
+
+        plans = []
         for k, name in enumerate(config.operations):
             # positions (in ``groups``) of the groups that got operation k
             chosen = [i for i, g in enumerate(groups) if ops[g] == k and (name != "flip" or flips[g])]
             if not chosen:
                 continue
             rows = [r for i in chosen for r in range(starts[i], starts[i] + sizes[i])]
-            group_of_row = torch.tensor([groups[i] for i in chosen for _ in range(sizes[i])],
-                                        dtype=torch.long)
-            values = []
-            for field, is_float in _FIELDS[name]:
-                v = (params.theta(field[6:]) if field.startswith("theta:")
-                     else getattr(params, field)).index_select(0, group_of_row)
-                values.append(v.to(device=device, dtype=dtype if is_float else v.dtype,
-                                   non_blocking=True))
-            device_rows = (None if len(rows) == self.rows else
-                           torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True))
-            self.entries.append((name, rows, device_rows, values))
+            # each row's position among the chosen groups (indexes the per-group parts)
+            position = np.repeat(np.arange(len(chosen), dtype=np.int64), [sizes[i] for i in chosen])
+            chosen_groups = np.array([groups[i] for i in chosen], dtype=np.int64)
+            parts = {"rows": None if len(rows) == self.rows else put(it, np.array(rows, np.int64))}
+            if name == "color":
+                for field in ("brightness", "saturation", "contrast"):
+                    v = params.host_array(field)[chosen_groups][position]
+                    parts[field] = put(fl, v.reshape(-1, 1, 1, 1))
+            elif name == "crop":
+                shift = params.host_array("shift")[chosen_groups]
+                iy = np.clip(np.arange(h)[None, :] + shift[:, :1] + 1, 0, h + 1)
+                ix = np.clip(np.arange(w)[None, :] + shift[:, 1:] + 1, 0, w + 1)
+                parts["position"] = put(it, position)
+                parts["iy"] = put(it, iy.reshape(-1, h, 1))
+                parts["ix"] = put(it, ix.reshape(-1, 1, w))
+            elif name == "cutout":
+                ch, cw = int(h * config.cutout + 0.5), int(w * config.cutout + 0.5)
+                centre = params.host_array("cutout")[chosen_groups]
+                ys = np.arange(h)[None, :] - (centre[:, :1] - ch // 2)
+                xs = np.arange(w)[None, :] - (centre[:, 1:] - cw // 2)
+                keep = ((ys < 0) | (ys >= ch))[:, :, None] | ((xs < 0) | (xs >= cw))[:, None, :]
+                parts["position"] = put(it, position)
+                parts["mask"] = put(fl, keep.reshape(-1, 1, h, w))
+            elif name in ("scale", "rotate"):
+                theta = params.host_array("theta:" + name)[chosen_groups][position]
+                parts["theta"] = put(fl, theta)
+            plans.append((name, rows, parts))
+        # two copies to the device; every part is a view of them
+        dtype = self.dtype
+        f = torch.from_numpy(np.concatenate(fl) if fl else np.zeros(0, np.float32))
+        f = f.to(device=self.device, dtype=dtype, non_blocking=True)
+        i = torch.from_numpy(np.concatenate(it) if it else np.zeros(0, np.int64))
+        i = i.to(device=self.device, non_blocking=True)
+
+        def view(buffer, part):  # one op per part
+            if part is None:
+                return None
+            offset, shape = part
+            strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+            return buffer.as_strided(shape, strides, offset)
+
+        self.entries = []
+        for name, rows, parts in plans:
+            values = {key: view(f if key in ("brightness", "saturation", "contrast", "mask", "theta")
+                                else i, part) for key, part in parts.items() if key != "rows"}
+            self.entries.append((name, rows, view(i, parts["rows"]), values))
+        self._size = (h, w)
 
     def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Augment ``x``, rows ``start:start + len(x)`` of the batch. Differentiable w.r.t. ``x``;
@@ -209,30 +259,39 @@ class RowPlan:
         if start < 0 or stop > self.rows:
             raise ValueError(f"rows {start}:{stop} are outside the batch of {self.rows} rows")
         h, w = x.shape[-2:]
+        if self._size != (h, w):
+            self._build(h, w)
         for name, rows, device_rows, values in self.entries:
             i0, i1 = bisect.bisect_left(rows, start), bisect.bisect_left(rows, stop)
             if i0 == i1:
                 continue
             every = i1 - i0 == n  # e.g. evaluation batches: one operation for all rows
-            p = [v[i0:i1] for v in values]
+            whole = i1 - i0 == len(rows)  # this chunk holds every row of the operation
             if not every:
-                index = device_rows[i0:i1] if device_rows is not None else None
+                index = device_rows if whole else (
+                    device_rows[i0:i1] if device_rows is not None else None)
                 if index is None:  # every row of the batch, a part of it here
                     index = torch.arange(rows[i0] - start, rows[i1 - 1] - start + 1, device=x.device)
                 elif start:
                     index = index - start
             sub = x if every else x.index_select(0, index)
+
+            def rows_of(key):
+                v = values[key]
+                return v if whole else v[i0:i1]
+
             if name == "color":
-                sub = _color(sub, *p)
+                sub = _color(sub, rows_of("brightness"), rows_of("saturation"), rows_of("contrast"))
             elif name == "crop":
-                sub = _crop(sub, p[0])
+                position = rows_of("position")
+                sub = _crop_gather(sub, values["iy"].index_select(0, position),
+                                   values["ix"].index_select(0, position))
             elif name == "cutout":
-                size = (int(h * self.config.cutout + 0.5), int(w * self.config.cutout + 0.5))
-                sub = _cutout(sub, p[0], size)
+                sub = sub * values["mask"].index_select(0, rows_of("position"))
             elif name == "flip":
                 sub = sub.flip(3)
             else:  # scale, rotate
-                sub = _affine(sub, p[0])
+                sub = _affine(sub, rows_of("theta"))
             x = sub if every else x.index_copy(0, index, sub)
         return x
 
@@ -246,7 +305,7 @@ def apply(x: torch.Tensor, params: DSADraw, group_sizes: Sequence[int],
     Differentiable w.r.t. ``x``; rows of groups whose operation is not used are passed through
     untouched (bitwise). Returns a new tensor. (A :class:`RowPlan` of one batch, applied once.)
     """
-    plan = RowPlan(params, group_sizes, x.device, x.dtype, config, groups)
+    plan = RowPlan(params, group_sizes, x.device, x.dtype, config, groups, x.shape[-2:])
     if plan.rows != x.shape[0]:
         raise ValueError(f"group_sizes sum to {plan.rows} but x has {x.shape[0]} rows")
     return plan.apply(x)

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "accumulate over chunks); default: as many as fit 128 synthetic images")
     g.add_argument("--real-chunk", type=int, default=None,
                    help="real images per no_grad forward of the fused loop, each reduced to class "
-                        "statistics at once (peak memory does not grow with --batch-real); default 256")
+                        "statistics at once (peak memory does not grow with --batch-real); default 256 on "
+                        "the CPU, 2048 on a GPU")
     g.add_argument("--width", type=int, default=d.width, help="ConvNet width")
     g.add_argument("--depth", type=int, default=None, help="ConvNet depth; default 3 up to 32x32, 4 at 64x64")
     g.add_argument("--norm", default=d.norm, choices=("instancenorm", "batchnorm", "none"),

@@ -63,6 +63,10 @@ ATTENTION_SCALE = 100.0  # DataDAM's code multiplies both terms by 100
 # whatever batch_real is. On the 2-core CPU of bench/results a step took the same time with chunks of
 # 128 to 1280 images (the convolutions are compute-bound there).
 REAL_CHUNK_IMAGES = 256
+# The same on a GPU (or any non-CPU device), where each chunk costs a fixed number of kernel launches
+# (bench/launch_budget.py) whatever its size, and 2048 CIFAR images' maps (1 GB per 128 x 32 x 32 map) fit easily: at K = 10, batch_real
+# 128 (1280 images) one chunk instead of five.
+REAL_CHUNK_IMAGES_DEVICE = 2048
 # Synthetic images per forward/backward of the fused loop when class_chunk is not given (whole
 # classes; at least one): bounds the autograd graph, which at IPC 50 would otherwise hold every
 # activation of 500 images.
@@ -94,7 +98,7 @@ class DistillConfig:
     class_chunk: Optional[int] = None   # classes per synthetic forward/backward (fused loop); None:
                                         # as many as fit SYN_CHUNK_IMAGES images (at least one)
     real_chunk: Optional[int] = None    # real images per no_grad forward (fused loop); None:
-                                        # REAL_CHUNK_IMAGES
+                                        # REAL_CHUNK_IMAGES (CPU), REAL_CHUNK_IMAGES_DEVICE (GPU)
 
     def resolve(self, im_size: Sequence[int]) -> "DistillConfig":
         """A copy with the ``None`` defaults filled in for images of ``im_size``; validates."""
@@ -316,7 +320,8 @@ class Distiller:
 
     @property
     def real_chunk(self) -> int:
-        return self.config.real_chunk or REAL_CHUNK_IMAGES
+        default = REAL_CHUNK_IMAGES if self.device.type == "cpu" else REAL_CHUNK_IMAGES_DEVICE
+        return self.config.real_chunk or default
 
     def _augment(self, x, params, positions, sizes):
         """DSA of rows laid out as the owned-class ``positions`` with ``sizes`` rows each."""
@@ -337,7 +342,8 @@ class Distiller:
         per iteration and side; each chunk applies a row range of it), or None without DSA."""
         if draw.augmentation is None:
             return None
-        return dsa.RowPlan(draw.augmentation, [per_class] * len(self.classes), self.device)
+        return dsa.RowPlan(draw.augmentation, [per_class] * len(self.classes), self.device,
+                           image_size=self.real.image_shape[-2:])
 
     def _real_statistics(self, draw: Draw, raw):
         """The real side of the loss, streamed: ``real_chunk`` images at a time through the network

@@ -122,3 +122,32 @@ def test_zca_round_trip_and_whitening():
     # with the driver's eps 0.1 it is a regularized whitening: the round trip still holds
     z = dsa.ZCA().fit(x)
     torch.testing.assert_close(z.inverse(z(x)), x, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_plan_chunks_give_the_whole_batch_bitwise(dtype):
+    """A plan applied chunk by chunk (chunks splitting groups, every operation present) gives the
+    whole batch's images and gradients bitwise, with the image size given or taken from the batch."""
+    h, w = 10, 9
+    params = dsa.draw(12, (h, w), generator=torch.Generator().manual_seed(5))
+    params.op[:] = torch.arange(12) % 6
+    params.flip[:] = True
+    params.flip[9] = False  # a flip that did not come up: those rows pass through
+    sizes = [3, 1, 4, 2, 5, 1, 2, 3, 1, 2, 4, 2]
+    x = torch.randn(sum(sizes), 3, h, w, dtype=dtype, requires_grad=True)
+    whole = dsa.apply(x, params, sizes)
+    (g_whole,) = torch.autograd.grad(whole.pow(3).sum(), x)
+    assert torch.equal(whole[22:24], x[22:24])  # group 9's rows (after 22 rows)
+    for image_size in ((h, w), None):
+        plan = dsa.RowPlan(params, sizes, "cpu", dtype, image_size=image_size)
+        edges = [0, 5, 6, 13, 22, 30]
+        parts = [plan.apply(x[a:b], a) for a, b in zip(edges[:-1], edges[1:])]
+        got = torch.cat(parts)
+        assert torch.equal(got, whole)
+        (g,) = torch.autograd.grad(got.pow(3).sum(), x)
+        assert torch.equal(g, g_whole)
+    # a plan made for another image size is rebuilt for the batch it is given
+    plan = dsa.RowPlan(params, sizes, "cpu", dtype, image_size=(16, 16))
+    assert torch.equal(plan.apply(x), whole)
+    with pytest.raises(ValueError, match="outside the batch"):
+        plan.apply(x[:4], 28)

@@ -159,10 +159,17 @@ def check_labels(labels, n, name, device, num_classes=None):
     return labels.contiguous()
 
 
-def on_device(t, device):
-    """``t`` on ``device``: a host tensor is copied without waiting for the device (queued), one on
-    ``device`` is returned as is."""
-    return t if t.device == device else t.to(device, non_blocking=True)
+def on_device(t, device, dtype=None):
+    """``t`` on ``device`` (in ``dtype`` when given): a host tensor is copied without waiting for
+    the device (queued), one on ``device`` is returned as is. A host tensor bound for a CUDA device
+    goes through pinned memory first: from pageable memory CUDA synchronizes the stream before the
+    copy, which would stall the host until the device has drained its queue."""
+    device = torch.device(device)
+    if t.device == device:
+        return t if dtype is None else t.to(dtype)
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def check_blocks(n, num_classes, name):

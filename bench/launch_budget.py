@@ -45,6 +45,7 @@ import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import atom_fast  # noqa: E402
@@ -58,15 +59,26 @@ CLASSES = 10
 
 
 class OpCounter(TorchDispatchMode):
-    """ATen ops dispatched under it, by name."""
+    """ATen ops dispatched under it, by name; also how many were views (no kernel: a new tensor
+    header over the same memory) and, of the others, how many touched a tensor off the CPU (on a
+    GPU, the kernel launches and copies; on meta, what a GPU step would launch)."""
 
     def __init__(self):
         super().__init__()
         self.ops = Counter()
+        self.views = 0
+        self.device_work = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.ops[name] += 1
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:
+            self.views += 1
+        elif any(isinstance(t, torch.Tensor) and t.device.type != "cpu"
+                 for t in pytree.tree_leaves((args, kwargs, out))):
+            self.device_work[name] += 1
+        return out
 
     @property
     def total(self):
@@ -151,7 +163,12 @@ def step_counts(settings, device):
             d.step(1)
         d.close()
         rows.append({"label": label, "device": device, "classes": classes, "ipc": ipc, "loop": loop,
-                     "chunks": len(d.chunks) if loop == "fused" else None, "ops": counter.total,
+                     "chunks": len(d.chunks) if loop == "fused" else None,
+                     "real_chunks": (-(-classes * cfg.batch_real // d.real_chunk)
+                                     if loop == "fused" else None),
+                     "ops": counter.total, "views": counter.views,
+                     "device_ops": sum(counter.device_work.values()),
+                     "device_by_op": dict(counter.device_work.most_common()),
                      "by_op": dict(counter.ops.most_common())})
     return rows
 
@@ -194,7 +211,9 @@ def host_times(repeats):
 def markdown(result):
     lines = [f"# Launch budget ({result['date']})", "",
              f"Command: `{result['command']}`  ",
-             f"Machine: {result['machine']}, {result['threads']} torch threads (host times: 1)  ",
+             f"Machine: {result['machine']}, {result['threads']} torch threads (host times: 1); "
+             "load average at the start "
+             + ", ".join(f"{v:.1f}" for v in result.get("load_average", ())) + "  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()
                                       if v is not None), "",
              "ATen ops dispatched (TorchDispatchMode on CPU; host-side ops included; a Triton "
@@ -207,16 +226,26 @@ def markdown(result):
         target = TARGETS.get(r["path"], "")
         lines.append(f"| {r['path']} | {r['backend']} | {r['ops_per_layer']:g} | {target} | {top} |")
     lines += ["", "## Per distillation step (ATOM, native, DSA, batch_real 128, 3x16x16, width 16)",
-              "", "cpu: the ops of a CPU step (the native block tail; copies to the device are no-ops). "
-              "meta: the same step on the meta device, the op stream of a GPU step (the block tail as "
-              "modules, every copy of host data to the device counted as `_to_copy`).", "",
-              "| step | device | loop | classes | IPC | synthetic chunks | ops | top ops |",
-              "|---|---|---|---:|---:|---:|---:|---|"]
+              "", "cpu: the ops of a CPU step (the native block tail; copies to the device are no-ops; "
+              "real chunks of 256 images). meta: the same step on the meta device, the op stream of a "
+              "GPU step (the block tail as modules, every copy of host data to the device counted as "
+              "`_to_copy`; real chunks of 2048 images, the default off the CPU). ops: every ATen op "
+              "dispatched; views: those that only make a tensor header (no kernel); device ops: the "
+              "others that touch a tensor off the CPU (on meta: the launches and copies a GPU step "
+              "would issue; host-side work such as the random draws is not among them).", "",
+              "| step | device | loop | classes | IPC | real chunks | synthetic chunks | ops | views | "
+              "device ops | top ops |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["steps"]:
         top = ", ".join(f"{k} {v}" for k, v in list(r["by_op"].items())[:5])
+
+        def cell(key):
+            return "" if r.get(key) is None else r[key]
+
+        device_ops = r.get("device_ops") if r.get("device") == "meta" else None
         lines.append(f"| {r['label']} | {r.get('device', 'cpu')} | {r['loop']} | {r['classes']} | "
-                     f"{r['ipc']} | "
-                     f"{r['chunks'] if r['chunks'] is not None else ''} | {r['ops']} | "
+                     f"{r['ipc']} | {cell('real_chunks')} | {cell('chunks')} | {cell('ops')} | "
+                     f"{cell('views')} | {'' if device_ops is None else device_ops} | "
                      f"{top or r.get('error', '')} |")
     lines += ["", "## Host time per layer, forward + backward (native, tiny tensors, one thread)", "",
               "| path | layers per call | us per call | us per layer |", "|---|---:|---:|---:|"]
@@ -242,6 +271,7 @@ def main(argv=None):
         "command": "python -m bench.launch_budget " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": environment.device_name(torch.device("cpu")),
         "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),  # other work on the machine during the host times
         "versions": environment.versions(),
         "targets": TARGETS,
         "loss": loss_counts(backends),

@@ -125,6 +125,12 @@ if AVAILABLE:
                                     setup_context=_setup_backward_context)
 
 
+# Inside these Functions' forward and backward the ops are called below the autograd dispatch key:
+# the Function is the autograd node, and the ops' registered autograd (a Python wrapper that would
+# only find grad mode off and pass the call on) is skipped.
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
 class _Loss(torch.autograd.Function):
     """The features path's autograd node: ``attention_forward``, then ``attention_backward`` for
     each side that needs a gradient. The same formula as the ops' registered autograd (which serves
@@ -134,15 +140,19 @@ class _Loss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, real, syn, real_offsets, syn_offsets, real_order, syn_order, ps, pc, ws, wc):
-        output = ops.attention_forward(real, syn, real_offsets, syn_offsets, real_order, syn_order,
-                                       ps, pc, ws, wc)
+        with _below_autograd():
+            output = ops.attention_forward(real, syn, real_offsets, syn_offsets, real_order,
+                                           syn_order, ps, pc, ws, wc)
         _setup_context(ctx, (real, syn, real_offsets, syn_offsets, real_order, syn_order, ps, pc,
                              ws, wc), output)
         return output[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss, None, None, None)
+        if torch.is_grad_enabled():  # create_graph=True: the op's autograd raises on a 2nd backward
+            return _backward(ctx, grad_loss, None, None, None)
+        with _below_autograd():
+            return _backward(ctx, grad_loss, None, None, None)
 
 
 class _LossFromSums(torch.autograd.Function):
@@ -152,15 +162,19 @@ class _LossFromSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, real_spatial, real_channel, real_counts, syn, syn_offsets, syn_order, ps, pc,
                 ws, wc):
-        output = ops.attention_forward_sums(real_spatial, real_channel, real_counts, syn,
-                                            syn_offsets, syn_order, ps, pc, ws, wc)
+        with _below_autograd():
+            output = ops.attention_forward_sums(real_spatial, real_channel, real_counts, syn,
+                                                syn_offsets, syn_order, ps, pc, ws, wc)
         _setup_sums_context(ctx, (real_spatial, real_channel, real_counts, syn, syn_offsets,
                                   syn_order, ps, pc, ws, wc), output)
         return output[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _sums_backward(ctx, grad_loss, None, None)
+        if torch.is_grad_enabled():  # create_graph=True: the op's autograd raises on a 2nd backward
+            return _sums_backward(ctx, grad_loss, None, None)
+        with _below_autograd():
+            return _sums_backward(ctx, grad_loss, None, None)
 
 
 def layout_arguments(layout, device):

@@ -18,7 +18,7 @@ import torch
 
 from atom_fast.backends.reference import class_sums
 from atom_fast.constants import accumulation_dtype, norm_floor
-from atom_fast.layout import class_counts, class_offsets, class_order
+from atom_fast.layout import class_counts, class_offsets, class_order, on_device
 
 DOUBLE_BACKWARD_ERROR = ("backend='triton' does not support double backward (a gradient of the "
                          "attention loss's gradient); use backend='reference' for that")
@@ -368,7 +368,7 @@ class AttentionLossFromSums(torch.autograd.Function):
         stats = _launchers().attention_stats(syn, spatial_power, channel_power, spatial_weight != 0,
                                              channel_weight != 0, acc_dtype, scalars)
         # Counts kept on the host (K values) are copied without waiting for the device.
-        real_counts = real_counts.to(syn.device, non_blocking=True).to(acc_dtype).clamp_min(1)
+        real_counts = on_device(real_counts, syn.device, acc_dtype).clamp_min(1)
         if syn_labels is None:
             syn_counts = None
             side_layout = dict(per_class=syn.shape[0] // num_classes)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from atom_fast.layout import on_device
+
 OPERATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 
@@ -232,9 +234,9 @@ class RowPlan:
         # two copies to the device; every part is a view of them
         dtype = self.dtype
         f = torch.from_numpy(np.concatenate(fl) if fl else np.zeros(0, np.float32))
-        f = f.to(device=self.device, dtype=dtype, non_blocking=True)
+        f = on_device(f, self.device, dtype)
         i = torch.from_numpy(np.concatenate(it) if it else np.zeros(0, np.int64))
-        i = i.to(device=self.device, non_blocking=True)
+        i = on_device(i, self.device)
 
         def view(buffer, part):  # one op per part
             if part is None:

@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from atom_fast.distill.data.common import denormalize
+from atom_fast.layout import on_device
 
 
 def class_rows(labels: torch.Tensor, num_classes: int) -> List[torch.Tensor]:
@@ -49,7 +50,7 @@ class MemoryImages:
     def fetch(self, classes: Sequence[int], positions: Sequence[torch.Tensor]) -> torch.Tensor:
         """The dataset rows of the sampled images, class-major, on the device."""
         rows = torch.cat([self.rows[k][p] for k, p in zip(classes, positions)])
-        return rows.to(self.device, non_blocking=True)
+        return on_device(rows, self.device)
 
     def convert(self, raw: torch.Tensor, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         return self.images.index_select(0, raw[start:stop])

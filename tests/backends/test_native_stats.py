@@ -276,3 +276,14 @@ def test_from_sums_gradcheck_in_float64():
     assert torch.autograd.gradcheck(
         lambda x: _native.attention_loss_from_sums(S, T, counts, x, None, 3, 2.5, 3.7, 0.3, 1 / 3),
         (s,), check_undefined_grad=True)
+
+
+def test_from_sums_double_backward_raises():
+    reals, syns = make_layers([(3, 2, 3)], 6, 3, torch.float64, DEVICE)
+    S, T = _native.class_attention_sums(reals[0], None, 3, 4.0, 4.0, True, True)
+    counts = torch.full((3,), 2, dtype=torch.int64, device=DEVICE)
+    s = syns[0].clone().requires_grad_()
+    loss = _native.attention_loss_from_sums(S, T, counts, s, None, 3, 4.0, 4.0, 1.0, 1.0)
+    (g,) = torch.autograd.grad(loss, s, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(g.sum(), s)

@@ -10,10 +10,16 @@
 namespace atom_fast {
 namespace cpu {
 
-// 0 (general path: exp(p log x), vectorized in float32) or the integer power p in
-// 1..kMaxUnrolledPower (unrolled multiplications, as in the Triton kernels).
+// The row kernels' template index of a power: the integer power p itself in 1..kMaxUnrolledPower
+// (unrolled multiplications, as in the Triton kernels); kMaxUnrolledPower + k for the half-integer
+// p = k + 1/2, k in 1..kMaxUnrolledPower - 1 (|x|^k sqrt|x|: the multiplications and one
+// correctly rounded square root); 0 for every other power (the general path, 2^(p log2 |x|)).
+constexpr int kHalfPowerIndex = kMaxUnrolledPower;  // index of p = k + 1/2 is kHalfPowerIndex + k
 inline int power_index(double p) {
   if (p >= 1 && p <= kMaxUnrolledPower && p == std::floor(p)) return static_cast<int>(p);
+  const double k = p - 0.5;
+  if (k >= 1 && k <= kMaxUnrolledPower - 1 && k == std::floor(k))
+    return kHalfPowerIndex + static_cast<int>(k);
   return 0;
 }
 
@@ -42,7 +48,8 @@ struct RowKernels {
   Power power;              // out[i] = |x[i]|^p by the non-integer path (the test hook's)
 };
 
-using PowerSequence = std::make_integer_sequence<int, kMaxUnrolledPower + 1>;  // 0, 1, ..., 16
+// 0 (general), 1..16 (integers), 17..31 (1.5 .. 15.5)
+using PowerSequence = std::make_integer_sequence<int, 2 * kMaxUnrolledPower>;
 
 // One definition per instruction set (kernels_default.cpp, kernels_avx2.cpp).
 namespace isa_default {

@@ -7,7 +7,8 @@
 //
 // Every kernel reads x' = |x| * inv, the row scaled by its sample's 1/m (see constants.h), so
 // |x'| <= 1 and no power overflows. Integer powers 1..kMaxUnrolledPower are template parameters
-// (the multiplications unroll and the loops vectorize); any other power (P == 0) is
+// (the multiplications unroll and the loops vectorize), half-integer ones k + 1/2 too (sqrt x' times
+// x'^k: one more instruction per element); any other power (P == 0) is
 // 2^(p log2 x') (pow_general below: AVX2 intrinsics in the AVX2 copy, scalar code in the baseline
 // one; float64 keeps std::pow), computed a chunk of the row at a time into an L1 buffer.
 
@@ -23,6 +24,9 @@ inline float fabs_(float x) { return __builtin_fabsf(x); }
 inline double fabs_(double x) { return __builtin_fabs(x); }
 inline float copysign_(float m, float x) { return __builtin_copysignf(m, x); }
 inline double copysign_(double m, double x) { return __builtin_copysign(m, x); }
+// the square root instruction (correctly rounded; -fno-math-errno keeps it inline and vectorizable)
+inline float sqrt_(float x) { return __builtin_sqrtf(x); }
+inline double sqrt_(double x) { return __builtin_sqrt(x); }
 
 inline int32_t bits_of(float x) {
   int32_t b;
@@ -181,6 +185,10 @@ template <typename acc_t, int P>
 inline acc_t abs_pow(acc_t a, double p) {
   if constexpr (P == 0) {
     return pow_general(a, p);
+  } else if constexpr (P > kHalfPowerIndex) {  // p = k + 1/2: sqrt(a) a^k
+    acc_t r = sqrt_(a);
+    for (int i = 0; i < P - kHalfPowerIndex; ++i) r *= a;
+    return r;
   } else {
     acc_t r = a;
     for (int i = 1; i < P; ++i) r *= a;
@@ -191,7 +199,14 @@ inline acc_t abs_pow(acc_t a, double p) {
 // |x|^(p-1) sgn(x): d|x|^p/dx divided by p; 0 at x == 0 for every p > 0 (as the reference).
 template <typename acc_t, int P>
 inline acc_t abs_pow_grad(acc_t x, double p) {
-  if constexpr (P == 1) {
+  if constexpr (P == kHalfPowerIndex + 1) {  // p = 3/2: sqrt|x| sgn(x)
+    return copysign_(sqrt_(fabs_(x)), x);
+  } else if constexpr (P > kHalfPowerIndex + 1) {  // p = k + 1/2, k >= 2: x sqrt|x| |x|^(k-2)
+    const acc_t a = fabs_(x);
+    acc_t r = x * sqrt_(a);
+    for (int i = 2; i < P - kHalfPowerIndex; ++i) r *= a;
+    return r;
+  } else if constexpr (P == 1) {
     return x > acc_t(0) ? acc_t(1) : (x < acc_t(0) ? acc_t(-1) : acc_t(0));
   } else if constexpr (P >= 2) {
     const acc_t a = fabs_(x);
@@ -397,7 +412,8 @@ void scale_row(acc_t* __restrict x, int64_t n, acc_t f) {
   for (int64_t i = 0; i < n; ++i) x[i] *= f;
 }
 
-// Function tables, indexed by power_index(p): 0 for the general path, else the integer power.
+// Function tables, indexed by power_index(p): 0 for the general path, the integer powers, then the
+// half-integer ones (kernels.h).
 template <typename acc_t, int... Ps>
 RowKernels<acc_t> make_table(int spatial_index, int channel_index, std::integer_sequence<int, Ps...>) {
   using K = RowKernels<acc_t>;

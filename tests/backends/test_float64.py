@@ -42,6 +42,7 @@ TERMS = {
     "p3,3-w0.01,0.3": (3.0, 3.0, 0.01, 0.3),
     "p3.7,2-w1/3,0": (3.7, 2.0, 1 / 3, 0.0),
     "p4,2.5-w0,0.01": (4.0, 2.5, 0.0, 0.01),
+    "p1.5,1.5-w0.3,1/3": (1.5, 1.5, 0.3, 1 / 3),  # the native op's square-root path, both terms at once
 }
 LABELS = {"equal-blocks": False, "labels": True}
 SMALL_BLOCKS = ("p2.5,3.7-w0.3,1/3", "labels")  # the one case run with "triton-small-blocks"

@@ -111,6 +111,41 @@ def test_row_kernels_use_it(isa):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1000, generator=g) * torch.exp2(torch.randint(-30, 1, (1000,), generator=g).float())
     x[0] = 1.0
-    for p in (0.5, 2.5, 3.7, 24.5):
+    for p in (0.5, 3.7, 15.25, 24.5):  # half-integers up to 15.5 take the square root (below)
         got = ops.attention_stats(x.view(1, 1, 1, -1), p, p, True, False)[0, :x.numel()]
         assert torch.equal(got, ops._general_power(x, p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_half_integer_powers_take_the_square_root(isa, dtype):
+    # p = k + 1/2 (k = 1..15): |x|^k sqrt|x| by k multiplications and one correctly rounded square
+    # root, so k + 1 roundings: within (k + 1) half-ulps of the exact value (relative (k+1) 2^-24 in
+    # float32, 2^-53 in float64), by the row loop of the forward (one channel, m = 1: the stats'
+    # spatial entries are |x|^p one element each). The gradient's |x|^(p-1) is the same code one
+    # power lower; the loss tests hold it against the reference in float64.
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(1001, generator=g, dtype=torch.float64) * 0.9375 + 0.0625).to(dtype)
+    x[0] = 1.0
+    half_ulp = 2.0 ** -24 if dtype == torch.float32 else 2.0 ** -53
+    for k in (1, 2, 3, 7, 15):
+        p = k + 0.5
+        got = ops.attention_stats(x.view(1, 1, 1, -1), p, p, True, False)[0, :x.numel()]
+        want = x.double().pow(p) if dtype == torch.float32 else _exact_pow(x, k)
+        rel = ((got.double() - want).abs() / want).max().item()
+        # float64: the reference itself is one rounding off the exact value
+        bound = (k + 1 if dtype == torch.float32 else k + 2) * half_ulp
+        assert rel <= bound, (p, rel / half_ulp)
+
+
+def _exact_pow(x, k):
+    """x^(k + 1/2) of float64 x to ~2^-100 relative, with Python's exact rationals for x^k and a
+    float64 square root corrected by one Newton step in extended (fractions) arithmetic."""
+    from fractions import Fraction
+
+    out = []
+    for v in x.tolist():
+        f = Fraction(v)
+        r = Fraction(v ** 0.5)
+        r = (r + f / r) / 2  # one Newton step: error squared
+        out.append(float(f ** k * r))
+    return torch.tensor(out, dtype=torch.float64)

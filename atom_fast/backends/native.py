@@ -132,27 +132,60 @@ _below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
 class _Loss(torch.autograd.Function):
-    """The features path's autograd node: ``attention_forward``, then ``attention_backward`` for
-    each side that needs a gradient. The same formula as the ops' registered autograd (which serves
-    direct callers of ``torch.ops.atom_fast.attention_forward`` and torch.compile), without its
-    per-call dispatch through torch.library's Python wrapper (a large part of a tiny call's host
-    time: bench/launch_budget.py)."""
+    """The features path's autograd node, one for all layers of a call: ``attention_forward`` per
+    layer (the losses summed), then ``attention_backward`` per layer and side that needs a gradient.
+    The same formula as the ops' registered autograd (which serves direct callers of
+    ``torch.ops.atom_fast.attention_forward`` and torch.compile), without its per-call dispatch
+    through torch.library's Python wrapper, and one node instead of one per layer (their overhead
+    is most of a small call's host time: bench/launch_budget.py).
+
+    Arguments: the four layout tensors, the four terms, the layer count L, then the L real and the
+    L synthetic feature tensors."""
 
     @staticmethod
-    def forward(ctx, real, syn, real_offsets, syn_offsets, real_order, syn_order, ps, pc, ws, wc):
+    def forward(ctx, real_offsets, syn_offsets, real_order, syn_order, ps, pc, ws, wc, layers,
+                *features):
+        reals, syns = features[:layers], features[layers:]
+        need = ctx.needs_input_grad[9:]
+        total, saved = None, []
         with _below_autograd():
-            output = ops.attention_forward(real, syn, real_offsets, syn_offsets, real_order,
-                                           syn_order, ps, pc, ws, wc)
-        _setup_context(ctx, (real, syn, real_offsets, syn_offsets, real_order, syn_order, ps, pc,
-                             ws, wc), output)
-        return output[0]
+            for i, (real, syn) in enumerate(zip(reals, syns)):
+                loss, real_stats, syn_stats, diffs = ops.attention_forward(
+                    real, syn, real_offsets, syn_offsets, real_order, syn_order, ps, pc, ws, wc)
+                total = loss if total is None else total + loss
+                need_real, need_syn = need[i], need[layers + i]
+                saved += [real if need_real else None, syn if need_syn else None,
+                          real_stats if need_real else None, syn_stats if need_syn else None,
+                          diffs]
+        ctx.save_for_backward(real_offsets, syn_offsets, real_order, syn_order, *saved)
+        ctx.params = (ps, pc, ws, wc)
+        ctx.layers = layers
+        return total
 
     @staticmethod
     def backward(ctx, grad_loss):
+        real_offsets, syn_offsets, real_order, syn_order, *saved = ctx.saved_tensors
+        layers, params = ctx.layers, ctx.params
+        need = ctx.needs_input_grad[9:]
+        grads = [None] * (2 * layers)
+
+        def run():
+            for i in range(layers):
+                real, syn, real_stats, syn_stats, diffs = saved[5 * i:5 * i + 5]
+                if need[i]:
+                    grads[i] = ops.attention_backward(grad_loss, real, real_stats, diffs,
+                                                      real_offsets, real_order, 1.0, *params)
+                if need[layers + i]:
+                    grads[layers + i] = ops.attention_backward(grad_loss, syn, syn_stats, diffs,
+                                                               syn_offsets, syn_order, -1.0,
+                                                               *params)
+
         if torch.is_grad_enabled():  # create_graph=True: the op's autograd raises on a 2nd backward
-            return _backward(ctx, grad_loss, None, None, None)
-        with _below_autograd():
-            return _backward(ctx, grad_loss, None, None, None)
+            run()
+        else:
+            with _below_autograd():
+                run()
+        return (None,) * 9 + tuple(grads)
 
 
 class _LossFromSums(torch.autograd.Function):
@@ -192,12 +225,15 @@ def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_we
         return _reference_attention_loss(reals, syns, layout, spatial_power, channel_power,
                                          spatial_weight, channel_weight)
     real_offsets, syn_offsets, real_order, syn_order = layout_arguments(layout, reals[0].device)
+    terms = (spatial_power, channel_power, spatial_weight, channel_weight)
+    if not torch.compiler.is_compiling():
+        return _Loss.apply(real_offsets, syn_offsets, real_order, syn_order, *terms, len(reals),
+                           *reals, *syns)
+    # torch.compile traces the op with its registered autograd (and removes the host overhead)
     total = None
     for real, syn in zip(reals, syns):
-        args = (real, syn, real_offsets, syn_offsets, real_order, syn_order, spatial_power,
-                channel_power, spatial_weight, channel_weight)
-        # torch.compile traces the op with its registered autograd (and removes the host overhead)
-        loss = ops.attention_forward(*args)[0] if torch.compiler.is_compiling() else _Loss.apply(*args)
+        loss = ops.attention_forward(real, syn, real_offsets, syn_offsets, real_order, syn_order,
+                                     *terms)[0]
         total = loss if total is None else total + loss
     return total
 

@@ -163,7 +163,9 @@ Classes read_classes(const at::Tensor& offsets_t, const c10::optional<at::Tensor
 // of random data has ~ln(C) records, so a few O(H*W + C) rescales per sample). Only when a row
 // exceeds m by so much that (m_new / m_old)^p could overflow the sums is the sample redone with its
 // full max taken first. (Taking every row's max in a separate pass cost ~15% of the forward's
-// bandwidth, a scratch row of powers ~10%, on the 2-core machine.)
+// bandwidth, a scratch row of powers ~10%, on the 2-core machine.) Where the rows are summed into
+// the spatial vector (float rows; both terms at one power, or the spatial term alone), four channel
+// rows go at once on one scale: the spatial vector is read and written once per four rows.
 template <typename scalar_t, typename acc_t>
 void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bool has_s,
                 bool has_t) {
@@ -173,6 +175,9 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
   acc_t* out = stats.data_ptr<acc_t>();
   const auto k = cpu::row_kernels<acc_t>(ps, pc);
   const bool same = has_s && has_t && ps == pc;
+  // rows taken four at a time: s summed into and each row's powers needed once (float rows,
+  // read in place)
+  const bool quad = std::is_same_v<scalar_t, acc_t> && (same || (has_s && !has_t));
   const double p_max = std::max(has_s ? ps : 0.0, has_t ? pc : 0.0);
   // largest log2 of a rescale factor (m_new / m_old)^p that keeps C * H * W such terms finite
   const double log2_limit = std::is_same_v<acc_t, float> ? 80.0 : 900.0;
@@ -192,25 +197,45 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
       // is zero, and t[c] sums over the tiles done.
       const int64_t tile = HW > kSpatialTile * 2 ? kSpatialTile : HW;
       const int64_t tiles = (HW + tile - 1) / tile;
-      for (int64_t r = 0; r < tiles * C && (has_s || has_t); ++r) {
+      for (int64_t r = 0; r < tiles * C && (has_s || has_t);) {
         const int64_t c = r % C, lo = (r / C) * tile, len = std::min(tile, HW - lo);
-        const int64_t next = r + 1 < tiles * C ? ((r + 1) % C) * HW + ((r + 1) / C) * tile : stride_n;
-        prefetch(fn + next, std::min(tile, HW) * sizeof(scalar_t));
-        const acc_t* x = load_row<scalar_t, acc_t>(fn + c * HW + lo, buf.data(), len);
+        // four channel rows at once where s is summed into (s loaded and stored once for the four)
+        const int64_t g = (quad && c % 4 == 0 && c + 4 <= C) ? 4 : 1;
+        for (int64_t j = 0; j < g; ++j) {
+          const int64_t q = r + g + j;
+          prefetch(q < tiles * C ? fn + (q % C) * HW + (q / C) * tile : fn + stride_n,
+                   std::min(tile, HW) * sizeof(scalar_t));
+        }
+        const acc_t* rows[4];
+        rows[0] = load_row<scalar_t, acc_t>(fn + c * HW + lo, buf.data(), len);
+        for (int64_t j = 1; j < g; ++j) rows[j] = reinterpret_cast<const acc_t*>(fn + (c + j) * HW + lo);
+        const acc_t* x = rows[0];
         if (m == 0) {  // no scale yet (first row, or all rows so far zero)
-          const acc_t first = k.row_max(x, len);
+          acc_t first = 0;
+          for (int64_t j = 0; j < g; ++j) first = std::max(first, k.row_max(rows[j], len));
           if (first >= tiny) m = first;
         }
         const acc_t inv = m > 0 ? acc_t(1) / m : acc_t(1);
         acc_t row_m, part = 0;
-        if (same) {
-          row_m = k.both(x, s + lo, len, ps, inv, &part);
+        if (g == 4) {
+          if (same) {
+            acc_t parts[4];
+            row_m = k.both4(rows, s + lo, len, ps, inv, parts);
+            for (int j = 0; j < 4; ++j) t[c + j] = lo == 0 ? parts[j] : t[c + j] + parts[j];
+          } else {
+            row_m = k.spatial4(rows, s + lo, len, ps, inv);
+          }
         } else {
-          row_m = has_s ? k.spatial(x, s + lo, len, ps, inv) : k.row_max(x, len);
-          if (has_t) part = k.channel(x, len, pc, inv);
+          if (same) {
+            row_m = k.both(x, s + lo, len, ps, inv, &part);
+          } else {
+            row_m = has_s ? k.spatial(x, s + lo, len, ps, inv) : k.row_max(x, len);
+            if (has_t) part = k.channel(x, len, pc, inv);
+          }
+          if (has_t) t[c] = lo == 0 ? part : t[c] + part;
         }
-        if (has_t) t[c] = lo == 0 ? part : t[c] + part;
-        if (row_m > m && row_m >= tiny && !fixed) {  // this row raised the max (then m > 0)
+        r += g;
+        if (row_m > m && row_m >= tiny && !fixed) {  // these rows raised the max (then m > 0)
           const double ratio = static_cast<double>(m) / static_cast<double>(row_m);
           if (-p_max * std::log2(ratio) > log2_limit) {
             // the sums may have overflowed on the old scale: redo the sample with its max
@@ -222,7 +247,7 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
             std::fill(s, s + HW + C, acc_t(0));
             m = full;
             fixed = true;
-            r = -1;
+            r = 0;
             continue;
           }
           if (has_s) k.scale(s, HW, static_cast<acc_t>(std::pow(ratio, ps)));

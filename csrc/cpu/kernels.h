@@ -30,6 +30,8 @@ struct RowKernels {
   using Spatial = acc_t (*)(const acc_t*, acc_t*, int64_t, double, acc_t);
   using Channel = acc_t (*)(const acc_t*, int64_t, double, acc_t);
   using Both = acc_t (*)(const acc_t*, acc_t*, int64_t, double, acc_t, acc_t*);
+  using Spatial4 = acc_t (*)(const acc_t* const*, acc_t*, int64_t, double, acc_t);
+  using Both4 = acc_t (*)(const acc_t* const*, acc_t*, int64_t, double, acc_t, acc_t*);
   using GradSpatial = void (*)(const acc_t*, const acc_t*, acc_t*, int64_t, double, acc_t);
   using GradChannel = void (*)(const acc_t*, acc_t, acc_t*, int64_t, double, acc_t, bool);
   using GradBoth = void (*)(const acc_t*, const acc_t*, acc_t, acc_t*, int64_t, double, acc_t);
@@ -39,6 +41,10 @@ struct RowKernels {
   Spatial spatial;          // s[i] += |x'[i]|^ps, returns max_i |x[i]|
   Channel channel;          // returns sum_i |x'[i]|^pc
   Both both;                // both when ps == pc (*t = the sum), returns max_i |x[i]|
+  // the same for four rows x[0..3] of one spatial range at once (s read and written once for
+  // the four; t[j] the sum of row j); return the max over the four rows
+  Spatial4 spatial4;
+  Both4 both4;
   GradSpatial grad_spatial; // out[i] = |x'|^(ps-1) sgn(x) gs[i]
   GradChannel grad_channel; // out[i] (+)= |x'|^(pc-1) sgn(x) gt
   GradBoth grad_both;       // out[i] = |x'|^(p-1) sgn(x) (gs[i] + gt) when ps == pc

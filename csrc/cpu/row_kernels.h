@@ -311,6 +311,77 @@ acc_t both_row(const acc_t* __restrict x, acc_t* __restrict s, int64_t n, double
   return m;
 }
 
+// Four rows x[0..3] (the same spatial range of four channels) at once: s[i] += sum_j |x[j][i] inv|^p
+// with s loaded and stored once per element for the four (the single-row loop's load and store of s
+// per element competed with the feature stream for the load/store ports); t_out[j] = sum_i of row
+// j (both4 only). Returns the max |x| over the four rows. The general power (chunked) runs the
+// single-row loops.
+template <typename acc_t, int P>
+acc_t spatial4_row(const acc_t* const* x, acc_t* __restrict s, int64_t n, double p, acc_t inv) {
+  if constexpr (kChunked<acc_t, P>) {
+    acc_t m = 0;
+    for (int j = 0; j < 4; ++j) {
+      const acc_t mj = spatial_row<acc_t, P>(x[j], s, n, p, inv);
+      m = mj > m ? mj : m;
+    }
+    return m;
+  } else {
+    const acc_t* __restrict x0 = x[0];
+    const acc_t* __restrict x1 = x[1];
+    const acc_t* __restrict x2 = x[2];
+    const acc_t* __restrict x3 = x[3];
+    acc_t m = 0;
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t a0 = fabs_(x0[i]), a1 = fabs_(x1[i]), a2 = fabs_(x2[i]), a3 = fabs_(x3[i]);
+      s[i] += (abs_pow<acc_t, P>(a0 * inv, p) + abs_pow<acc_t, P>(a1 * inv, p)) +
+              (abs_pow<acc_t, P>(a2 * inv, p) + abs_pow<acc_t, P>(a3 * inv, p));
+      const acc_t m01 = a0 > a1 ? a0 : a1, m23 = a2 > a3 ? a2 : a3;
+      const acc_t mi = m01 > m23 ? m01 : m23;
+      m = mi > m ? mi : m;
+    }
+    return m;
+  }
+}
+
+template <typename acc_t, int P>
+acc_t both4_row(const acc_t* const* x, acc_t* __restrict s, int64_t n, double p, acc_t inv,
+                acc_t* __restrict t_out) {
+  if constexpr (kChunked<acc_t, P>) {
+    acc_t m = 0;
+    for (int j = 0; j < 4; ++j) {
+      const acc_t mj = both_row<acc_t, P>(x[j], s, n, p, inv, t_out + j);
+      m = mj > m ? mj : m;
+    }
+    return m;
+  } else {
+    const acc_t* __restrict x0 = x[0];
+    const acc_t* __restrict x1 = x[1];
+    const acc_t* __restrict x2 = x[2];
+    const acc_t* __restrict x3 = x[3];
+    acc_t m = 0, t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+#pragma omp simd reduction(max : m) reduction(+ : t0, t1, t2, t3)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t a0 = fabs_(x0[i]), a1 = fabs_(x1[i]), a2 = fabs_(x2[i]), a3 = fabs_(x3[i]);
+      const acc_t v0 = abs_pow<acc_t, P>(a0 * inv, p), v1 = abs_pow<acc_t, P>(a1 * inv, p);
+      const acc_t v2 = abs_pow<acc_t, P>(a2 * inv, p), v3 = abs_pow<acc_t, P>(a3 * inv, p);
+      s[i] += (v0 + v1) + (v2 + v3);
+      t0 += v0;
+      t1 += v1;
+      t2 += v2;
+      t3 += v3;
+      const acc_t m01 = a0 > a1 ? a0 : a1, m23 = a2 > a3 ? a2 : a3;
+      const acc_t mi = m01 > m23 ? m01 : m23;
+      m = mi > m ? mi : m;
+    }
+    t_out[0] = t0;
+    t_out[1] = t1;
+    t_out[2] = t2;
+    t_out[3] = t3;
+    return m;
+  }
+}
+
 // max_i |x[i]|
 template <typename acc_t>
 acc_t row_max(const acc_t* __restrict x, int64_t n) {
@@ -420,6 +491,8 @@ RowKernels<acc_t> make_table(int spatial_index, int channel_index, std::integer_
   static constexpr typename K::Spatial spatial[] = {&spatial_row<acc_t, Ps>...};
   static constexpr typename K::Channel channel[] = {&channel_row<acc_t, Ps>...};
   static constexpr typename K::Both both[] = {&both_row<acc_t, Ps>...};
+  static constexpr typename K::Spatial4 spatial4[] = {&spatial4_row<acc_t, Ps>...};
+  static constexpr typename K::Both4 both4[] = {&both4_row<acc_t, Ps>...};
   static constexpr typename K::GradSpatial grad_spatial[] = {&grad_spatial_row<acc_t, Ps>...};
   static constexpr typename K::GradChannel grad_channel[] = {&grad_channel_row<acc_t, Ps>...};
   static constexpr typename K::GradBoth grad_both[] = {&grad_both_row<acc_t, Ps>...};
@@ -427,6 +500,8 @@ RowKernels<acc_t> make_table(int spatial_index, int channel_index, std::integer_
   k.spatial = spatial[spatial_index];
   k.channel = channel[channel_index];
   k.both = both[spatial_index];
+  k.spatial4 = spatial4[spatial_index];
+  k.both4 = both4[spatial_index];
   k.grad_spatial = grad_spatial[spatial_index];
   k.grad_channel = grad_channel[channel_index];
   k.grad_both = grad_both[spatial_index];

@@ -271,6 +271,21 @@ inline std::pair<Normalizer, Normalizer> normalizers(const acc_t* row, int64_t H
   return {normalizer(m, row[HW + C + 1], ps), normalizer(m, row[HW + C + 2], pc)};
 }
 
+// D_k = real(l) / nr - syn_sum[l] / ns into dk (real(l): the real side's class sum of entry l,
+// read before dk[l] is written); returns ws ||D_k(s)||^2 + wc ||D_k(t)||^2 (a zero weight: 0).
+template <typename acc_t, typename Real>
+acc_t class_difference(Real real, const acc_t* syn_sum, acc_t nr, acc_t ns, int64_t HW, int64_t C,
+                       double ws, double wc, acc_t* dk) {
+  acc_t sq_s = 0, sq_t = 0;
+  for (int64_t l = 0; l < HW + C; ++l) {
+    const acc_t v = real(l) / nr - syn_sum[l] / ns;
+    dk[l] = v;
+    (l < HW ? sq_s : sq_t) += v * v;
+  }
+  return (ws != 0 ? static_cast<acc_t>(ws) * sq_s : acc_t(0)) +
+         (wc != 0 ? static_cast<acc_t>(wc) * sq_t : acc_t(0));
+}
+
 // Sum over the class's samples of the normalized vectors: acc[l] += x'[l] * r.
 template <typename acc_t>
 void class_sum(const acc_t* stats, const Classes& cls, int64_t k, int64_t HW, int64_t C, double ps,
@@ -312,14 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_typed(
       class_sum(ss, sc, k, HW, C, ps, pc, mean_s.data());
       const acc_t nr = static_cast<acc_t>(std::max<int64_t>(rc.offsets[k + 1] - rc.offsets[k], 1));
       const acc_t ns = static_cast<acc_t>(std::max<int64_t>(sc.offsets[k + 1] - sc.offsets[k], 1));
-      acc_t sq_s = 0, sq_t = 0;
-      for (int64_t l = 0; l < HW + C; ++l) {
-        const acc_t v = dk[l] / nr - mean_s[l] / ns;
-        dk[l] = v;
-        (l < HW ? sq_s : sq_t) += v * v;
-      }
-      terms[k] = (has_s ? static_cast<acc_t>(ws) * sq_s : acc_t(0)) +
-                 (has_t ? static_cast<acc_t>(wc) * sq_t : acc_t(0));
+      terms[k] = class_difference([dk](int64_t l) { return dk[l]; }, mean_s.data(), nr, ns, HW, C,
+                                  ws, wc, dk);
     }
   });
   acc_t loss = 0;
@@ -457,13 +466,10 @@ std::tuple<at::Tensor, at::Tensor> attention_class_sums_cpu(const at::Tensor& fe
                                                            const c10::optional<at::Tensor>& order,
                                                            double ps, double pc, bool spatial,
                                                            bool channel) {
-  const char* op = "atom_fast::attention_class_sums";
-  check_features(features, "features", op);
-  check_power(ps, "spatial_power", op);
-  check_power(pc, "channel_power", op);
+  const int64_t K = check_class_sums(features, offsets, order, ps, pc);
   const int64_t N = features.size(0);
-  const int64_t K = check_layout(offsets, order, N, features, "offsets", "order", op);
-  const Classes cls = read_classes(offsets, order, N, "offsets", "order", op);
+  const Classes cls = read_classes(offsets, order, N, "offsets", "order",
+                                   "atom_fast::attention_class_sums");
   const at::Tensor F = sample_contiguous(features);
   const int64_t C = F.size(1), HW = F.size(2) * F.size(3);
   const auto opts = F.options().dtype(accumulation_type(F.scalar_type()));
@@ -515,16 +521,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_sums_typed(
       class_sum(ss, sc, k, HW, C, ps, pc, mean_s.data());
       const acc_t nr = static_cast<acc_t>(std::max<int64_t>(counts[k], 1));
       const acc_t ns = static_cast<acc_t>(std::max<int64_t>(sc.offsets[k + 1] - sc.offsets[k], 1));
-      acc_t sq_s = 0, sq_t = 0;
-      for (int64_t l = 0; l < HW + C; ++l) {
-        const acc_t real = l < HW ? (rs != nullptr ? rs[k * HW + l] : acc_t(0))
-                                  : (rc != nullptr ? rc[k * C + l - HW] : acc_t(0));
-        const acc_t v = real / nr - mean_s[l] / ns;
-        dk[l] = v;
-        (l < HW ? sq_s : sq_t) += v * v;
-      }
-      terms[k] = (has_s ? static_cast<acc_t>(ws) * sq_s : acc_t(0)) +
-                 (has_t ? static_cast<acc_t>(wc) * sq_t : acc_t(0));
+      const auto real = [rs, rc, k, HW, C](int64_t l) {
+        return l < HW ? (rs != nullptr ? rs[k * HW + l] : acc_t(0))
+                      : (rc != nullptr ? rc[k * C + l - HW] : acc_t(0));
+      };
+      terms[k] = class_difference(real, mean_s.data(), nr, ns, HW, C, ws, wc, dk);
     }
   });
   acc_t loss = 0;

@@ -96,6 +96,16 @@ inline ForwardArgs check_forward(const at::Tensor& real, const at::Tensor& syn,
   return {real.size(1), real.size(2) * real.size(3), K};
 }
 
+// attention_class_sums: features, powers and the class layout; returns K.
+inline int64_t check_class_sums(const at::Tensor& features, const at::Tensor& offsets,
+                                const c10::optional<at::Tensor>& order, double ps, double pc) {
+  const char* op = "atom_fast::attention_class_sums";
+  check_features(features, "features", op);
+  check_power(ps, "spatial_power", op);
+  check_power(pc, "channel_power", op);
+  return check_layout(offsets, order, features.size(0), features, "offsets", "order", op);
+}
+
 // attention_forward_sums: the real side as class sums in syn's accumulation dtype (a term's sums
 // are required when its weight is nonzero) and int64 counts (K,), all on syn's device.
 inline ForwardArgs check_forward_sums(const c10::optional<at::Tensor>& real_spatial,

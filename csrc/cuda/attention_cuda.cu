@@ -185,6 +185,20 @@ __device__ __forceinline__ int64_t member(const int64_t* order, int64_t i) {
   return order != nullptr ? order[i] : i;
 }
 
+// Entry l of class members rows[i0:i1) summed: sum_i stats[row_i, l] * factors[row_i, part].
+template <typename acc_t>
+__device__ __forceinline__ acc_t member_sum(const acc_t* __restrict stats,
+                                            const acc_t* __restrict factors,
+                                            const int64_t* __restrict order, int64_t i0,
+                                            int64_t i1, int64_t row_len, int64_t l, int part) {
+  acc_t sum = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t row = member(order, i);
+    sum += stats[row * row_len + l] * factors[2 * row + part];
+  }
+  return sum;
+}
+
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) class_kernel(
     const acc_t* __restrict__ real_stats, const acc_t* __restrict__ syn_stats,
@@ -202,15 +216,8 @@ __global__ void __launch_bounds__(kThreads) class_kernel(
   acc_t sq_s = 0, sq_t = 0;
   for (int64_t l = threadIdx.x; l < L; l += kThreads) {
     const int part = l < HW ? 0 : 1;
-    acc_t sum_r = 0, sum_s = 0;
-    for (int64_t i = r0; i < r1; ++i) {
-      const int64_t row = member(real_order, i);
-      sum_r += real_stats[row * row_len + l] * real_factors[2 * row + part];
-    }
-    for (int64_t i = s0; i < s1; ++i) {
-      const int64_t row = member(syn_order, i);
-      sum_s += syn_stats[row * row_len + l] * syn_factors[2 * row + part];
-    }
+    const acc_t sum_r = member_sum(real_stats, real_factors, real_order, r0, r1, row_len, l, part);
+    const acc_t sum_s = member_sum(syn_stats, syn_factors, syn_order, s0, s1, row_len, l, part);
     const acc_t d = sum_r / nr - sum_s / ns;
     diffs[k * L + l] = d;
     if (l < HW) sq_s += d * d; else sq_t += d * d;
@@ -229,12 +236,7 @@ __global__ void __launch_bounds__(kThreads) sums_kernel(
   const int64_t k = blockIdx.x, L = HW + C, row_len = HW + C + kStatsExtra;
   const int64_t i0 = offsets[k], i1 = offsets[k + 1];
   for (int64_t l = threadIdx.x; l < L; l += kThreads) {
-    const int part = l < HW ? 0 : 1;
-    acc_t sum = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t row = member(order, i);
-      sum += stats[row * row_len + l] * factors[2 * row + part];
-    }
+    const acc_t sum = member_sum(stats, factors, order, i0, i1, row_len, l, l < HW ? 0 : 1);
     if (l < HW) S[k * HW + l] = sum; else T[k * C + l - HW] = sum;
   }
 }
@@ -254,14 +256,10 @@ __global__ void __launch_bounds__(kThreads) class_from_sums_kernel(
   const acc_t ns = static_cast<acc_t>(s1 - s0 > 0 ? s1 - s0 : 1);
   acc_t sq_s = 0, sq_t = 0;
   for (int64_t l = threadIdx.x; l < L; l += kThreads) {
-    const int part = l < HW ? 0 : 1;
     const acc_t sum_r = l < HW ? (real_spatial != nullptr ? real_spatial[k * HW + l] : acc_t(0))
                                : (real_channel != nullptr ? real_channel[k * C + l - HW] : acc_t(0));
-    acc_t sum_s = 0;
-    for (int64_t i = s0; i < s1; ++i) {
-      const int64_t row = member(syn_order, i);
-      sum_s += syn_stats[row * row_len + l] * syn_factors[2 * row + part];
-    }
+    const acc_t sum_s = member_sum(syn_stats, syn_factors, syn_order, s0, s1, row_len, l,
+                                   l < HW ? 0 : 1);
     const acc_t d = sum_r / nr - sum_s / ns;
     diffs[k * L + l] = d;
     if (l < HW) sq_s += d * d; else sq_t += d * d;
@@ -473,12 +471,8 @@ std::tuple<at::Tensor, at::Tensor> attention_class_sums_cuda(const at::Tensor& f
                                                             const c10::optional<at::Tensor>& order_in,
                                                             double ps, double pc, bool spatial,
                                                             bool channel) {
-  const char* op = "atom_fast::attention_class_sums";
-  check_features(features, "features", op);
-  check_power(ps, "spatial_power", op);
-  check_power(pc, "channel_power", op);
+  const int64_t K = check_class_sums(features, offsets_in, order_in, ps, pc);
   const int64_t N = features.size(0);
-  const int64_t K = check_layout(offsets_in, order_in, N, features, "offsets", "order", op);
   const c10::cuda::CUDAGuard guard(features.device());
   const at::Tensor F = sample_contiguous(features), offsets = offsets_in.contiguous();
   c10::optional<at::Tensor> order;

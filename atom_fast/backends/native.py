@@ -19,6 +19,7 @@ The real side can also be given as per-class sums of normalized attention vector
 per layer each, the normalization and class sums inside the ops.
 """
 
+import contextlib
 import importlib.util
 
 import torch
@@ -88,20 +89,28 @@ if AVAILABLE:
         ctx.mark_non_differentiable(real_stats, syn_stats, diffs)
         ctx.set_materialize_grads(False)  # no zero gradients made for the three outputs above
 
+    def _layer_gradients(grad_loss, real, syn, real_stats, syn_stats, diffs, real_offsets,
+                         syn_offsets, real_order, syn_order, params, need_real, need_syn):
+        """One layer's (grad_real, grad_syn) from its saved statistics: ``attention_backward`` for
+        each side that needs a gradient (None for the other)."""
+        grad_real = grad_syn = None
+        if need_real:
+            grad_real = ops.attention_backward(grad_loss, real, real_stats, diffs, real_offsets,
+                                               real_order, 1.0, *params)
+        if need_syn:
+            grad_syn = ops.attention_backward(grad_loss, syn, syn_stats, diffs, syn_offsets,
+                                              syn_order, -1.0, *params)
+        return grad_real, grad_syn
+
     def _backward(ctx, grad_loss, _grad_real_stats, _grad_syn_stats, _grad_diffs):
         (real, syn, real_offsets, syn_offsets, real_order, syn_order, real_stats, syn_stats,
          diffs) = ctx.saved_tensors
-        params = ctx.params
-        grad_real = grad_syn = None
         if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
             return None, None, None, None, None, None, None, None, None, None
-        if ctx.needs_input_grad[0]:
-            grad_real = ops.attention_backward(grad_loss, real, real_stats, diffs, real_offsets,
-                                               real_order, 1.0, *params)
-        if ctx.needs_input_grad[1]:
-            grad_syn = ops.attention_backward(grad_loss, syn, syn_stats, diffs, syn_offsets,
-                                              syn_order, -1.0, *params)
-        return grad_real, grad_syn, None, None, None, None, None, None, None, None
+        grads = _layer_gradients(grad_loss, real, syn, real_stats, syn_stats, diffs, real_offsets,
+                                 syn_offsets, real_order, syn_order, ctx.params,
+                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (*grads, None, None, None, None, None, None, None, None)
 
     torch.library.register_autograd("atom_fast::attention_forward", _backward,
                                     setup_context=_setup_context)
@@ -129,6 +138,12 @@ if AVAILABLE:
 # the Function is the autograd node, and the ops' registered autograd (a Python wrapper that would
 # only find grad mode off and pass the call on) is skipped.
 _below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _backward_mode():
+    """Where a Function's backward calls the ops: below the autograd key, unless create_graph=True
+    asked for a graph of the backward (then the ops' registered autograd raises on a second one)."""
+    return contextlib.nullcontext() if torch.is_grad_enabled() else _below_autograd()
 
 
 class _Loss(torch.autograd.Function):
@@ -168,23 +183,11 @@ class _Loss(torch.autograd.Function):
         layers, params = ctx.layers, ctx.params
         need = ctx.needs_input_grad[9:]
         grads = [None] * (2 * layers)
-
-        def run():
+        with _backward_mode():
             for i in range(layers):
-                real, syn, real_stats, syn_stats, diffs = saved[5 * i:5 * i + 5]
-                if need[i]:
-                    grads[i] = ops.attention_backward(grad_loss, real, real_stats, diffs,
-                                                      real_offsets, real_order, 1.0, *params)
-                if need[layers + i]:
-                    grads[layers + i] = ops.attention_backward(grad_loss, syn, syn_stats, diffs,
-                                                               syn_offsets, syn_order, -1.0,
-                                                               *params)
-
-        if torch.is_grad_enabled():  # create_graph=True: the op's autograd raises on a 2nd backward
-            run()
-        else:
-            with _below_autograd():
-                run()
+                grads[i], grads[layers + i] = _layer_gradients(
+                    grad_loss, *saved[5 * i:5 * i + 5], real_offsets, syn_offsets, real_order,
+                    syn_order, params, need[i], need[layers + i])
         return (None,) * 9 + tuple(grads)
 
 
@@ -204,9 +207,7 @@ class _LossFromSums(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():  # create_graph=True: the op's autograd raises on a 2nd backward
-            return _sums_backward(ctx, grad_loss, None, None)
-        with _below_autograd():
+        with _backward_mode():
             return _sums_backward(ctx, grad_loss, None, None)
 
 

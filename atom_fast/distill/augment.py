@@ -192,10 +192,10 @@ class RowPlan:
         ops, flips = params.host_lists()
         fl, it = [], []  # float and int64 parts, concatenated into one buffer each
 
-        def put(buffer, array):
+        def put(buffer, array):  # -> (which buffer, offset, shape) of the part
             offset = sum(a.size for a in buffer)
             buffer.append(np.ascontiguousarray(array).reshape(-1))
-            return offset, array.shape
+            return buffer is fl, offset, array.shape
 
         plans = []
         for k, name in enumerate(config.operations):
@@ -238,18 +238,17 @@ class RowPlan:
         i = torch.from_numpy(np.concatenate(it) if it else np.zeros(0, np.int64))
         i = on_device(i, self.device)
 
-        def view(buffer, part):  # one op per part
+        def view(part):  # one op per part
             if part is None:
                 return None
-            offset, shape = part
+            is_float, offset, shape = part
             strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-            return buffer.as_strided(shape, strides, offset)
+            return (f if is_float else i).as_strided(shape, strides, offset)
 
         self.entries = []
         for name, rows, parts in plans:
-            values = {key: view(f if key in ("brightness", "saturation", "contrast", "mask", "theta")
-                                else i, part) for key, part in parts.items() if key != "rows"}
-            self.entries.append((name, rows, view(i, parts["rows"]), values))
+            values = {key: view(part) for key, part in parts.items() if key != "rows"}
+            self.entries.append((name, rows, view(parts["rows"]), values))
         self._size = (h, w)
 
     def apply(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -28,15 +28,13 @@ inline double copysign_(double m, double x) { return __builtin_copysign(m, x); }
 inline float sqrt_(float x) { return __builtin_sqrtf(x); }
 inline double sqrt_(double x) { return __builtin_sqrt(x); }
 
-inline int32_t bits_of(float x) {
-  int32_t b;
-  __builtin_memcpy(&b, &x, sizeof b);
-  return b;
-}
-inline float float_of(int32_t b) {
-  float x;
-  __builtin_memcpy(&x, &b, sizeof x);
-  return x;
+// The bits of a value as another type of the same size (std::bit_cast, which needs <bit>).
+template <typename To, typename From>
+inline To bit_cast_(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast_ between types of different sizes");
+  To y;
+  __builtin_memcpy(&y, &x, sizeof y);
+  return y;
 }
 
 // ---- |x|^p for a non-integer p in float32 -------------------------------------------------------
@@ -73,17 +71,6 @@ constexpr double kPowExp2[7] = {0.00015461444683652947, 0.0013400428178361574,
 constexpr double kPowRound = 6755399441055744.0;  // 1.5 * 2^52: y + it rounds y to an integer
 constexpr float kFloatMin = 1.17549435e-38f;      // smallest normal float
 
-inline double double_of(int64_t b) {
-  double x;
-  __builtin_memcpy(&x, &b, sizeof x);
-  return x;
-}
-inline int64_t bits_of(double x) {
-  int64_t b;
-  __builtin_memcpy(&b, &x, sizeof b);
-  return b;
-}
-
 // 2^y in float64 for y in [-160, 130] (clamped there: the float32 rounding then gives 0 or inf).
 inline double exp2_double(double y) {
   const double yc = y < -160.0 ? -160.0 : (y > 130.0 ? 130.0 : y);
@@ -93,18 +80,19 @@ inline double exp2_double(double y) {
   double e = kPowExp2[0];
   for (int j = 1; j < 7; ++j) e = e * t + kPowExp2[j];
   // kd's low mantissa bits hold n: shifted into the exponent field, adding them multiplies by 2^n
-  return double_of(bits_of(e) + static_cast<int64_t>(static_cast<uint64_t>(bits_of(kd)) << 52));
+  return bit_cast_<double>(bit_cast_<int64_t>(e) +
+                           static_cast<int64_t>(static_cast<uint64_t>(bit_cast_<int64_t>(kd)) << 52));
 }
 
 // a^p for a >= 0 (a NaN gives NaN, a == 0 gives 0 for every p), p not an unrolled integer.
 inline float pow_general(float a, double p) {
   const bool sub = a < kFloatMin;
   const float as = sub ? a * 16777216.0f : a;  // subnormal: times 2^24, exponent taken back below
-  const int32_t ix = bits_of(as) - (sub ? (24 << 23) : 0);
+  const int32_t ix = bit_cast_<int32_t>(as) - (sub ? (24 << 23) : 0);
   const int32_t tmp = ix - kPowOff;
   const int i = (tmp >> 20) & 7;
   const int32_t top = static_cast<int32_t>(static_cast<uint32_t>(tmp) & 0xff800000u);
-  const float z = float_of(ix - top);
+  const float z = bit_cast_<float>(ix - top);
   const double k = static_cast<double>(top >> 23);
   const double r = static_cast<double>(z) * static_cast<double>(kPowInvC[i]) - 1.0;  // exact
   double q = kPowLog[0];

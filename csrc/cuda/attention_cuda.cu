@@ -199,6 +199,31 @@ __device__ __forceinline__ acc_t member_sum(const acc_t* __restrict stats,
   return sum;
 }
 
+// Class k's differences (one block per class): D_k[l] = real(l) / nr - (the synthetic members'
+// sum of entry l) / ns into diffs, and terms[k] = ws ||D_k(s)||^2 + wc ||D_k(t)||^2. real(l) is the
+// real side's class sum of entry l (from its members' stats, or given as sums).
+template <typename acc_t, typename Real>
+__device__ __forceinline__ void class_difference(Real real, const acc_t* __restrict__ syn_stats,
+                                 const acc_t* __restrict__ syn_factors,
+                                 const int64_t* __restrict__ syn_order, int64_t s0, int64_t s1,
+                                 acc_t nr, acc_t ns, int64_t k, int64_t C, int64_t HW, acc_t ws,
+                                 acc_t wc, acc_t* __restrict__ diffs, acc_t* __restrict__ terms,
+                                 acc_t* scratch) {
+  const int64_t L = HW + C, row_len = HW + C + kStatsExtra;
+  acc_t sq_s = 0, sq_t = 0;
+  for (int64_t l = threadIdx.x; l < L; l += kThreads) {
+    const acc_t sum_r = real(l);
+    const acc_t sum_s = member_sum(syn_stats, syn_factors, syn_order, s0, s1, row_len, l,
+                                   l < HW ? 0 : 1);
+    const acc_t d = sum_r / nr - sum_s / ns;
+    diffs[k * L + l] = d;
+    if (l < HW) sq_s += d * d; else sq_t += d * d;
+  }
+  sq_s = block_sum(sq_s, scratch);
+  sq_t = block_sum(sq_t, scratch);
+  if (threadIdx.x == 0) terms[k] = ws * sq_s + wc * sq_t;
+}
+
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) class_kernel(
     const acc_t* __restrict__ real_stats, const acc_t* __restrict__ syn_stats,
@@ -208,23 +233,16 @@ __global__ void __launch_bounds__(kThreads) class_kernel(
     acc_t* __restrict__ diffs, acc_t* __restrict__ terms, int64_t C, int64_t HW, acc_t ws,
     acc_t wc) {
   __shared__ acc_t scratch[kWarps];
-  const int64_t k = blockIdx.x, L = HW + C, row_len = HW + C + kStatsExtra;
+  const int64_t k = blockIdx.x, row_len = HW + C + kStatsExtra;
   const int64_t r0 = real_offsets[k], r1 = real_offsets[k + 1];
   const int64_t s0 = syn_offsets[k], s1 = syn_offsets[k + 1];
   const acc_t nr = static_cast<acc_t>(r1 - r0 > 0 ? r1 - r0 : 1);
   const acc_t ns = static_cast<acc_t>(s1 - s0 > 0 ? s1 - s0 : 1);
-  acc_t sq_s = 0, sq_t = 0;
-  for (int64_t l = threadIdx.x; l < L; l += kThreads) {
-    const int part = l < HW ? 0 : 1;
-    const acc_t sum_r = member_sum(real_stats, real_factors, real_order, r0, r1, row_len, l, part);
-    const acc_t sum_s = member_sum(syn_stats, syn_factors, syn_order, s0, s1, row_len, l, part);
-    const acc_t d = sum_r / nr - sum_s / ns;
-    diffs[k * L + l] = d;
-    if (l < HW) sq_s += d * d; else sq_t += d * d;
-  }
-  sq_s = block_sum(sq_s, scratch);
-  sq_t = block_sum(sq_t, scratch);
-  if (threadIdx.x == 0) terms[k] = ws * sq_s + wc * sq_t;
+  const auto real = [=](int64_t l) {
+    return member_sum(real_stats, real_factors, real_order, r0, r1, row_len, l, l < HW ? 0 : 1);
+  };
+  class_difference(real, syn_stats, syn_factors, syn_order, s0, s1, nr, ns, k, C, HW, ws, wc,
+                   diffs, terms, scratch);
 }
 
 // S_k, T_k = sum over class k's members of x' * r (one block per class, members in order).
@@ -250,23 +268,16 @@ __global__ void __launch_bounds__(kThreads) class_from_sums_kernel(
     const int64_t* __restrict__ syn_order, acc_t* __restrict__ diffs, acc_t* __restrict__ terms,
     int64_t C, int64_t HW, acc_t ws, acc_t wc) {
   __shared__ acc_t scratch[kWarps];
-  const int64_t k = blockIdx.x, L = HW + C, row_len = HW + C + kStatsExtra;
+  const int64_t k = blockIdx.x;
   const int64_t s0 = syn_offsets[k], s1 = syn_offsets[k + 1];
   const acc_t nr = static_cast<acc_t>(real_counts[k] > 0 ? real_counts[k] : 1);
   const acc_t ns = static_cast<acc_t>(s1 - s0 > 0 ? s1 - s0 : 1);
-  acc_t sq_s = 0, sq_t = 0;
-  for (int64_t l = threadIdx.x; l < L; l += kThreads) {
-    const acc_t sum_r = l < HW ? (real_spatial != nullptr ? real_spatial[k * HW + l] : acc_t(0))
-                               : (real_channel != nullptr ? real_channel[k * C + l - HW] : acc_t(0));
-    const acc_t sum_s = member_sum(syn_stats, syn_factors, syn_order, s0, s1, row_len, l,
-                                   l < HW ? 0 : 1);
-    const acc_t d = sum_r / nr - sum_s / ns;
-    diffs[k * L + l] = d;
-    if (l < HW) sq_s += d * d; else sq_t += d * d;
-  }
-  sq_s = block_sum(sq_s, scratch);
-  sq_t = block_sum(sq_t, scratch);
-  if (threadIdx.x == 0) terms[k] = ws * sq_s + wc * sq_t;
+  const auto real = [=](int64_t l) {
+    return l < HW ? (real_spatial != nullptr ? real_spatial[k * HW + l] : acc_t(0))
+                  : (real_channel != nullptr ? real_channel[k * C + l - HW] : acc_t(0));
+  };
+  class_difference(real, syn_stats, syn_factors, syn_order, s0, s1, nr, ns, k, C, HW, ws, wc,
+                   diffs, terms, scratch);
 }
 
 template <typename acc_t>

@@ -22,6 +22,7 @@ from atom_fast.distill.artifacts import SAVED_SET_FORMATS
 from atom_fast.distill.data import ALL_DATASETS, DatasetNotFoundError
 from atom_fast.distill.evaluate import EvalConfig
 from atom_fast.distill.loop import LOOPS, METHODS, DistillConfig, NonFiniteLossError
+from atom_fast.distill.output import say
 
 ALL_METHODS = ("random",) + tuple(METHODS)
 
@@ -231,15 +232,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             pipelines.run_distill(check_args(build_parser().parse_args(argv)))
     except session.Preempted as exc:  # before SessionError, which it is
-        print(f"atom-fast: {exc}", file=sys.stderr)
+        say(f"atom-fast: {exc}")
         return exc.exit_code
     except (NonFiniteLossError, DatasetNotFoundError, session.SessionError,
             dist.DistributedError, ValueError, TypeError) as exc:
-        print(f"atom-fast: error: {exc}", file=sys.stderr)
+        say(f"atom-fast: error: {exc}")
         return 1
     except KeyboardInterrupt:
-        print("atom-fast: interrupted; the last checkpoint (if any) is kept, --resume continues",
-              file=sys.stderr)
+        say("atom-fast: interrupted; the last checkpoint (if any) is kept, --resume continues")
         return 130
     return 0
 

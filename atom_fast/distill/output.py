@@ -1,18 +1,27 @@
 """Writing and drawing a run's files: atomic writes (checkpoints, results), the picture of a labelled
-image set (the grid of ``synthetic.png``) and the accuracy plot. Which files a run leaves and what
-they hold is ``artifacts.py``'s."""
+image set (the grid of ``synthetic.png``) and the accuracy plot; and its one-line messages to stderr.
+Which files a run leaves and what they hold is ``artifacts.py``'s."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+
+def say(line: str) -> None:
+    """``line`` and its newline to stderr in one write. Python's stderr writes through, so ``print``
+    (the text, then the newline: two writes) lets another process sharing the pipe, as the ranks of a
+    torchrun do, put its line in between."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def write_atomic(path, obj, as_json: bool = False) -> None:

@@ -12,7 +12,6 @@ pipeline on its share of the classes and models (``distributed.py``), rank 0 wri
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,6 +24,7 @@ from atom_fast.distill import distributed as dist
 from atom_fast.distill.data import FORMATS, DatasetNotFoundError, load_dataset
 from atom_fast.distill.evaluate import EvalConfig
 from atom_fast.distill.loop import DistillConfig, random_positions
+from atom_fast.distill.output import say
 from atom_fast.distill.real import MemoryData, StoreData
 from atom_fast.distill.store import Store
 
@@ -65,7 +65,7 @@ def _run_identity(args, use_zca) -> dict:
 def _logger(ctx):
     def log(msg):
         if ctx.is_main:
-            print(f"atom-fast: {msg}", file=sys.stderr, flush=True)
+            say(f"atom-fast: {msg}")
     return log
 
 

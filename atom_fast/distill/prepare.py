@@ -32,6 +32,7 @@ from typing import List, Optional, Sequence
 
 from atom_fast.distill.data import (ALL_DATASETS, SPLITS, DatasetNotFoundError, FORMATS, Log, PathArg,
                                     Source, check_arguments, open_source)
+from atom_fast.distill.output import say
 from atom_fast.distill.store import FORMAT, MANIFEST, Store, StoreError, StoreWriter
 
 CACHE_ENV = "ATOM_FAST_CACHE"
@@ -385,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
 
     def log(line: str) -> None:
-        print(f"atom-fast: {line}", file=sys.stderr, flush=True)
+        say(f"atom-fast: {line}")
 
     try:
         result = _prepare(args.dataset, args.data_path, image_size=args.image_size, out=args.out,
@@ -393,11 +394,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           progress=not args.no_progress,
                           allow_missing_test_classes=args.allow_missing_test_classes)
     except (DatasetNotFoundError, ValueError, TypeError, OSError, RuntimeError) as exc:
-        print(f"atom-fast: error: {exc}", file=sys.stderr)
+        say(f"atom-fast: error: {exc}")
         return 1
     except KeyboardInterrupt:
-        print("atom-fast: interrupted; no store was written (its partial folder is removed)",
-              file=sys.stderr)
+        say("atom-fast: interrupted; no store was written (its partial folder is removed)")
         return 130
     print(result.path)
     print(result.summary)

@@ -1,5 +1,5 @@
-"""The picture of a synthetic set, the accuracy plot, the image grid and atomic writes
-(atom_fast/distill/output.py)."""
+"""The picture of a synthetic set, the accuracy plot, the image grid, atomic writes and one-line
+messages (atom_fast/distill/output.py)."""
 
 import json
 import sys
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from atom_fast.distill.output import (grid_layout, image_grid, render_grid, save_accuracy_plot, save_grid,
-                                     write_atomic)
+                                     say, write_atomic)
 
 
 def _set(classes=10, ipc=1, channels=1, size=28, seed=0):
@@ -150,3 +150,33 @@ def test_outputs_grid_and_atomic_write(tmp_path):
     write_atomic(tmp_path / "x.json", {"a": torch.tensor([1.5])}, as_json=True)
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": [1.5]}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+class _WriteThrough:
+    """A stderr that, like Python's own, hands every ``write`` call to the pipe at once."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("call", ["say", "cli"])
+def test_a_message_is_one_write_with_its_newline(monkeypatch, call):
+    # under torchrun every rank says its line into the same pipe: text and newline in two writes let
+    # another rank's line in between (seen: two "stopped by SIGTERM" lines run together)
+    err = _WriteThrough()
+    monkeypatch.setattr(sys, "stderr", err)
+    if call == "say":
+        say("atom-fast: stopped by SIGTERM at iteration 6 of 300")
+        assert err.writes == ["atom-fast: stopped by SIGTERM at iteration 6 of 300\n"]
+    else:
+        from atom_fast.distill import cli
+        assert cli.main(["--ipc", "0"]) == 1
+        assert len(err.writes) == 1 and err.writes[0].startswith("atom-fast: error: ")
+        assert err.writes[0].endswith("\n") and err.writes[0].count("\n") == 1

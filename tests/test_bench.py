@@ -267,3 +267,20 @@ def test_both_entry_points_parse_the_same_options():
         assert proc.returncode == 0, proc.stderr[-2000:]
         for option in ("--device", "--quick", "--only", "--out", "--providers", "--budget", "--no-memory"):
             assert option in proc.stdout
+
+
+def test_op_min_times_reports_every_shape_and_power(capsys):
+    from atom_fast.backends import native
+    if not native.AVAILABLE:
+        pytest.skip("native op not built")
+    from bench import op_min_times
+    assert op_min_times.main(["--calls", "2", "--shapes", "8x4x4,3x5x7", "--powers", "4,3.7"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = [(tuple(r["C_H_W"]), r["p"]) for r in out["rows"]]
+    assert rows == [((8, 4, 4), 4.0), ((8, 4, 4), 3.7), ((3, 5, 7), 4.0), ((3, 5, 7), 3.7)]
+    for r in out["rows"]:
+        assert r["elements"] == 4 * r["C_H_W"][0] * r["C_H_W"][1] * r["C_H_W"][2]
+        assert r["stats_ns_per_element"] == pytest.approx(r["stats_min_s"] / r["elements"] * 1e9)
+        assert r["backward_min_s"] > 0 and r["copy_min_s"] > 0
+    with pytest.raises(SystemExit):
+        op_min_times.main(["--shapes", "8x4"])

@@ -84,12 +84,12 @@ def block_offsets(num_classes, per_class, device):
     the loss with the same blocks every step (no tensor op, no device launch after the first).
     Traced by torch.compile or under a fake-tensor mode, it is built there as before."""
     device = torch.device(device)
-    if torch.compiler.is_compiling() or _faking():
+    if torch.compiler.is_compiling() or faking():
         return torch.arange(num_classes + 1, dtype=torch.int64, device=device) * per_class
     return _cached_block_offsets(int(num_classes), int(per_class), device)
 
 
-def _faking():
+def faking():
     """Whether a fake-tensor mode is active (opcheck, export): a cached real tensor cannot enter it."""
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 

@@ -4,9 +4,10 @@ of a loss call on tiny tensors.
 On a GPU every ATen op that touches device memory is at least one kernel launch, and a step's time
 at small sizes is the host's time to issue them. The ops are counted on CPU with a
 ``TorchDispatchMode`` (every op the dispatcher sees, host-side ones included; a custom op, such as a
-Triton launcher of the Triton backend, counts once, the ops inside it are not seen: the Triton
-launchers also run small torch ops of their own (the class-differences launcher's norm floors,
-log2/mul/rsub/exp2 four each, and its zeroed buffers), so the Triton rows undercount its launches):
+Triton launcher of the Triton backend, counts once and the ops inside it are not seen: a Triton
+launcher allocates its outputs with ``torch.empty`` and launches one kernel, except the stats
+launcher, which zeroes its channel vectors when a sample's H*W spans several blocks, and
+``loss_scalars``, which fills its five values once per set of values and is then reused):
 
 * per layer, one ``attention_loss`` forward + backward (the features path, 2 layers: the count per
   layer is half of it), one ``class_statistics`` call (the statistics path) and one
@@ -15,14 +16,16 @@ log2/mul/rsub/exp2 four each, and its zeroed buffers), so the Triton rows underc
 * per ``Distiller.step`` of the fused loop (ATOM, native backend, DSA on, batch_real 128) at 10
   classes and IPC 1, 10, 50, and at 100 classes IPC 1; and the DataDAM-script loop at 10 classes IPC
   1 beside it; on CPU, and on the meta device, where the step dispatches what it would on a GPU
-  (copies of host data to the device included) without computing anything. The images are 3x16x16 and the network is 16 wide (depth 3): the op count does not
-  depend on the sizes, only on the classes, the IPC and the number of chunks.
+  (copies of host data to the device included) without computing anything; and the fused steps on
+  meta again with the Triton backend, the one a GPU run uses by default. The images are 3x16x16 and
+  the network is 16 wide (depth 3): the op count does not depend on the sizes, only on the classes,
+  the IPC and the number of chunks.
 
 Host time: microseconds per layer of one forward + backward on tiny tensors (native backend, one
 thread, median of many calls): the pure per-call overhead of the features path and of the
 statistics path (``class_statistics`` then the from-sums loss).
 
-    python -m bench.launch_budget --out bench/results/launch-budget-2026-12-03
+    python -m bench.launch_budget --out bench/results/launch-budget-2026-12-04
     python -m bench.launch_budget --quick        # no K=100 / IPC 50 steps, fewer timed calls
 
 writes OUT.json (every count by op name, the machine, versions, the command) and OUT.md (the table).
@@ -137,9 +140,10 @@ def loss_counts(backends, layers=2):
     return rows
 
 
-def step_counts(settings, device):
+def step_counts(settings, device, backend="native"):
     """Ops of one ``Distiller.step`` (after a warm-up step) for each (label, classes, ipc, loop) on
-    ``device`` ("cpu", or "meta": the ops a GPU step dispatches, shapes only)."""
+    ``device`` ("cpu", or "meta": the ops a GPU step dispatches, shapes only) with the loss on
+    ``backend`` (on a GPU ``auto`` picks "triton")."""
     from atom_fast.distill.loop import DistillConfig, Distiller
 
     rows = []
@@ -149,20 +153,21 @@ def step_counts(settings, device):
         x = torch.randn(classes * per_class, 3, 16, 16, generator=g)
         y = torch.arange(classes).repeat_interleave(per_class)
         cfg = DistillConfig(method="atom", ipc=ipc, batch_real=128, width=16, depth=3, loop=loop,
-                            backend="native", dsa=True, iterations=3)
+                            backend=backend, dsa=True, iterations=3)
         d = Distiller(x, y, classes, cfg, device, prefetch=False)
         try:
             d.step(0)
         except (RuntimeError, NotImplementedError) as exc:  # e.g. a read of the meta device
-            rows.append({"label": label, "device": device, "classes": classes, "ipc": ipc,
-                         "loop": loop, "chunks": None, "ops": None, "by_op": {},
+            rows.append({"label": label, "device": device, "backend": backend,
+                         "classes": classes, "ipc": ipc, "loop": loop, "chunks": None, "ops": None, "by_op": {},
                          "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             continue
         counter = OpCounter()
         with counter:
             d.step(1)
         d.close()
-        rows.append({"label": label, "device": device, "classes": classes, "ipc": ipc, "loop": loop,
+        rows.append({"label": label, "device": device, "backend": backend, "classes": classes,
+                     "ipc": ipc, "loop": loop,
                      "chunks": len(d.chunks) if loop == "fused" else None,
                      "real_chunks": (-(-classes * cfg.batch_real // d.real_chunk)
                                      if loop == "fused" else None),
@@ -225,17 +230,19 @@ def markdown(result):
         top = ", ".join(f"{k} {v}" for k, v in list(r["by_op"].items())[:5])
         target = TARGETS.get(r["path"], "")
         lines.append(f"| {r['path']} | {r['backend']} | {r['ops_per_layer']:g} | {target} | {top} |")
-    lines += ["", "## Per distillation step (ATOM, native, DSA, batch_real 128, 3x16x16, width 16)",
+    lines += ["", "## Per distillation step (ATOM, DSA, batch_real 128, 3x16x16, width 16)",
               "", "cpu: the ops of a CPU step (the native block tail; copies to the device are no-ops; "
               "real chunks of 256 images). meta: the same step on the meta device, the op stream of a "
               "GPU step (the block tail as modules, every copy of host data to the device counted as "
               "`_to_copy`; real chunks of 2048 images, the default off the CPU). ops: every ATen op "
               "dispatched; views: those that only make a tensor header (no kernel); device ops: the "
               "others that touch a tensor off the CPU (on meta: the launches and copies a GPU step "
-              "would issue; host-side work such as the random draws is not among them).", "",
-              "| step | device | loop | classes | IPC | real chunks | synthetic chunks | ops | views | "
-              "device ops | top ops |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "would issue; host-side work such as the random draws is not among them). backend: "
+              "the loss's (a GPU run's default, `auto`, is triton; each of its launchers counts as "
+              "one op).", "",
+              "| step | device | backend | loop | classes | IPC | real chunks | synthetic chunks | ops "
+              "| views | device ops | top ops |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["steps"]:
         top = ", ".join(f"{k} {v}" for k, v in list(r["by_op"].items())[:5])
 
@@ -243,7 +250,8 @@ def markdown(result):
             return "" if r.get(key) is None else r[key]
 
         device_ops = r.get("device_ops") if r.get("device") == "meta" else None
-        lines.append(f"| {r['label']} | {r.get('device', 'cpu')} | {r['loop']} | {r['classes']} | "
+        lines.append(f"| {r['label']} | {r.get('device', 'cpu')} | {r.get('backend', 'native')} | "
+                     f"{r['loop']} | {r['classes']} | "
                      f"{r['ipc']} | {cell('real_chunks')} | {cell('chunks')} | {cell('ops')} | "
                      f"{cell('views')} | {'' if device_ops is None else device_ops} | "
                      f"{top or r.get('error', '')} |")
@@ -275,7 +283,9 @@ def main(argv=None):
         "versions": environment.versions(),
         "targets": TARGETS,
         "loss": loss_counts(backends),
-        "steps": step_counts(settings, "cpu") + step_counts(settings, "meta"),
+        "steps": (step_counts(settings, "cpu") + step_counts(settings, "meta")
+                  + (step_counts([row for row in settings if row[3] == "fused"], "meta", "triton")
+                     if "triton" in backends else [])),
         "host": host_times(200 if args.quick else 2000),
     }
     text = markdown(result)

@@ -40,6 +40,7 @@ float constexpr becomes a float32 constant as well. A tensor holds the values ex
 interpreter and in compiled code alike. The only other scalar, the side's sign, is an int (+1 or -1).
 """
 
+import collections
 import contextlib
 import math
 from typing import NamedTuple
@@ -52,6 +53,7 @@ import triton.language as tl
 # power unrolled into multiplications (p - 1 multiplies per element, one kernel variant per power);
 # the paper's grid stops at 8. Larger or fractional powers use exp2/log2.
 from atom_fast.constants import MAX_UNROLLED_POWER, NORM_EPS, norm_floor
+from atom_fast.layout import faking
 
 # Tile sizes. HW <= MAX_BLOCK_HW keeps a sample's whole spatial vector in registers (one block covers
 # the 64x64 TinyImageNet layer 1); TILE_ELEMENTS bounds a (BLOCK_C, BLOCK_HW) tile of the F-streaming
@@ -149,9 +151,17 @@ def _abs_pow_grad(x, P_INT: tl.constexpr, p):
 
 
 @triton.jit
+def _norm_floor(m, power, log2_eps):
+    """phi = eps / m^power, the floor on ||x'|| that is eps on the unscaled ||x|| = m^power ||x'||;
+    formed in log space, so it is 0 where m^power overflows and inf where it underflows (the
+    in-kernel form of ``atom_fast.constants.norm_floor``)."""
+    return tl.exp2(log2_eps - power * tl.log2(m))
+
+
+@triton.jit
 def _attention_stats_kernel(
     # pointers (Scalars_ptr: the ``loss_scalars`` tensor, of which the powers are read)
-    F_ptr, S_ptr, T_ptr, NS_ptr, NT_ptr, M_ptr, Scalars_ptr,
+    F_ptr, S_ptr, T_ptr, NS_ptr, NT_ptr, M_ptr, FS_ptr, FT_ptr, Scalars_ptr,
     # shapes
     C, HW,
     # strides (a sample's C*H*W block is contiguous)
@@ -161,7 +171,9 @@ def _attention_stats_kernel(
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """One program per sample n: M[n] = m_n = max |F[n]| (1 if that is 0), S[n, :] = s'_n,
-    T[n, :] = t'_n (scaled by 1/m_n^p, unnormalized), NS[n] = ||s'_n||, NT[n] = ||t'_n||.
+    T[n, :] = t'_n (scaled by 1/m_n^p, unnormalized), NS[n] = ||s'_n||, NT[n] = ||t'_n||, and the
+    norm floors FS[n] = phi_n(ps), FT[n] = phi_n(pc) (eps / m_n^p, formed once per sample here so that
+    the class kernels only compare).
 
     F: (N, C, HW) with stride F_stride_n between samples; S: (N, HW), T: (N, C), NS, NT, M: (N,) in
     the accumulation dtype (float32, or float64 for float64 features). SINGLE_HW_BLOCK: HW <= BLOCK_HW,
@@ -190,9 +202,13 @@ def _attention_stats_kernel(
     m = tl.where(m == 0, 1.0, m)
     tl.store(M_ptr + n, m)
     inv_m = 1.0 / m
-    # read only by the general power path (PS_INT or PC_INT 0); the compiler drops them otherwise
     ps = tl.load(Scalars_ptr + SCALAR_PS)
     pc = tl.load(Scalars_ptr + SCALAR_PC)
+    log2_eps = tl.load(Scalars_ptr + SCALAR_LOG2_EPS)
+    if HAS_SPATIAL:
+        tl.store(FS_ptr + n, _norm_floor(m, ps, log2_eps))
+    if HAS_CHANNEL:
+        tl.store(FT_ptr + n, _norm_floor(m, pc, log2_eps))
 
     s_sq = tl.zeros([1], dtype=acc_dtype)  # ||s||^2, one partial sum per spatial block
     t_sq = tl.zeros([BLOCK_C], dtype=acc_dtype)
@@ -240,14 +256,6 @@ def _attention_stats_kernel(
 
 
 @triton.jit
-def _norm_floor(m, power, log2_eps):
-    """phi = eps / m^power, the floor on ||x'|| that is eps on the unscaled ||x|| = m^power ||x'||;
-    formed in log space, so it is 0 where m^power overflows and inf where it underflows (the
-    in-kernel form of ``atom_fast.constants.norm_floor``)."""
-    return tl.exp2(log2_eps - power * tl.log2(m))
-
-
-@triton.jit
 def _class_sum(X_ptr, NX_ptr, FX_ptr, ORDER_ptr, start, stop, offs, mask, L,
                HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     """sum over members i in [start, stop) of X[row_i, offs] / max(NX[row_i], FX[row_i]), the
@@ -272,19 +280,37 @@ def _class_sum(X_ptr, NX_ptr, FX_ptr, ORDER_ptr, start, stop, offs, mask, L,
 
 
 @triton.jit
+def _class_range(Offs_ptr, k, per_class, HAS_OFFSETS: tl.constexpr):
+    """(start, stop) of class k: from the class offsets, or the k-th block of per_class samples."""
+    if HAS_OFFSETS:
+        start = tl.load(Offs_ptr + k)
+        stop = tl.load(Offs_ptr + k + 1)
+    else:
+        start = k * per_class
+        stop = start + per_class
+    return start, stop
+
+
+@triton.jit
 def _class_diff(XR_ptr, NR_ptr, FR_ptr, XS_ptr, NS_ptr, FS_ptr, D_ptr, ROrder_ptr, SOrder_ptr,
                 k, r0, r1, s0, s1, L,
-                HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
-    """D[k, :] = mean real_k(x_hat) - mean syn_k(x_hat); returns ||D[k, :]||^2."""
+                REAL_SUMS: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_L: tl.constexpr):
+    """D[k, :] = mean real_k(x_hat) - mean syn_k(x_hat); returns ||D[k, :]||^2. REAL_SUMS: XR holds
+    the real side's class sums (K, L) and r1 - r0 its count (NR, FR, ROrder unused)."""
     offs0 = tl.arange(0, BLOCK_L)
-    inv_r = 1.0 / tl.maximum(r1 - r0, 1).to(XR_ptr.dtype.element_ty)
-    inv_s = 1.0 / tl.maximum(s1 - s0, 1).to(XR_ptr.dtype.element_ty)
-    sq = tl.zeros([BLOCK_L], dtype=XR_ptr.dtype.element_ty)
+    acc_dtype = XS_ptr.dtype.element_ty
+    inv_r = 1.0 / tl.maximum((r1 - r0).to(acc_dtype), 1.0)
+    inv_s = 1.0 / tl.maximum(s1 - s0, 1).to(acc_dtype)
+    sq = tl.zeros([BLOCK_L], dtype=acc_dtype)
     for l0 in range(0, L, BLOCK_L):
         offs = l0 + offs0
         mask = offs < L
-        mean_r = _class_sum(XR_ptr, NR_ptr, FR_ptr, ROrder_ptr, r0, r1, offs, mask, L,
-                            HAS_ORDER, BLOCK_M, BLOCK_L) * inv_r
+        if REAL_SUMS:
+            mean_r = tl.load(XR_ptr + k * L + offs, mask=mask, other=0.0).to(acc_dtype) * inv_r
+        else:
+            mean_r = _class_sum(XR_ptr, NR_ptr, FR_ptr, ROrder_ptr, r0, r1, offs, mask, L,
+                                HAS_ORDER, BLOCK_M, BLOCK_L) * inv_r
         mean_s = _class_sum(XS_ptr, NS_ptr, FS_ptr, SOrder_ptr, s0, s1, offs, mask, L,
                             HAS_ORDER, BLOCK_M, BLOCK_L) * inv_s
         d = tl.where(mask, mean_r - mean_s, 0.0)
@@ -295,38 +321,83 @@ def _class_diff(XR_ptr, NR_ptr, FR_ptr, XS_ptr, NS_ptr, FS_ptr, D_ptr, ROrder_pt
 
 @triton.jit(do_not_specialize=["real_per_class", "syn_per_class"])
 def _class_diff_kernel(
-    # per-sample statistics (scaled vectors, their norms, their floors phi), real then synthetic
+    # per-sample statistics (scaled vectors, their norms, their floors phi), real then synthetic;
+    # with REAL_SUMS the real side is its class sums SR (K, HW), TR (K, C) and NSR, FSR, NTR, FTR
+    # are unused
     SR_ptr, NSR_ptr, FSR_ptr, TR_ptr, NTR_ptr, FTR_ptr,
     SS_ptr, NSS_ptr, FSS_ptr, TS_ptr, NTS_ptr, FTS_ptr,
     # outputs: class differences (K, HW) and (K, C), weighted loss terms (K, 2)
     DS_ptr, DT_ptr, P_ptr,
-    # class layout: sample order sorted by class and class offsets (HAS_ORDER), else equal blocks
+    # class layout: class offsets and the sample order sorted by class (HAS_ORDER; offsets alone:
+    # contiguous classes), else equal blocks; with REAL_SUMS, ROffs holds the real class counts
     ROrder_ptr, ROffs_ptr, SOrder_ptr, SOffs_ptr, real_per_class, syn_per_class,
     # the ``loss_scalars`` tensor (the weights are read from it), shapes
     Scalars_ptr, C, HW,
-    HAS_ORDER: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
+    REAL_SUMS: tl.constexpr, HAS_OFFSETS: tl.constexpr, HAS_ORDER: tl.constexpr,
+    HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program per class k: D_k for spatial and channel attention and ws ||D_k(s)||^2, wc ||D_k(t)||^2."""
+    """One program per class k: D_k for spatial and channel attention and ws ||D_k(s)||^2,
+    wc ||D_k(t)||^2 (0 for a disabled term)."""
     k = tl.program_id(0).to(tl.int64)
-    if HAS_ORDER:
-        r0 = tl.load(ROffs_ptr + k)
-        r1 = tl.load(ROffs_ptr + k + 1)
-        s0 = tl.load(SOffs_ptr + k)
-        s1 = tl.load(SOffs_ptr + k + 1)
+    if REAL_SUMS:
+        r0 = 0
+        r1 = tl.load(ROffs_ptr + k)
     else:
-        r0 = k * real_per_class
-        r1 = r0 + real_per_class
-        s0 = k * syn_per_class
-        s1 = s0 + syn_per_class
+        r0, r1 = _class_range(ROffs_ptr, k, real_per_class, HAS_OFFSETS)
+    s0, s1 = _class_range(SOffs_ptr, k, syn_per_class, HAS_OFFSETS)
+    acc_dtype = SS_ptr.dtype.element_ty
     if HAS_SPATIAL:
         sq = _class_diff(SR_ptr, NSR_ptr, FSR_ptr, SS_ptr, NSS_ptr, FSS_ptr, DS_ptr, ROrder_ptr,
-                         SOrder_ptr, k, r0, r1, s0, s1, HW, HAS_ORDER, BLOCK_M, BLOCK_HW)
+                         SOrder_ptr, k, r0, r1, s0, s1, HW, REAL_SUMS, HAS_ORDER, BLOCK_M, BLOCK_HW)
         tl.store(P_ptr + 2 * k, tl.load(Scalars_ptr + SCALAR_WS) * sq)
+    else:
+        tl.store(P_ptr + 2 * k, tl.zeros([1], dtype=acc_dtype).sum(axis=0))
     if HAS_CHANNEL:
         sq = _class_diff(TR_ptr, NTR_ptr, FTR_ptr, TS_ptr, NTS_ptr, FTS_ptr, DT_ptr, ROrder_ptr,
-                         SOrder_ptr, k, r0, r1, s0, s1, C, HAS_ORDER, BLOCK_M, BLOCK_C)
+                         SOrder_ptr, k, r0, r1, s0, s1, C, REAL_SUMS, HAS_ORDER, BLOCK_M, BLOCK_C)
         tl.store(P_ptr + 2 * k + 1, tl.load(Scalars_ptr + SCALAR_WC) * sq)
+    else:
+        tl.store(P_ptr + 2 * k + 1, tl.zeros([1], dtype=acc_dtype).sum(axis=0))
+
+
+@triton.jit
+def _store_class_sum(X_ptr, NX_ptr, FX_ptr, O_ptr, Order_ptr, k, start, stop, L,
+                     HAS_ORDER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """O[k, :] = sum of x_hat over the members start..stop of class k, block by block."""
+    offs0 = tl.arange(0, BLOCK_L)
+    for l0 in range(0, L, BLOCK_L):
+        offs = l0 + offs0
+        mask = offs < L
+        acc = _class_sum(X_ptr, NX_ptr, FX_ptr, Order_ptr, start, stop, offs, mask, L,
+                         HAS_ORDER, BLOCK_M, BLOCK_L)
+        tl.store(O_ptr + k * L + offs, acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["per_class"])
+def _class_sums_kernel(
+    # per-sample statistics of one side (scaled vectors, their norms, their floors phi)
+    S_ptr, NS_ptr, FS_ptr, T_ptr, NT_ptr, FT_ptr,
+    # outputs: class sums of the normalized vectors (K, HW) and (K, C)
+    OS_ptr, OT_ptr,
+    # class layout: class offsets and the sample order sorted by class (HAS_ORDER; offsets alone:
+    # contiguous classes), else equal blocks of per_class samples
+    Order_ptr, Offs_ptr, per_class,
+    C, HW,
+    HAS_OFFSETS: tl.constexpr, HAS_ORDER: tl.constexpr,
+    HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per class k: OS[k] = sum of s_hat_n, OT[k] = sum of t_hat_n over its members (the
+    real side of a distillation step as class statistics)."""
+    k = tl.program_id(0).to(tl.int64)
+    start, stop = _class_range(Offs_ptr, k, per_class, HAS_OFFSETS)
+    if HAS_SPATIAL:
+        _store_class_sum(S_ptr, NS_ptr, FS_ptr, OS_ptr, Order_ptr, k, start, stop, HW, HAS_ORDER,
+                         BLOCK_M, BLOCK_HW)
+    if HAS_CHANNEL:
+        _store_class_sum(T_ptr, NT_ptr, FT_ptr, OT_ptr, Order_ptr, k, start, stop, C, HAS_ORDER,
+                         BLOCK_M, BLOCK_C)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,8 +440,8 @@ def _vector_grad_kernel(
     S_ptr, NS_ptr, T_ptr, NT_ptr, M_ptr, DS_ptr, DT_ptr, GO_ptr,
     # outputs: per-sample gradients (N, HW) and (N, C), premultiplied by power / scale
     GS_ptr, GT_ptr,
-    # class layout: labels and class counts (HAS_ORDER), else equal blocks of per_class samples
-    Labels_ptr, Counts_ptr, per_class,
+    # class layout: labels and class offsets (HAS_ORDER), else equal blocks of per_class samples
+    Labels_ptr, Offs_ptr, per_class,
     # the ``loss_scalars`` tensor (powers, weights, log2 eps), shapes, the side's sign (int)
     Scalars_ptr, C, HW, side_sign,
     HAS_ORDER: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_CHANNEL: tl.constexpr,
@@ -381,7 +452,7 @@ def _vector_grad_kernel(
     n = tl.program_id(0).to(tl.int64)
     if HAS_ORDER:
         k = tl.load(Labels_ptr + n).to(tl.int64)
-        count = tl.load(Counts_ptr + k)
+        count = tl.load(Offs_ptr + k + 1) - tl.load(Offs_ptr + k)
     else:
         k = n // per_class
         count = per_class
@@ -462,8 +533,9 @@ class SideStats(NamedTuple):
 
     All in the accumulation dtype. With m_n = max |F[n]| (1 for a sample of zeros) and p the power:
     ``spatial`` (N, H*W) = s_n / m_n^ps and ``channel`` (N, C) = t_n / m_n^pc (unnormalized),
-    ``spatial_norm``/``channel_norm`` (N,) their L2 norms, ``scale`` (N,) m_n. A disabled side's
-    vectors and norm are left unwritten.
+    ``spatial_norm``/``channel_norm`` (N,) their L2 norms, ``scale`` (N,) m_n, and
+    ``spatial_floor``/``channel_floor`` (N,) the norm floors phi_n = eps / m_n^p (x_hat = x' /
+    max(||x'||, phi_n)). A disabled side's vectors, norm and floor are left unwritten.
     """
 
     spatial: torch.Tensor
@@ -471,6 +543,8 @@ class SideStats(NamedTuple):
     spatial_norm: torch.Tensor
     channel_norm: torch.Tensor
     scale: torch.Tensor
+    spatial_floor: torch.Tensor
+    channel_floor: torch.Tensor
 
 
 def _launch_device(t):
@@ -490,25 +564,50 @@ def _vector_block(L):
     return min(triton.next_power_of_2(L), MAX_BLOCK_VEC)
 
 
+# loss_scalars tensors by (values, dtype, device[, stream]): a run uses a handful of them
+_SCALARS_CACHE = collections.OrderedDict()
+_SCALARS_CACHE_SIZE = 64
+
+
 def loss_scalars(ps, pc, ws=0.0, wc=0.0, *, dtype, device):
     """The float scalars the kernels read, as a (NUM_SCALARS,) tensor of ``dtype`` (the accumulation
     dtype) on ``device``: [ps, pc, ws, wc, log2(NORM_EPS)] at the SCALAR_* indices, each Python float
     rounded once to ``dtype`` (so exactly the value in float64). Weights that a call does not use may
-    stay 0.
+    stay 0. Never written after it is made: callers only read it.
 
-    Built once per loss call (the autograd Function keeps it for its backward), not per layer or
-    kernel. Each entry is written by ``fill_`` with the value as a kernel argument (a double for a
-    float64 tensor), so on CUDA this queues five one-element fill kernels on the current stream: the
-    cost of five launches (not timed on a GPU yet), no host-to-device copy (``torch.tensor(values,
-    device=...)`` would be a blocking copy that waits for the stream to drain), no host
-    synchronization, and a CUDA graph that captures the call captures the values with it. Not cached
-    across calls: a cached tensor filled on one stream and first read on another, or allocated
-    inside a graph capture, would need synchronization to be safe.
+    Made once per (values, dtype, device) and kept (the last ``_SCALARS_CACHE_SIZE`` of them), so a
+    loss call normally costs no device work for its scalars. On CUDA the key also holds the current
+    stream: a tensor is read only on the stream that filled it, after its fills in stream order, with
+    no synchronization. It is made by ``fill_`` with each value as a kernel argument (a double for a
+    float64 tensor): one-element fill kernels, no host-to-device copy (``torch.tensor(values,
+    device=...)`` from pageable memory waits for the stream to drain). Not cached while a CUDA graph
+    is being captured (a graph replays its own fills), while ``torch.compile`` traces (the tensor
+    is then part of the graph) or under a fake-tensor mode (a real tensor cannot enter it).
     """
     values = (float(ps), float(pc), float(ws), float(wc), math.log2(NORM_EPS))
-    scalars = torch.empty(NUM_SCALARS, dtype=dtype, device=device)
-    for i, value in enumerate(values):
-        scalars[i].fill_(value)
+    device = torch.device(device)
+    key = None
+    if not (torch.compiler.is_compiling() or faking()):
+        if device.type == "cuda":
+            if not torch.cuda.is_current_stream_capturing():
+                stream = torch.cuda.current_stream(device)
+                key = (values, dtype, device.type, stream.device_index, stream.cuda_stream)
+        else:
+            key = (values, dtype, device.type, device.index)
+    if key is not None:
+        scalars = _SCALARS_CACHE.get(key)
+        if scalars is not None:
+            _SCALARS_CACHE.move_to_end(key)
+            return scalars
+    # a plain tensor even when first asked for under inference mode or no_grad
+    with torch.inference_mode(False), torch.no_grad():
+        scalars = torch.empty(NUM_SCALARS, dtype=dtype, device=device)
+        for i, value in enumerate(values):
+            scalars[i].fill_(value)
+    if key is not None:
+        _SCALARS_CACHE[key] = scalars
+        if len(_SCALARS_CACHE) > _SCALARS_CACHE_SIZE:
+            _SCALARS_CACHE.popitem(last=False)
     return scalars
 
 
@@ -539,18 +638,32 @@ def attention_stats(F, ps, pc, has_spatial, has_channel, acc_dtype, scalars=None
     S = torch.empty((N, HW), dtype=acc_dtype, device=F.device)
     # T is accumulated in place over spatial blocks when one block does not cover H*W.
     T = (torch.empty if single else torch.zeros)((N, C), dtype=acc_dtype, device=F.device)
-    NS = torch.empty((N,), dtype=acc_dtype, device=F.device)
-    NT = torch.empty((N,), dtype=acc_dtype, device=F.device)
-    M = torch.empty((N,), dtype=acc_dtype, device=F.device)
+    NS, NT, M, FS, FT = (torch.empty((N,), dtype=acc_dtype, device=F.device) for _ in range(5))
     with _launch_device(F):
         _attention_stats_kernel[(N,)](
-            F, S, T, NS, NT, M, scalars,
+            F, S, T, NS, NT, M, FS, FT, scalars,
             C, HW, F.stride(0),
             PS_INT=integer_power(ps), PC_INT=integer_power(pc), SAME_POWER=float(ps) == float(pc),
             HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel, SINGLE_HW_BLOCK=single,
             BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
         )
-    return SideStats(S, T, NS, NT, M)
+    return SideStats(S, T, NS, NT, M, FS, FT)
+
+
+def _class_layout(order, offsets, per_class):
+    """(HAS_OFFSETS, HAS_ORDER) of a class layout: ``offsets`` (K + 1 class starts, int64) with or
+    without ``order`` (sample indices sorted by class; without: each class contiguous), or
+    ``per_class`` equal contiguous blocks."""
+    if order is not None and offsets is None:
+        raise ValueError("a class order needs its offsets")
+    return offsets is not None, order is not None
+
+
+def _class_config(stats_vector, block_hw, block_c):
+    """(BLOCK_M, num_warps) of the class kernels: members per step bounded by CLASS_TILE_BYTES."""
+    elem = stats_vector.element_size()
+    block_m = max(1, min(BLOCK_MEMBERS, CLASS_TILE_BYTES // elem // max(block_hw, block_c)))
+    return block_m, _num_warps(block_m * max(block_hw, block_c) * elem // 4)
 
 
 def class_differences(real, syn, num_classes, ps, pc, ws, wc, partials, *, scalars=None,
@@ -558,47 +671,99 @@ def class_differences(real, syn, num_classes, ps, pc, ws, wc, partials, *, scala
                       real_per_class=0, syn_per_class=0):
     """Per-class mean differences D_s (K, H*W), D_t (K, C) of the normalized vectors.
 
-    ``real``/``syn``: ``SideStats``. Class layout: either ``*_order`` (sample indices sorted by class,
-    int64) and ``*_offsets`` (K + 1 class starts in that order, int64), or ``*_per_class`` (equal
-    contiguous blocks). Writes ``ws ||D_k(s)||^2`` and ``wc ||D_k(t)||^2`` into ``partials`` (K, 2).
+    ``real``/``syn``: ``SideStats``. Class layout of each side: ``*_offsets`` (K + 1 class starts,
+    int64) with ``*_order`` (sample indices sorted by class, int64) or without it (classes
+    contiguous), or ``*_per_class`` (equal contiguous blocks); both sides the same kind. Writes
+    ``ws ||D_k(s)||^2`` and ``wc ||D_k(t)||^2`` into ``partials`` (K, 2), 0 for a disabled term.
     ``scalars``: as in ``attention_stats``.
     """
-    K = num_classes
-    HW, C = real.spatial.shape[1], real.channel.shape[1]
-    dtype, device = real.spatial.dtype, real.spatial.device
+    has_offsets, has_order = _class_layout(real_order, real_offsets, real_per_class)
+    if (has_offsets, has_order) != _class_layout(syn_order, syn_offsets, syn_per_class):
+        raise ValueError("real and syn class layouts must be of one kind (offsets with or without "
+                         "order, or equal blocks)")
+    return _class_differences(real, syn, None, num_classes, ps, pc, ws, wc, partials, scalars,
+                              real_order, real_offsets, syn_order, syn_offsets, real_per_class,
+                              syn_per_class, has_offsets, has_order)
+
+
+def class_differences_from_sums(real_spatial, real_channel, real_counts, syn, num_classes, ps, pc,
+                                ws, wc, partials, *, scalars=None, syn_order=None,
+                                syn_offsets=None, syn_per_class=0):
+    """``class_differences`` with the real side given as its class sums ``real_spatial`` (K, H*W)
+    and ``real_channel`` (K, C) of the normalized vectors (None for a disabled term) and its class
+    counts ``real_counts`` (K,) int64: D_k = sums_k / max(count_k, 1) - mean syn_k(x_hat)."""
+    has_offsets, has_order = _class_layout(syn_order, syn_offsets, syn_per_class)
+    return _class_differences(None, syn, (real_spatial, real_channel), num_classes, ps, pc, ws, wc,
+                              partials, scalars, None, real_counts, syn_order, syn_offsets, 0,
+                              syn_per_class, has_offsets, has_order)
+
+
+def _class_differences(real, syn, real_sums, K, ps, pc, ws, wc, partials, scalars, real_order,
+                       real_offsets, syn_order, syn_offsets, real_per_class, syn_per_class,
+                       has_offsets, has_order):
+    HW, C = syn.spatial.shape[1], syn.channel.shape[1]
+    dtype, device = syn.spatial.dtype, syn.spatial.device
     scalars = _scalars(scalars, ps, pc, ws, wc, dtype, device)
     DS = torch.empty((K, HW), dtype=dtype, device=device)
     DT = torch.empty((K, C), dtype=dtype, device=device)
     block_hw, block_c = _vector_block(HW), _vector_block(C)
-    elem = real.spatial.element_size()
-    block_m = max(1, min(BLOCK_MEMBERS, CLASS_TILE_BYTES // elem // max(block_hw, block_c)))
-    # The per-sample floors phi (N values per side) are formed here, not per member and block inside
-    # the kernel: float64 exp2/log2 there made the sm_90 compile spill 72 bytes.
-    floors = [norm_floor(side.scale, p) for side in (real, syn) for p in (ps, pc)]
-    with _launch_device(real.spatial):
+    block_m, num_warps = _class_config(syn.spatial, block_hw, block_c)
+    if real_sums is None:
+        real_args = (real.spatial, real.spatial_norm, real.spatial_floor,
+                     real.channel, real.channel_norm, real.channel_floor)
+    else:
+        real_args = (real_sums[0], None, None, real_sums[1], None, None)
+    with _launch_device(syn.spatial):
         _class_diff_kernel[(K,)](
-            real.spatial, real.spatial_norm, floors[0], real.channel, real.channel_norm, floors[1],
-            syn.spatial, syn.spatial_norm, floors[2], syn.channel, syn.channel_norm, floors[3],
+            *real_args,
+            syn.spatial, syn.spatial_norm, syn.spatial_floor,
+            syn.channel, syn.channel_norm, syn.channel_floor,
             DS, DT, partials,
             real_order, real_offsets, syn_order, syn_offsets, real_per_class, syn_per_class,
             scalars, C, HW,
-            HAS_ORDER=real_order is not None, HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
-            BLOCK_M=block_m, BLOCK_HW=block_hw, BLOCK_C=block_c,
-            num_warps=_num_warps(block_m * max(block_hw, block_c) * elem // 4),
+            REAL_SUMS=real_sums is not None, HAS_OFFSETS=has_offsets, HAS_ORDER=has_order,
+            HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
+            BLOCK_M=block_m, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=num_warps,
         )
     return DS, DT
 
 
+def class_sums(stats, num_classes, has_spatial, has_channel, *, order=None, offsets=None,
+               per_class=0):
+    """Class sums of one side's normalized vectors: (K, H*W) and (K, C) in the accumulation dtype
+    (a disabled term's left unwritten). ``stats``: its ``SideStats``; class layout as one side's in
+    ``class_differences``."""
+    has_offsets, has_order = _class_layout(order, offsets, per_class)
+    HW, C = stats.spatial.shape[1], stats.channel.shape[1]
+    dtype, device = stats.spatial.dtype, stats.spatial.device
+    OS = torch.empty((num_classes, HW), dtype=dtype, device=device)
+    OT = torch.empty((num_classes, C), dtype=dtype, device=device)
+    block_hw, block_c = _vector_block(HW), _vector_block(C)
+    block_m, num_warps = _class_config(stats.spatial, block_hw, block_c)
+    with _launch_device(stats.spatial):
+        _class_sums_kernel[(num_classes,)](
+            stats.spatial, stats.spatial_norm, stats.spatial_floor,
+            stats.channel, stats.channel_norm, stats.channel_floor,
+            OS, OT, order, offsets, per_class, C, HW,
+            HAS_OFFSETS=has_offsets, HAS_ORDER=has_order,
+            HAS_SPATIAL=has_spatial, HAS_CHANNEL=has_channel,
+            BLOCK_M=block_m, BLOCK_HW=block_hw, BLOCK_C=block_c, num_warps=num_warps,
+        )
+    return OS, OT
+
+
 def vector_grad(stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, *, scalars=None,
-                labels=None, counts=None, per_class=0):
+                labels=None, offsets=None, per_class=0):
     """Per-sample gradients w.r.t. the scaled attention vectors, premultiplied by power / scale.
 
     ``stats``: this side's ``SideStats``; ``side_sign`` +1 for the real side, -1 for the synthetic one.
-    Class layout: ``labels`` (N,) and ``counts`` (K,), int64 on the device, or ``per_class``.
-    ``scalars``: as in ``attention_stats``. Returns GS (N, H*W), GT (N, C).
+    Class layout: ``labels`` (N,) and the class ``offsets`` (K + 1,) of the side, int64 on the
+    device, or ``per_class``. ``scalars``: as in ``attention_stats``. Returns GS (N, H*W), GT (N, C).
     """
     if side_sign not in (1, -1):
         raise ValueError(f"side_sign must be +1 or -1, got {side_sign!r}")
+    if (labels is None) != (offsets is None):
+        raise ValueError("labels and offsets come together (or neither, with per_class)")
     scalars = _scalars(scalars, ps, pc, ws, wc, stats.spatial.dtype, stats.spatial.device)
     N, HW = stats.spatial.shape
     C = stats.channel.shape[1]
@@ -610,7 +775,7 @@ def vector_grad(stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, *, scalar
             stats.spatial, stats.spatial_norm, stats.channel, stats.channel_norm, stats.scale,
             DS, DT, grad_output,
             GS, GT,
-            labels, counts, per_class,
+            labels, offsets, per_class,
             scalars, C, HW, int(side_sign),
             HAS_ORDER=labels is not None, HAS_SPATIAL=ws != 0, HAS_CHANNEL=wc != 0,
             BLOCK_HW=block_hw, BLOCK_C=block_c,

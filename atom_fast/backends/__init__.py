@@ -41,9 +41,10 @@ A weight of 0 skips its term; both weights 0 give a zero still connected to the 
 
 Per-sample statistics saved for backward: the native op keeps one ``(N, H*W + C + 3)`` row per
 sample (``[s' | t' | m | ||s'|| | ||t'||]``, ``csrc/constants.h``): a CPU thread owns a sample and
-writes and rereads one contiguous row. The Triton kernels keep the same values as five tensors
-(``kernels.attention.SideStats``): each kernel addresses its vector with unit stride from an aligned
-base, which a packed row of odd width ``H*W + C + 3`` would break for vectorized GPU loads.
+writes and rereads one contiguous row. The Triton kernels keep the same values and the two norm
+floors as seven tensors (``kernels.attention.SideStats``): each kernel addresses its vector with
+unit stride from an aligned base, which a packed row of odd width ``H*W + C + 3`` would break for
+vectorized GPU loads.
 """
 
 import importlib

@@ -1,13 +1,16 @@
 """The Triton backend: autograd.Functions over the fused kernels in ``atom_fast.kernels.attention``
 (the only module that imports them). It implements the contract of :mod:`atom_fast.backends`.
 
-Forward saves only per-sample statistics (``SideStats``: scaled attention vectors, norms and scales,
-N*(H*W + C) + 3N floats per side and layer) and the class differences (K*(H*W + C)); the features
-themselves are the caller's tensors. No host synchronization happens in forward or backward: the
-upstream gradient is read on the device. The powers, weights and norm floor reach the kernels as one
-small tensor of the accumulation dtype per loss call (``kernels.attention.loss_scalars``, filled on
-the device and kept for the backward), never as float arguments, which the Triton interpreter would
-round to float32. Triton is imported on first use, so ``import atom_fast`` works where it is not
+Forward saves only per-sample statistics (``SideStats``: scaled attention vectors, norms, scales
+and norm floors, N*(H*W + C) + 5N floats per side and layer) and the class differences (K*(H*W +
+C)); the features themselves are the caller's tensors. No host synchronization happens in forward
+or backward: the upstream gradient is read on the device. The powers, weights and norm floor reach
+the kernels as one small tensor of the accumulation dtype (``kernels.attention.loss_scalars``, made
+once per set of values, dtype, device and stream and kept), never as float arguments, which the
+Triton interpreter would round to float32. Every path is a few custom ops per layer and nothing
+else: the stats kernel, one class kernel (class differences, class sums, or class differences
+with the real side as sums), and in backward ``vector_grad`` and one pass over the features.
+Triton is imported on first use, so ``import atom_fast`` works where it is not
 installed.
 """
 
@@ -16,9 +19,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from atom_fast.backends.reference import class_sums
-from atom_fast.constants import accumulation_dtype, norm_floor
-from atom_fast.layout import class_counts, class_offsets, class_order, on_device
+from atom_fast.constants import accumulation_dtype
+from atom_fast.layout import class_offsets, class_order, grouping
 
 DOUBLE_BACKWARD_ERROR = ("backend='triton' does not support double backward (a gradient of the "
                          "attention loss's gradient); use backend='reference' for that")
@@ -63,7 +65,7 @@ def _register_ops(kernels):
         N, C, H, W = F.shape
         acc = scalars.dtype
         return [F.new_empty((N, H * W), dtype=acc), F.new_empty((N, C), dtype=acc),
-                *(F.new_empty((N,), dtype=acc) for _ in range(3))]
+                *(F.new_empty((N,), dtype=acc) for _ in range(5))]
 
     # The weighted per-class terms come back as a third output, allocated here: an op that writes
     # into a caller's buffer and also returns tensors cannot be functionalized (torch.compile).
@@ -73,7 +75,7 @@ def _register_ops(kernels):
                           real_order: Optional[Tensor], real_offsets: Optional[Tensor],
                           syn_order: Optional[Tensor], syn_offsets: Optional[Tensor],
                           real_per_class: int, syn_per_class: int) -> List[Tensor]:
-        partials = torch.zeros((num_classes, 2), dtype=scalars.dtype, device=real[0].device)
+        partials = torch.empty((num_classes, 2), dtype=scalars.dtype, device=real[0].device)
         DS, DT = kernels.class_differences(
             kernels.SideStats(*real), kernels.SideStats(*syn), num_classes, ps, pc, ws, wc, partials,
             scalars=scalars, real_order=real_order, real_offsets=real_offsets, syn_order=syn_order,
@@ -86,14 +88,47 @@ def _register_ops(kernels):
                 real[1].new_empty((num_classes, real[1].shape[1])),
                 scalars.new_empty((num_classes, 2))]
 
+    @torch.library.custom_op(f"{lib}::class_differences_from_sums", mutates_args=())
+    def class_differences_from_sums(real_spatial: Optional[Tensor], real_channel: Optional[Tensor],
+                                    real_counts: Tensor, syn: List[Tensor], num_classes: int,
+                                    ps: float, pc: float, ws: float, wc: float, scalars: Tensor,
+                                    syn_order: Optional[Tensor], syn_offsets: Optional[Tensor],
+                                    syn_per_class: int) -> List[Tensor]:
+        partials = torch.empty((num_classes, 2), dtype=scalars.dtype, device=syn[0].device)
+        DS, DT = kernels.class_differences_from_sums(
+            real_spatial, real_channel, real_counts, kernels.SideStats(*syn), num_classes, ps, pc,
+            ws, wc, partials, scalars=scalars, syn_order=syn_order, syn_offsets=syn_offsets,
+            syn_per_class=syn_per_class)
+        return [DS, DT, partials]
+
+    @class_differences_from_sums.register_fake
+    def _(real_spatial, real_channel, real_counts, syn, num_classes, ps, pc, ws, wc, scalars,
+          *layout):
+        return [syn[0].new_empty((num_classes, syn[0].shape[1])),
+                syn[1].new_empty((num_classes, syn[1].shape[1])),
+                scalars.new_empty((num_classes, 2))]
+
+    @torch.library.custom_op(f"{lib}::class_sums", mutates_args=())
+    def class_sums(stats: List[Tensor], num_classes: int, has_spatial: bool, has_channel: bool,
+                   order: Optional[Tensor], offsets: Optional[Tensor],
+                   per_class: int) -> List[Tensor]:
+        return list(kernels.class_sums(kernels.SideStats(*stats), num_classes, has_spatial,
+                                       has_channel, order=order, offsets=offsets,
+                                       per_class=per_class))
+
+    @class_sums.register_fake
+    def _(stats, num_classes, *args):
+        return [stats[0].new_empty((num_classes, stats[0].shape[1])),
+                stats[1].new_empty((num_classes, stats[1].shape[1]))]
+
     @torch.library.custom_op(f"{lib}::vector_grad", mutates_args=())
     def vector_grad(stats: List[Tensor], DS: Tensor, DT: Tensor, grad_output: Tensor,
                     side_sign: int, ps: float, pc: float, ws: float, wc: float, scalars: Tensor,
-                    labels: Optional[Tensor], counts: Optional[Tensor],
+                    labels: Optional[Tensor], offsets: Optional[Tensor],
                     per_class: int) -> List[Tensor]:
         return list(kernels.vector_grad(kernels.SideStats(*stats), DS, DT, grad_output, side_sign,
                                         ps, pc, ws, wc, scalars=scalars, labels=labels,
-                                        counts=counts, per_class=per_class))
+                                        offsets=offsets, per_class=per_class))
 
     @vector_grad.register_fake
     def _(stats, *args):
@@ -135,11 +170,24 @@ class _Launchers:
             scalars, real_order, real_offsets, syn_order, syn_offsets,
             int(real_per_class), int(syn_per_class)))
 
+    def class_differences_from_sums(self, real_spatial, real_channel, real_counts, syn,
+                                    num_classes, ps, pc, ws, wc, *, scalars, syn_order=None,
+                                    syn_offsets=None, syn_per_class=0):
+        """(DS, DT, partials) with the real side as class sums and counts."""
+        return tuple(self.ops.class_differences_from_sums(
+            real_spatial, real_channel, real_counts, list(syn), int(num_classes), float(ps),
+            float(pc), float(ws), float(wc), scalars, syn_order, syn_offsets, int(syn_per_class)))
+
+    def class_sums(self, stats, num_classes, has_spatial, has_channel, *, order=None, offsets=None,
+                   per_class=0):
+        return tuple(self.ops.class_sums(list(stats), int(num_classes), bool(has_spatial),
+                                         bool(has_channel), order, offsets, int(per_class)))
+
     def vector_grad(self, stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, *, scalars,
-                    labels=None, counts=None, per_class=0):
+                    labels=None, offsets=None, per_class=0):
         return tuple(self.ops.vector_grad(list(stats), DS, DT, grad_output, int(side_sign),
                                           float(ps), float(pc), float(ws), float(wc), scalars,
-                                          labels, counts, int(per_class)))
+                                          labels, offsets, int(per_class)))
 
     def attention_backward(self, F, scale, GS, GT, ps, pc, has_spatial, has_channel, scalars):
         return self.ops.attention_backward(F, scale, GS, GT, float(ps), float(pc), bool(has_spatial),
@@ -161,31 +209,21 @@ class LayerStats(NamedTuple):
     channel_diff: torch.Tensor  # D_k(t), (K, C)
 
 
-class ClassOrder(NamedTuple):
-    """One side's samples grouped by class, for the class-mean kernel."""
-
-    order: torch.Tensor  # sample indices sorted by class (stable), int64
-    offsets: torch.Tensor  # (K + 1,) start of each class in ``order``, int64
-
-
-def _class_order(labels, counts):
-    return ClassOrder(class_order(labels), class_offsets(counts))
-
-
 def _class_layout_arguments(layout):
     """``class_differences``'s class-layout keywords for a ``ClassLayout``."""
     if not layout.has_labels:
         return dict(real_per_class=layout.real_per_class, syn_per_class=layout.syn_per_class)
-    real = _class_order(layout.real_labels, layout.real_counts)
-    syn = _class_order(layout.syn_labels, layout.syn_counts)
-    return dict(real_order=real.order, real_offsets=real.offsets,
-                syn_order=syn.order, syn_offsets=syn.offsets)
+    return dict(real_order=class_order(layout.real_labels),
+                real_offsets=class_offsets(layout.real_counts),
+                syn_order=class_order(layout.syn_labels),
+                syn_offsets=class_offsets(layout.syn_counts))
 
 
-def _side_layout_arguments(layout, side):
-    """``vector_grad``'s class-layout keywords for one side ("real" or "syn") of a ``ClassLayout``."""
+def _side_layout_arguments(layout, class_args, side):
+    """``vector_grad``'s class-layout keywords for one side ("real" or "syn") of a ``ClassLayout``
+    whose ``class_differences`` keywords are ``class_args``."""
     if layout.has_labels:
-        return dict(labels=layout.labels(side), counts=getattr(layout, f"{side}_counts"))
+        return dict(labels=layout.labels(side), offsets=class_args[f"{side}_offsets"])
     return dict(per_class=layout.per_class(side))
 
 
@@ -213,8 +251,8 @@ def _feature_gradient(F, stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, 
     """The gradient of the loss w.r.t. one side's features F (vector_grad, then one pass over F);
     ``scalars``: the forward's ``loss_scalars``."""
     kernels = _launchers()
-    go = grad_output.reshape(1).to(stats.spatial.dtype)
-    GS, GT = kernels.vector_grad(stats, DS, DT, go, side_sign, ps, pc, ws, wc, scalars=scalars,
+    # the kernel reads the one value (0-dim, the loss's dtype) and converts it itself
+    GS, GT = kernels.vector_grad(stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, scalars=scalars,
                                  **side_layout)
     if torch.is_grad_enabled():  # create_graph=True: record a node whose backward raises
         return _FeatureGradient.apply(F, stats.scale, GS, GT, ps, pc, ws != 0, wc != 0, scalars)
@@ -261,6 +299,8 @@ class FusedAttentionLoss(torch.autograd.Function):
                           *_pack(syn_stats if needs_syn[i] else None), DS, DT]
             # five values, never written again: kept on ctx beside the Python scalars
             ctx.scalars = scalars
+            ctx.side_layouts = {side: _side_layout_arguments(layout, class_args, side)
+                                for side in ("real", "syn")}
         # Features are saved only for the sides that need a gradient: the real features of a
         # distillation step (computed under no_grad) must not stay alive until backward.
         ctx.save_for_backward(*(f if need else None for f, need in zip(features, needs)), *saved)
@@ -304,7 +344,7 @@ class FusedAttentionLoss(torch.autograd.Function):
                     continue  # no work for a side that needs no gradient
                 grads[index] = _feature_gradient(
                     features[index], stats, layer.spatial_diff, layer.channel_diff, grad_output,
-                    sign, ps, pc, ws, wc, ctx.scalars, _side_layout_arguments(ctx.layout, side))
+                    sign, ps, pc, ws, wc, ctx.scalars, ctx.side_layouts[side])
         # layout and the four scalars get no gradient
         return (None, None, None, None, None, *grads)
 
@@ -321,96 +361,80 @@ def attention_loss(reals, syns, layout, spatial_power, channel_power, spatial_we
 # --------------------------------------------------------------------------------------------------
 
 
-def _normalized(vectors, norms, scale, power):
-    """x_hat = x / max(||x||, eps) from the kernels' scaled x' = x / m^p: x' / max(||x'||, eps / m^p),
-    the floor in log space as in the kernels."""
-    return vectors / torch.maximum(norms, norm_floor(scale, power))[:, None]
+def _grouped_arguments(grouped, labels, num, num_classes, device):
+    """The class-kernel layout keywords (order, offsets, per_class) of one side from its
+    ``grouped`` ``(offsets, order)`` (:func:`atom_fast.layout.grouping`), made here when None."""
+    if grouped is None:
+        grouped = grouping(labels, num, num_classes, device)
+    offsets, order = grouped
+    if order is None:  # equal contiguous blocks
+        return dict(order=None, offsets=None, per_class=num // num_classes)
+    return dict(order=order, offsets=offsets, per_class=0)
 
 
 def class_attention_sums(features, labels, num_classes, spatial_power, channel_power,
                          has_spatial, has_channel, grouped=None):
-    """Per-class sums of the normalized spatial (K, H*W) and channel (K, C) attention vectors.
-
-    One run of the stats kernel over ``features``; the normalization and the class sums are small
-    torch ops on the (N, H*W + C) per-sample vectors. A disabled side is None. Detached.
+    """Per-class sums of the normalized spatial (K, H*W) and channel (K, C) attention vectors: the
+    stats kernel over ``features`` and one class kernel. ``grouped``: the labels' ``(offsets,
+    order)`` when the caller already has them (one per batch, shared by its layers). A disabled side
+    is None. Detached.
     """
     acc_dtype = accumulation_dtype(features.dtype)
+    layout = _grouped_arguments(grouped, labels, features.shape[0], num_classes, features.device)
+    launchers = _launchers()
     with torch.no_grad():
         scalars = _kernels().loss_scalars(spatial_power, channel_power, dtype=acc_dtype,
                                           device=features.device)
-        stats = _launchers().attention_stats(features.detach(), spatial_power, channel_power,
-                                             has_spatial, has_channel, acc_dtype, scalars)
-        spatial = channel = None
-        if has_spatial:
-            spatial = class_sums(_normalized(stats.spatial, stats.spatial_norm, stats.scale,
-                                              spatial_power), labels, num_classes)
-        if has_channel:
-            channel = class_sums(_normalized(stats.channel, stats.channel_norm, stats.scale,
-                                              channel_power), labels, num_classes)
-    return spatial, channel
+        stats = launchers.attention_stats(features.detach(), spatial_power, channel_power,
+                                          has_spatial, has_channel, acc_dtype, scalars)
+        spatial, channel = launchers.class_sums(stats, num_classes, has_spatial, has_channel,
+                                                **layout)
+    return (spatial if has_spatial else None), (channel if has_channel else None)
 
 
 class AttentionLossFromSums(torch.autograd.Function):
     """One layer's loss with the real side given as class sums; gradient w.r.t. ``syn`` only.
 
-    Saves the synthetic per-sample statistics and the class differences D_k (real mean minus
-    synthetic mean); the backward is the fused one (``vector_grad`` then one pass over syn).
+    Forward: the stats kernel over ``syn`` and one class kernel (the class differences D_k, real
+    mean minus synthetic mean, and the weighted per-class terms). Saves the synthetic per-sample
+    statistics and D_k; the backward is the fused one (``vector_grad`` then one pass over syn).
     """
 
     @staticmethod
-    def forward(ctx, real_spatial, real_channel, real_counts, syn_labels, num_classes,
+    def forward(ctx, real_spatial, real_channel, real_counts, layout, num_classes,
                 spatial_power, channel_power, spatial_weight, channel_weight, syn):
-        kernels = _kernels()
+        kernels, launchers = _kernels(), _launchers()
         acc_dtype = accumulation_dtype(syn.dtype)
-        # for the stats kernel now and the backward's kernels (the weights are applied here in torch)
         scalars = kernels.loss_scalars(spatial_power, channel_power, spatial_weight, channel_weight,
                                        dtype=acc_dtype, device=syn.device)
-        stats = _launchers().attention_stats(syn, spatial_power, channel_power, spatial_weight != 0,
-                                             channel_weight != 0, acc_dtype, scalars)
-        # Counts kept on the host (K values) are copied without waiting for the device.
-        real_counts = on_device(real_counts, syn.device, acc_dtype).clamp_min(1)
-        if syn_labels is None:
-            syn_counts = None
-            side_layout = dict(per_class=syn.shape[0] // num_classes)
-            syn_denominator = torch.full((num_classes,), syn.shape[0] // num_classes,
-                                         dtype=acc_dtype, device=syn.device)
-        else:
-            syn_counts = class_counts(syn_labels, num_classes)
-            side_layout = dict(labels=syn_labels, counts=syn_counts)
-            syn_denominator = syn_counts.to(acc_dtype).clamp_min(1)
-
-        def difference(real_sums, vectors, norms, power):
-            syn_sums = class_sums(_normalized(vectors, norms, stats.scale, power), syn_labels,
-                                   num_classes)
-            return (real_sums.to(acc_dtype) / real_counts[:, None]
-                    - syn_sums / syn_denominator[:, None])
-
-        loss = torch.zeros((), dtype=acc_dtype, device=syn.device)
-        DS = DT = stats.spatial.new_empty((0,))  # not read when the weight is 0
-        if spatial_weight != 0:
-            DS = difference(real_spatial, stats.spatial, stats.spatial_norm, spatial_power)
-            loss = loss + spatial_weight * DS.pow(2).sum()
-        if channel_weight != 0:
-            DT = difference(real_channel, stats.channel, stats.channel_norm, channel_power)
-            loss = loss + channel_weight * DT.pow(2).sum()
-        ctx.save_for_backward(syn, *stats, DS, DT, syn_labels, syn_counts)
+        stats = launchers.attention_stats(syn, spatial_power, channel_power, spatial_weight != 0,
+                                          channel_weight != 0, acc_dtype, scalars)
+        DS, DT, terms = launchers.class_differences_from_sums(
+            real_spatial, real_channel, real_counts, stats, num_classes, spatial_power,
+            channel_power, spatial_weight, channel_weight, scalars=scalars,
+            syn_order=layout["order"], syn_offsets=layout["offsets"],
+            syn_per_class=layout["per_class"])
+        ctx.save_for_backward(syn, *stats, DS, DT, layout["labels"], layout["offsets"])
         ctx.scalars = scalars  # five values, never written again
         ctx.params = (spatial_power, channel_power, spatial_weight, channel_weight)
-        ctx.per_class = side_layout.get("per_class", 0)
-        return loss
+        ctx.per_class = layout["per_class"]
+        return terms.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        syn, S, T, NS, NT, M, DS, DT, syn_labels, syn_counts = ctx.saved_tensors
-        stats = _kernels().SideStats(S, T, NS, NT, M)
+        syn, *rest = ctx.saved_tensors
+        SideStats = _kernels().SideStats
+        width = len(SideStats._fields)
+        stats = SideStats(*rest[:width])
+        DS, DT, labels, offsets = rest[width:]
         ps, pc, ws, wc = ctx.params
-        if syn_labels is None:
+        if labels is None:
             side_layout = dict(per_class=ctx.per_class)
         else:
-            side_layout = dict(labels=syn_labels, counts=syn_counts)
+            side_layout = dict(labels=labels, offsets=offsets)
         grad = _feature_gradient(syn, stats, DS, DT, grad_output, -1.0, ps, pc, ws, wc, ctx.scalars,
                                  side_layout)
-        # the sums, counts, labels, class count and the four scalars get no gradient
+        # the sums, counts, layout, class count and the four scalars get no gradient
         return (None,) * 9 + (grad,)
 
 
@@ -421,14 +445,26 @@ def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_l
 
     ``ws * sum_k ||S_k / n_k - mean_syn_k(s_hat)||^2 + wc * sum_k ||T_k / n_k - mean_syn_k(t_hat)||^2``,
     0-dim, float32 (float64 for float64 syn), differentiable w.r.t. ``syn`` with the fused backward.
+    real_counts (K,): int64 samples per class, on syn's device; ``grouped``: the synthetic labels'
+    ``(offsets, order)`` when the caller already has them (one per batch, shared by its layers).
     """
     if spatial_weight == 0 and channel_weight == 0:
         # A zero still connected to syn: backward gives zero gradients.
         return syn.reshape(-1)[:0].sum().to(accumulation_dtype(syn.dtype))
     if syn_labels is not None:
         syn_labels = syn_labels.contiguous()  # the kernels index labels with unit stride
-    return AttentionLossFromSums.apply(
-        real_spatial.detach() if real_spatial is not None else None,
-        real_channel.detach() if real_channel is not None else None,
-        real_counts, syn_labels, num_classes, spatial_power, channel_power, spatial_weight,
-        channel_weight, syn)
+    if real_counts.dtype != torch.int64:  # counts given as floats (whole numbers)
+        real_counts = real_counts.to(torch.int64)
+    layout = _grouped_arguments(grouped, syn_labels, syn.shape[0], num_classes, syn.device)
+    if layout["order"] is None:
+        layout = dict(layout, labels=None)
+    else:
+        layout = dict(layout, labels=syn_labels)
+    acc_dtype = accumulation_dtype(syn.dtype)
+    # (no detach needed: the Function gives the sums no gradient)
+    real = [None if t is None or spatial_weight == 0 and i == 0 or channel_weight == 0 and i == 1
+            else t.to(acc_dtype)
+            for i, t in enumerate((real_spatial, real_channel))]
+    return AttentionLossFromSums.apply(real[0], real[1], real_counts, layout, num_classes,
+                                       spatial_power, channel_power, spatial_weight,
+                                       channel_weight, syn)

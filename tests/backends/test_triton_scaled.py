@@ -118,8 +118,9 @@ def test_real_statistics_are_not_kept_when_real_needs_no_gradient():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = atom_fast.attention_loss(reals, [syn], K, backend="triton")
     extra = sum(t.numel() for t in saved if t.data_ptr() != syn.data_ptr())
-    # synthetic vectors, norms and scales, and the class differences; nothing of the real side
-    assert extra == K * IPC * (H * W + C + 3) + K * (H * W + C)
+    # synthetic vectors, their norms, scales and norm floors, and the class differences; nothing
+    # of the real side
+    assert extra == K * IPC * (H * W + C + 5) + K * (H * W + C)
     loss.backward()
 
 

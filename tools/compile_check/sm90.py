@@ -84,7 +84,9 @@ def drive_launchers():
         (dict(real_per_class=B, syn_per_class=IPC), dict(per_class=IPC)),
         (dict(real_order=torch.argsort(rl, stable=True), real_offsets=offsets(rc),
               syn_order=torch.argsort(sl, stable=True), syn_offsets=offsets(sc)),
-         dict(labels=sl, counts=sc)),
+         dict(labels=sl, offsets=offsets(sc))),
+        (dict(real_offsets=offsets(rc), syn_offsets=offsets(sc)),  # contiguous classes
+         dict(labels=torch.sort(sl).values, offsets=offsets(sc))),
     ]
     for C, H, W in SHAPES:
         for dtype in DTYPES:
@@ -102,6 +104,15 @@ def drive_launchers():
                         partials = torch.zeros((K_CLASSES, 2), dtype=acc)
                         DS, DT = K.class_differences(rstats, sstats, K_CLASSES, ps, pc, ws, wc,
                                                      partials, scalars=scalars, **class_args)
+                        # the real side as class sums (a distillation step's streamed statistics)
+                        real_layout = {name[5:]: value for name, value in class_args.items()
+                                       if name.startswith("real_")}
+                        syn_layout = {name: value for name, value in class_args.items()
+                                      if name.startswith("syn_")}
+                        RS, RT = K.class_sums(rstats, K_CLASSES, hs, hc, **real_layout)
+                        K.class_differences_from_sums(RS if hs else None, RT if hc else None, rc,
+                                                      sstats, K_CLASSES, ps, pc, ws, wc, partials,
+                                                      scalars=scalars, **syn_layout)
                         go = torch.ones(1, dtype=acc)
                         GS, GT = K.vector_grad(sstats, DS, DT, go, -1.0, ps, pc, ws, wc,
                                                scalars=scalars, **side_args)
@@ -159,8 +170,8 @@ def main():
         globals().update(QUICK)
 
     backend = make_backend(TARGET)
-    kernels = [K._attention_stats_kernel, K._class_diff_kernel, K._vector_grad_kernel,
-               K._attention_bwd_kernel]
+    kernels = [K._attention_stats_kernel, K._class_diff_kernel, K._class_sums_kernel,
+               K._vector_grad_kernel, K._attention_bwd_kernel]
     recorders = {}
     for fn in kernels:
         recorders[fn] = Recorder(fn, backend)

@@ -22,8 +22,8 @@ launcher, which zeroes its channel vectors when a sample's H*W spans several blo
   the IPC and the number of chunks.
 
 Host time: microseconds per layer of one forward + backward on tiny tensors (native backend, one
-thread, median of many calls): the pure per-call overhead of the features path and of the
-statistics path (``class_statistics`` then the from-sums loss).
+thread, the median of five rounds' median calls, with their range): the pure per-call overhead of
+the features path and of the statistics path (``class_statistics`` then the from-sums loss).
 
     python -m bench.launch_budget --out bench/results/launch-budget-2026-12-04
     python -m bench.launch_budget --quick        # no K=100 / IPC 50 steps, fewer timed calls
@@ -178,38 +178,48 @@ def step_counts(settings, device, backend="native"):
     return rows
 
 
-def host_times(repeats):
-    """Median microseconds per layer of one call on tiny tensors (native, one thread)."""
+def host_times(repeats, rounds=5):
+    """Microseconds per layer of one call on tiny tensors (native, one thread): ``rounds`` rounds,
+    each timing every path ``repeats // rounds`` times in turn; per path the median of the round
+    medians and their range (a shared machine's slow moments show as a wide range)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = []
+    calls = {}
+    for layers in (1, 4):
+        torch.manual_seed(0)
+        real = [torch.randn(6, 2, 2, 2).relu() for _ in range(layers)]
+        syn = [torch.randn(3, 2, 2, 2, requires_grad=True) for _ in range(layers)]
+        labels = torch.arange(3).repeat_interleave(2)
+
+        def features(real=real, syn=syn):
+            atom_fast.attention_loss(real, syn, 3, backend="native").backward()
+
+        def stats_path(real=real, syn=syn, labels=labels):
+            stats = atom_fast.class_statistics(real, 3, labels=labels, backend="native")
+            atom_fast.attention_loss(stats, syn, backend="native").backward()
+
+        calls[("features", layers)] = features
+        calls[("statistics+from-sums", layers)] = stats_path
+    medians = {key: [] for key in calls}
     try:
-        for layers in (1, 4):
-            torch.manual_seed(0)
-            real = [torch.randn(6, 2, 2, 2).relu() for _ in range(layers)]
-            syn = [torch.randn(3, 2, 2, 2, requires_grad=True) for _ in range(layers)]
-            labels = torch.arange(3).repeat_interleave(2)
-
-            def features():
-                atom_fast.attention_loss(real, syn, 3, backend="native").backward()
-
-            def stats_path():
-                stats = atom_fast.class_statistics(real, 3, labels=labels, backend="native")
-                atom_fast.attention_loss(stats, syn, backend="native").backward()
-
-            for path, fn in (("features", features), ("statistics+from-sums", stats_path)):
-                for _ in range(20):
-                    fn()
+        for fn in calls.values():
+            for _ in range(20):
+                fn()
+        for _ in range(rounds):
+            for key, fn in calls.items():
                 times = []
-                for _ in range(repeats):
+                for _ in range(max(1, repeats // rounds)):
                     t = time.perf_counter()
                     fn()
                     times.append(time.perf_counter() - t)
-                med = statistics.median(times)
-                out.append({"path": path, "layers": layers, "us_per_call": med * 1e6,
-                            "us_per_layer": med * 1e6 / layers})
+                medians[key].append(statistics.median(times) * 1e6)
     finally:
         torch.set_num_threads(threads)
+    out = []
+    for (path, layers), values in sorted(medians.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        med = statistics.median(values)
+        out.append({"path": path, "layers": layers, "us_per_call": med,
+                    "us_per_layer": med / layers, "round_medians_us": values})
     return out
 
 
@@ -256,10 +266,15 @@ def markdown(result):
                      f"{cell('views')} | {'' if device_ops is None else device_ops} | "
                      f"{top or r.get('error', '')} |")
     lines += ["", "## Host time per layer, forward + backward (native, tiny tensors, one thread)", "",
-              "| path | layers per call | us per call | us per layer |", "|---|---:|---:|---:|"]
+              "Median over rounds of each round's median call (the paths timed in turn in every "
+              "round); the range is that of the round medians.", "",
+              "| path | layers per call | us per call | us per layer | range per layer |",
+              "|---|---:|---:|---:|---|"]
     for r in result["host"]:
+        rounds = r.get("round_medians_us") or [r["us_per_call"]]
+        lo, hi = min(rounds) / r["layers"], max(rounds) / r["layers"]
         lines.append(f"| {r['path']} | {r['layers']} | {r['us_per_call']:.0f} | "
-                     f"{r['us_per_layer']:.0f} |")
+                     f"{r['us_per_layer']:.0f} | {lo:.0f}-{hi:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,7 @@ features must give the same loss and the same gradient w.r.t. the synthetic feat
 backend; the sums are checked against a float64 computation written out here.
 """
 
+import dataclasses
 import math
 import os
 import socket
@@ -118,6 +119,33 @@ def test_statistics_realistic_shape(backend):
     C = 16 if backend == "triton" else 128
     _check_once(backend, torch.float32, 1e-5, shapes=[(C, 16, 16)], K=10, per_class=6, ipc=2,
                 use_labels=False, chunk_sizes=(16, 9))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_sums_and_counts_give_what_contiguous_ones_give(backend):
+    """Statistics assembled by hand may hold strided sums and counts (a transposed copy, a column
+    of a wider tensor); the loss and gradient are those of the contiguous statistics, by the
+    reference backend's loss from the contiguous statistics."""
+    K, labels = 3, torch.tensor([0, 0, 0, 1, 2, 2])
+    real = _features(6, [(4, 3, 5)], torch.float64, 0)
+    stats = class_statistics(real, K, labels=labels, spatial_power=2.5, channel_power=4.0,
+                             backend=backend)
+    strided = dataclasses.replace(
+        stats, spatial=tuple(x.t().contiguous().t() for x in stats.spatial),
+        channel=tuple(x.t().contiguous().t() for x in stats.channel),
+        counts=torch.stack([stats.counts, stats.counts + 5], 1)[:, 0])
+    assert not strided.spatial[0].is_contiguous() and not strided.counts.is_contiguous()
+    kw = dict(spatial_power=2.5, channel_power=4.0, spatial_weight=0.3, channel_weight=0.7)
+    results = []
+    for which, b in ((stats, "reference"), (strided, backend)):
+        syn = _features(3, [(4, 3, 5)], torch.float64, 1, grad=True)
+        loss = attention_loss(which, syn, backend=b, **kw)
+        (grad,) = torch.autograd.grad(loss, syn)
+        results.append((loss, grad))
+    (want, want_grad), (got, got_grad) = results
+    assert want.item() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12 * want_grad.abs().max().item())
 
 
 def test_statistics_with_both_weights_zero_give_zero_gradients():

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from atom_fast.constants import accumulation_dtype
-from atom_fast.layout import class_offsets, class_order, grouping
+from atom_fast.layout import class_offsets, class_order, grouping, on_device
 
 DOUBLE_BACKWARD_ERROR = ("backend='triton' does not support double backward (a gradient of the "
                          "attention loss's gradient); use backend='reference' for that")
@@ -422,6 +422,8 @@ class AttentionLossFromSums(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if not ctx.needs_input_grad[9]:
+            return (None,) * 10  # only the sums asked for a gradient: they get none
         syn, *rest = ctx.saved_tensors
         SideStats = _kernels().SideStats
         width = len(SideStats._fields)
@@ -445,16 +447,19 @@ def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_l
 
     ``ws * sum_k ||S_k / n_k - mean_syn_k(s_hat)||^2 + wc * sum_k ||T_k / n_k - mean_syn_k(t_hat)||^2``,
     0-dim, float32 (float64 for float64 syn), differentiable w.r.t. ``syn`` with the fused backward.
-    real_counts (K,): int64 samples per class, on syn's device; ``grouped``: the synthetic labels'
-    ``(offsets, order)`` when the caller already has them (one per batch, shared by its layers).
+    real_counts (K,): samples per class (int64, or whole-number floats), on syn's device or the
+    host (copied without a wait); the sums and counts may be strided. ``grouped``: the synthetic
+    labels' ``(offsets, order)`` when the caller already has them (one per batch, shared by its
+    layers).
     """
     if spatial_weight == 0 and channel_weight == 0:
         # A zero still connected to syn: backward gives zero gradients.
         return syn.reshape(-1)[:0].sum().to(accumulation_dtype(syn.dtype))
     if syn_labels is not None:
         syn_labels = syn_labels.contiguous()  # the kernels index labels with unit stride
-    if real_counts.dtype != torch.int64:  # counts given as floats (whole numbers)
-        real_counts = real_counts.to(torch.int64)
+    # the kernel reads the counts and sums with unit stride where syn is; counts kept on the host
+    # are copied without waiting for the device (a caller's device int64 counts pass as they are)
+    real_counts = on_device(real_counts, syn.device, torch.int64).contiguous()
     layout = _grouped_arguments(grouped, syn_labels, syn.shape[0], num_classes, syn.device)
     if layout["order"] is None:
         layout = dict(layout, labels=None)
@@ -463,7 +468,7 @@ def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_l
     acc_dtype = accumulation_dtype(syn.dtype)
     # (no detach needed: the Function gives the sums no gradient)
     real = [None if t is None or spatial_weight == 0 and i == 0 or channel_weight == 0 and i == 1
-            else t.to(acc_dtype)
+            else t.to(acc_dtype).contiguous()
             for i, t in enumerate((real_spatial, real_channel))]
     return AttentionLossFromSums.apply(real[0], real[1], real_counts, layout, num_classes,
                                        spatial_power, channel_power, spatial_weight,

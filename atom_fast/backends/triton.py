@@ -455,8 +455,8 @@ def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_l
     if spatial_weight == 0 and channel_weight == 0:
         # A zero still connected to syn: backward gives zero gradients.
         return syn.reshape(-1)[:0].sum().to(accumulation_dtype(syn.dtype))
-    if syn_labels is not None:
-        syn_labels = syn_labels.contiguous()  # the kernels index labels with unit stride
+    if syn_labels is not None:  # the kernels index labels with unit stride, on syn's device
+        syn_labels = on_device(syn_labels, syn.device).contiguous()
     # the kernel reads the counts and sums with unit stride where syn is; counts kept on the host
     # are copied without waiting for the device (a caller's device int64 counts pass as they are)
     real_counts = on_device(real_counts, syn.device, torch.int64).contiguous()

@@ -154,3 +154,26 @@ def test_half_precision_syn(dtype, grad_tol):
     torch.testing.assert_close(loss, full, rtol=1e-5, atol=0)
     torch.testing.assert_close(g.float(), g_full.float(), rtol=grad_tol,
                                atol=grad_tol * g_full.abs().max().item())
+
+
+def test_sums_that_ask_for_a_gradient_get_none_and_cost_no_backward_pass(monkeypatch):
+    """Real class sums that require grad (statistics built by hand): backward leaves them without a
+    gradient, and when syn needs none either, no kernel of the backward runs."""
+    import atom_fast.kernels.attention as kernels
+
+    calls = []
+    for name in ("vector_grad", "attention_backward"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    K, B, IPC = 3, 2, 1
+    reals, syns = make_layers([(4, 2, 3)], K * B, K * IPC, torch.float64, DEVICE)
+    S, T = _triton.class_attention_sums(reals[0], None, K, 4.0, 4.0, True, True)
+    S.requires_grad_()
+    counts = torch.full((K,), B, device=DEVICE)
+    loss = _triton.attention_loss_from_sums(S, T, counts, syns[0], None, K, 4.0, 4.0, 1.0, 1.0)
+    loss.backward()
+    assert S.grad is None and calls == []
+    syn = syns[0].clone().requires_grad_()
+    _triton.attention_loss_from_sums(S, T, counts, syn, None, K, 4.0, 4.0, 1.0, 1.0).backward()
+    assert S.grad is None and syn.grad is not None and calls == ["vector_grad", "attention_backward"]

@@ -36,18 +36,6 @@ class ClassLayout:
     def per_class(self, side):
         return self.real_per_class if side == "real" else self.syn_per_class
 
-    def grouped(self):
-        """Class membership for the class-mean kernels: samples sorted by class (stable) and the
-        offsets of each class in that order, or the block sizes."""
-        if not self.has_labels:
-            return {"num_classes": self.num_classes, "real_per_class": self.real_per_class,
-                    "syn_per_class": self.syn_per_class}
-        out = {"num_classes": self.num_classes}
-        for side in ("real", "syn"):
-            out[f"{side}_order"] = class_order(self.labels(side))
-            out[f"{side}_offsets"] = class_offsets(getattr(self, f"{side}_counts"))
-        return out
-
     def offsets_and_order(self, side, device):
         """``(offsets, order)`` of one side ("real" or "syn"): the K + 1 class starts and the
         class-sorted sample order (None for equal blocks, whose order is the identity)."""

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from atom_fast.constants import accumulation_dtype
-from atom_fast.layout import class_offsets, class_order, grouping, on_device
+from atom_fast.layout import grouping, on_device
 
 DOUBLE_BACKWARD_ERROR = ("backend='triton' does not support double backward (a gradient of the "
                          "attention loss's gradient); use backend='reference' for that")
@@ -213,10 +213,10 @@ def _class_layout_arguments(layout):
     """``class_differences``'s class-layout keywords for a ``ClassLayout``."""
     if not layout.has_labels:
         return dict(real_per_class=layout.real_per_class, syn_per_class=layout.syn_per_class)
-    return dict(real_order=class_order(layout.real_labels),
-                real_offsets=class_offsets(layout.real_counts),
-                syn_order=class_order(layout.syn_labels),
-                syn_offsets=class_offsets(layout.syn_counts))
+    out = {}
+    for side in ("real", "syn"):
+        out[f"{side}_offsets"], out[f"{side}_order"] = layout.offsets_and_order(side, None)
+    return out
 
 
 def _side_layout_arguments(layout, class_args, side):
@@ -252,8 +252,8 @@ def _feature_gradient(F, stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, 
     ``scalars``: the forward's ``loss_scalars``."""
     kernels = _launchers()
     # the kernel reads the one value (0-dim, the loss's dtype) and converts it itself
-    GS, GT = kernels.vector_grad(stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc, scalars=scalars,
-                                 **side_layout)
+    GS, GT = kernels.vector_grad(stats, DS, DT, grad_output, side_sign, ps, pc, ws, wc,
+                                 scalars=scalars, **side_layout)
     if torch.is_grad_enabled():  # create_graph=True: record a node whose backward raises
         return _FeatureGradient.apply(F, stats.scale, GS, GT, ps, pc, ws != 0, wc != 0, scalars)
     return kernels.attention_backward(F, stats.scale, GS, GT, ps, pc, ws != 0, wc != 0, scalars)
@@ -401,7 +401,7 @@ class AttentionLossFromSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, real_spatial, real_channel, real_counts, layout, num_classes,
+    def forward(ctx, real_spatial, real_channel, real_counts, layout, side_layout, num_classes,
                 spatial_power, channel_power, spatial_weight, channel_weight, syn):
         kernels, launchers = _kernels(), _launchers()
         acc_dtype = accumulation_dtype(syn.dtype)
@@ -414,30 +414,21 @@ class AttentionLossFromSums(torch.autograd.Function):
             channel_power, spatial_weight, channel_weight, scalars=scalars,
             syn_order=layout["order"], syn_offsets=layout["offsets"],
             syn_per_class=layout["per_class"])
-        ctx.save_for_backward(syn, *stats, DS, DT, layout["labels"], layout["offsets"])
+        ctx.save_for_backward(syn, *stats, DS, DT)
         ctx.scalars = scalars  # five values, never written again
         ctx.params = (spatial_power, channel_power, spatial_weight, channel_weight)
-        ctx.per_class = layout["per_class"]
+        ctx.side_layout = side_layout  # vector_grad's keywords (labels and offsets, or per_class)
         return terms.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        if not ctx.needs_input_grad[9]:
-            return (None,) * 10  # only the sums asked for a gradient: they get none
-        syn, *rest = ctx.saved_tensors
-        SideStats = _kernels().SideStats
-        width = len(SideStats._fields)
-        stats = SideStats(*rest[:width])
-        DS, DT, labels, offsets = rest[width:]
-        ps, pc, ws, wc = ctx.params
-        if labels is None:
-            side_layout = dict(per_class=ctx.per_class)
-        else:
-            side_layout = dict(labels=labels, offsets=offsets)
-        grad = _feature_gradient(syn, stats, DS, DT, grad_output, -1.0, ps, pc, ws, wc, ctx.scalars,
-                                 side_layout)
-        # the sums, counts, layout, class count and the four scalars get no gradient
-        return (None,) * 9 + (grad,)
+        if not ctx.needs_input_grad[10]:
+            return (None,) * 11  # only the sums asked for a gradient: they get none
+        syn, *stats, DS, DT = ctx.saved_tensors
+        grad = _feature_gradient(syn, _kernels().SideStats(*stats), DS, DT, grad_output, -1.0,
+                                 *ctx.params, ctx.scalars, ctx.side_layout)
+        # the sums, counts, layouts, class count and the four scalars get no gradient
+        return (None,) * 10 + (grad,)
 
 
 def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_labels, num_classes,
@@ -461,15 +452,14 @@ def attention_loss_from_sums(real_spatial, real_channel, real_counts, syn, syn_l
     # are copied without waiting for the device (a caller's device int64 counts pass as they are)
     real_counts = on_device(real_counts, syn.device, torch.int64).contiguous()
     layout = _grouped_arguments(grouped, syn_labels, syn.shape[0], num_classes, syn.device)
-    if layout["order"] is None:
-        layout = dict(layout, labels=None)
-    else:
-        layout = dict(layout, labels=syn_labels)
+    side_layout = (dict(per_class=layout["per_class"]) if layout["order"] is None
+                   else dict(labels=syn_labels, offsets=layout["offsets"]))
     acc_dtype = accumulation_dtype(syn.dtype)
-    # (no detach needed: the Function gives the sums no gradient)
-    real = [None if t is None or spatial_weight == 0 and i == 0 or channel_weight == 0 and i == 1
-            else t.to(acc_dtype).contiguous()
-            for i, t in enumerate((real_spatial, real_channel))]
-    return AttentionLossFromSums.apply(real[0], real[1], real_counts, layout, num_classes,
-                                       spatial_power, channel_power, spatial_weight,
-                                       channel_weight, syn)
+
+    def real_sums(sums, weight):  # no detach needed: the Function gives the sums no gradient
+        return None if sums is None or weight == 0 else sums.to(acc_dtype).contiguous()
+
+    return AttentionLossFromSums.apply(
+        real_sums(real_spatial, spatial_weight), real_sums(real_channel, channel_weight),
+        real_counts, layout, side_layout, num_classes, spatial_power, channel_power,
+        spatial_weight, channel_weight, syn)

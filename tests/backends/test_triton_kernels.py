@@ -1,11 +1,14 @@
 """Internals of the Triton backend: block loops that run more than once, no backward work for a side
 that needs no gradient. (Values and gradients of both fused backends are in test_fused.py.)"""
 
+import math
+
 import pytest
 import torch
 
 import atom_fast
 import atom_fast.kernels.attention as kernels
+from atom_fast.layout import class_offsets
 from _data import make_layers
 from conftest import DEVICE
 from test_fused import ODD, _check_once
@@ -70,14 +73,13 @@ def test_contiguous_class_offsets_equal_the_sorted_order_layout():
     real_counts = torch.tensor([3, 1, 0, 4])
     syn_counts = torch.tensor([2, 2, 0, 1])
     real, syn = _stats(8, (5, 3, 2), ps, pc, g), _stats(5, (5, 3, 2), ps, pc, g)
-    offsets = lambda c: kernels_offsets(c)  # noqa: E731
     results = []
     for with_order in (False, True):
         order = lambda n: torch.arange(n, device=DEVICE) if with_order else None  # noqa: E731
         partials = torch.empty((K, 2), dtype=torch.float64, device=DEVICE)
         DS, DT = kernels.class_differences(real, syn, K, ps, pc, ws, wc, partials,
-                                           real_order=order(8), real_offsets=offsets(real_counts),
-                                           syn_order=order(5), syn_offsets=offsets(syn_counts))
+                                           real_order=order(8), real_offsets=_offsets(real_counts),
+                                           syn_order=order(5), syn_offsets=_offsets(syn_counts))
         results.append((DS, DT, partials))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -94,8 +96,8 @@ def test_contiguous_class_offsets_equal_the_sorted_order_layout():
                                atol=1e-15)
 
 
-def kernels_offsets(counts):
-    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(DEVICE)
+def _offsets(counts):
+    return class_offsets(counts).to(DEVICE)
 
 
 def test_class_layouts_of_two_kinds_are_refused():
@@ -104,7 +106,7 @@ def test_class_layouts_of_two_kinds_are_refused():
     partials = torch.empty((2, 2), dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="one kind"):
         kernels.class_differences(real, syn, 2, 4.0, 4.0, 1.0, 1.0, partials,
-                                  real_offsets=kernels_offsets(torch.tensor([2, 2])),
+                                  real_offsets=_offsets(torch.tensor([2, 2])),
                                   syn_per_class=1)
     with pytest.raises(ValueError, match="needs its offsets"):
         kernels.class_sums(real, 2, True, True, order=torch.arange(4, device=DEVICE))
@@ -120,7 +122,6 @@ def test_loss_scalars_are_made_once_and_hold_the_values():
     c = kernels.loss_scalars(2.5, 4.0, 0.3, 0.7, dtype=torch.float32, device=DEVICE)
     d = kernels.loss_scalars(2.5, 4.0, 0.3, 0.75, dtype=torch.float64, device=DEVICE)
     assert a is b and a is not c and a is not d
-    import math
     assert a.tolist() == [2.5, 4.0, 0.3, 0.7, math.log2(atom_fast.constants.NORM_EPS)]
     assert d.tolist()[3] == 0.75 and c.dtype == torch.float32
     with torch.inference_mode():  # first made under inference mode: still a plain tensor

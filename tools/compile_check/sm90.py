@@ -34,6 +34,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 from atom_fast.kernels import attention as K  # noqa: E402
+from atom_fast.layout import class_offsets  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
@@ -79,14 +80,13 @@ def drive_launchers():
     rl = torch.tensor([1, 0, 1, 0, 0, 1])
     sl = torch.tensor([0, 1, 1, 0])
     rc, sc = torch.bincount(rl), torch.bincount(sl)
-    offsets = lambda c: torch.cat([torch.zeros(1, dtype=torch.int64), c.cumsum(0)])  # noqa: E731
     layouts = [  # (class_differences keywords, vector_grad keywords of the synthetic side)
         (dict(real_per_class=B, syn_per_class=IPC), dict(per_class=IPC)),
-        (dict(real_order=torch.argsort(rl, stable=True), real_offsets=offsets(rc),
-              syn_order=torch.argsort(sl, stable=True), syn_offsets=offsets(sc)),
-         dict(labels=sl, offsets=offsets(sc))),
-        (dict(real_offsets=offsets(rc), syn_offsets=offsets(sc)),  # contiguous classes
-         dict(labels=torch.sort(sl).values, offsets=offsets(sc))),
+        (dict(real_order=torch.argsort(rl, stable=True), real_offsets=class_offsets(rc),
+              syn_order=torch.argsort(sl, stable=True), syn_offsets=class_offsets(sc)),
+         dict(labels=sl, offsets=class_offsets(sc))),
+        (dict(real_offsets=class_offsets(rc), syn_offsets=class_offsets(sc)),  # contiguous classes
+         dict(labels=torch.sort(sl).values, offsets=class_offsets(sc))),
     ]
     for C, H, W in SHAPES:
         for dtype in DTYPES:

@@ -36,15 +36,21 @@ namespace cpu {
 const char* selected_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has_avx512 = has_avx2 && __builtin_cpu_supports("avx512f");
   const char* forced = std::getenv("ATOM_FAST_CPU_ISA");
   if (forced != nullptr && forced[0] != '\0') {
-    TORCH_CHECK(std::strcmp(forced, "default") == 0 || std::strcmp(forced, "avx2") == 0,
-                "ATOM_FAST_CPU_ISA must be 'default' or 'avx2' (or unset), got '", forced, "'");
-    TORCH_CHECK(std::strcmp(forced, "default") == 0 || has_avx2,
-                "ATOM_FAST_CPU_ISA=avx2, but this CPU lacks AVX2 or FMA");
-    return std::strcmp(forced, "default") == 0 ? "default" : "avx2";
+    const bool is_default = std::strcmp(forced, "default") == 0;
+    const bool is_avx2 = std::strcmp(forced, "avx2") == 0;
+    const bool is_avx512 = std::strcmp(forced, "avx512") == 0;
+    TORCH_CHECK(is_default || is_avx2 || is_avx512,
+                "ATOM_FAST_CPU_ISA must be 'default', 'avx2' or 'avx512' (or unset), got '", forced,
+                "'");
+    TORCH_CHECK(!is_avx2 || has_avx2, "ATOM_FAST_CPU_ISA=avx2, but this CPU lacks AVX2 or FMA");
+    TORCH_CHECK(!is_avx512 || has_avx512,
+                "ATOM_FAST_CPU_ISA=avx512, but this CPU lacks AVX-512F (or AVX2 and FMA)");
+    return is_default ? "default" : (is_avx2 ? "avx2" : "avx512");
   }
-  return has_avx2 ? "avx2" : "default";
+  return has_avx512 ? "avx512" : (has_avx2 ? "avx2" : "default");
 #else
   const char* forced = std::getenv("ATOM_FAST_CPU_ISA");
   TORCH_CHECK(forced == nullptr || forced[0] == '\0' || std::strcmp(forced, "default") == 0,
@@ -55,16 +61,20 @@ const char* selected_isa() {
 
 template <>
 RowKernels<float> row_kernels<float>(double ps, double pc) {
-  const bool avx2 = std::strcmp(selected_isa(), "avx2") == 0;
-  return avx2 ? isa_avx2::row_kernels_float(power_index(ps), power_index(pc))
-              : isa_default::row_kernels_float(power_index(ps), power_index(pc));
+  const char* isa = selected_isa();
+  const int s = power_index(ps), c = power_index(pc);
+  if (std::strcmp(isa, "avx512") == 0) return isa_avx512::row_kernels_float(s, c);
+  if (std::strcmp(isa, "avx2") == 0) return isa_avx2::row_kernels_float(s, c);
+  return isa_default::row_kernels_float(s, c);
 }
 
 template <>
 RowKernels<double> row_kernels<double>(double ps, double pc) {
-  const bool avx2 = std::strcmp(selected_isa(), "avx2") == 0;
-  return avx2 ? isa_avx2::row_kernels_double(power_index(ps), power_index(pc))
-              : isa_default::row_kernels_double(power_index(ps), power_index(pc));
+  const char* isa = selected_isa();
+  const int s = power_index(ps), c = power_index(pc);
+  if (std::strcmp(isa, "avx512") == 0) return isa_avx512::row_kernels_double(s, c);
+  if (std::strcmp(isa, "avx2") == 0) return isa_avx2::row_kernels_double(s, c);
+  return isa_default::row_kernels_double(s, c);
 }
 
 }  // namespace cpu

@@ -97,8 +97,8 @@ static PyMethodDef methods[] = {
      "The C++ side's shared numbers (csrc/constants.h): NORM_EPS, MAX_UNROLLED_POWER and "
      "STATS_EXTRA (values per stats row beyond the H*W + C attention entries)."},
     {"cpu_isa", cpu_isa, METH_NOARGS,
-     "Instruction set of the CPU row kernels used now: 'avx2' or 'default' "
-     "(ATOM_FAST_CPU_ISA=default forces the baseline)."},
+     "Instruction set of the CPU row kernels used now: 'avx512', 'avx2' or 'default', the best "
+     "the CPU has (ATOM_FAST_CPU_ISA=default, avx2 or avx512 forces one)."},
     {"has_cuda", has_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled into this build."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -19,6 +19,24 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# the native op's CPU row kernels (csrc/cpu): baseline x86-64, AVX2 + FMA, and AVX2 + FMA with the
+# AVX-512F float32 general power
+CPU_ISAS = ["default", "avx2", "avx512"]
+
+
+def use_cpu_isa(monkeypatch, isa):
+    """Make the native op run the row kernels of ``isa`` for one test (ATOM_FAST_CPU_ISA); skip the
+    test when this CPU lacks that instruction set."""
+    from atom_fast.backends import native
+
+    monkeypatch.setenv("ATOM_FAST_CPU_ISA", isa)
+    try:
+        got = native.cpu_isa()
+    except RuntimeError as exc:
+        pytest.skip(f"this CPU cannot run the {isa} row kernels: {exc}")
+    assert got == isa
+
+
 @pytest.fixture
 def device():
     return DEVICE

@@ -57,7 +57,7 @@ struct RowKernels {
 // 0 (general), 1..16 (integers), 17..31 (1.5 .. 15.5)
 using PowerSequence = std::make_integer_sequence<int, 2 * kMaxUnrolledPower>;
 
-// One definition per instruction set (kernels_default.cpp, kernels_avx2.cpp).
+// One definition per instruction set (kernels_default.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
 namespace isa_default {
 RowKernels<float> row_kernels_float(int spatial_index, int channel_index);
 RowKernels<double> row_kernels_double(int spatial_index, int channel_index);
@@ -66,8 +66,13 @@ namespace isa_avx2 {
 RowKernels<float> row_kernels_float(int spatial_index, int channel_index);
 RowKernels<double> row_kernels_double(int spatial_index, int channel_index);
 }  // namespace isa_avx2
+namespace isa_avx512 {  // the AVX2 kernels with an AVX-512F float32 general power
+RowKernels<float> row_kernels_float(int spatial_index, int channel_index);
+RowKernels<double> row_kernels_double(int spatial_index, int channel_index);
+}  // namespace isa_avx512
 
-// "avx2" when the CPU has AVX2 and FMA and ATOM_FAST_CPU_ISA is not "default"; else "default".
+// The best the CPU has of "avx512" (AVX-512F, AVX2 and FMA), "avx2" (AVX2 and FMA) and "default",
+// unless ATOM_FAST_CPU_ISA names one (it must be one the CPU has).
 const char* selected_isa();
 
 template <typename acc_t>

@@ -1,16 +1,18 @@
 // Innermost loops of the CPU op: one channel row F[n, c, 0:HW] at a time, in the accumulation type.
 //
-// This header is compiled once per instruction set (kernels_default.cpp, kernels_avx2.cpp); each
-// copy lives in its own namespace atom_fast::cpu::ATOM_FAST_ISA, so the copies never meet at link
-// time. It includes nothing: the including file puts every system header before its
-// `#pragma GCC target`, so no inline library function is ever compiled for the wider instruction set.
+// This header is compiled once per instruction set (kernels_default.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp); each copy lives in its own namespace atom_fast::cpu::ATOM_FAST_ISA, so the
+// copies never meet at link time. It includes nothing: the including file puts every system header
+// before its `#pragma GCC target`, so no inline library function is ever compiled for the wider
+// instruction set.
 //
 // Every kernel reads x' = |x| * inv, the row scaled by its sample's 1/m (see constants.h), so
 // |x'| <= 1 and no power overflows. Integer powers 1..kMaxUnrolledPower are template parameters
 // (the multiplications unroll and the loops vectorize), half-integer ones k + 1/2 too (sqrt x' times
 // x'^k: one more instruction per element); any other power (P == 0) is
-// 2^(p log2 x') (pow_general below: AVX2 intrinsics in the AVX2 copy, scalar code in the baseline
-// one; float64 keeps std::pow), computed a chunk of the row at a time into an L1 buffer.
+// 2^(p log2 x') (pow_general below: AVX2 intrinsics in the AVX2 copy, AVX-512 ones in the AVX-512
+// copy (kernels_avx512.cpp), scalar code in the baseline one; float64 keeps std::pow), computed a
+// chunk of the row at a time into an L1 buffer.
 
 #ifndef ATOM_FAST_ISA
 #error "define ATOM_FAST_ISA before including row_kernels.h"
@@ -149,7 +151,15 @@ inline __m256 pow8(__m256 a, __m256d p) {
 
 // v[i] = (|x[i]| inv)^p for i < n (float32 rows of a non-integer power; chunks of the row loops).
 inline void pow_chunk(const float* __restrict x, float inv, double p, float* __restrict v, int64_t n) {
-#if defined(ATOM_FAST_POW8)
+#if defined(ATOM_FAST_POW16)
+  // the AVX-512 copy's float32 general power, 16 lanes at a time: kernels_avx512.cpp defines it,
+  // compiled for AVX-512F, before it includes this header (a call, never inlined into AVX2 code);
+  // its error bound holds for |p| <= kPow16MaxPower, larger powers take the scalar loop below
+  if (p >= -kPow16MaxPower && p <= kPow16MaxPower) {
+    pow_chunk16(x, inv, p, v, n);
+    return;
+  }
+#elif defined(ATOM_FAST_POW8)
   const __m256d pd = _mm256_set1_pd(p);
   const __m256 vinv = _mm256_set1_ps(inv);
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -163,9 +173,9 @@ inline void pow_chunk(const float* __restrict x, float inv, double p, float* __r
     _mm256_store_ps(out, pow8(_mm256_load_ps(a), pd));
     for (int64_t j = i; j < n; ++j) v[j] = out[j - i];
   }
-#else
-  for (int64_t i = 0; i < n; ++i) v[i] = pow_general(fabs_(x[i]) * inv, p);
+  return;
 #endif
+  for (int64_t i = 0; i < n; ++i) v[i] = pow_general(fabs_(x[i]) * inv, p);
 }
 
 // |x|^p for a = |x| >= 0 (or NaN).

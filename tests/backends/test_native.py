@@ -12,7 +12,7 @@ import atom_fast
 from atom_fast import backends as loss_module
 from atom_fast.backends import native as _native
 from _data import class_labels, make_layers
-from conftest import DEVICE
+from conftest import CPU_ISAS, DEVICE, use_cpu_isa
 from test_fused import ODD, _check_once
 
 ops = torch.ops.atom_fast
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.default_threads
 def test_the_extension_is_built():
     # CI builds it (scripts/install.sh); a silent pure-Python install would skip every native test.
     assert _native.AVAILABLE, f"atom_fast._C did not load: {_native.LOAD_ERROR}"
-    assert _native.cpu_isa() in ("avx2", "default")
+    assert _native.cpu_isa() in CPU_ISAS
 
 
 def _op_args(dtype, labels=False, ws=1.0, wc=1.0, ps=4.0, pc=4.0, C=5, H=3, W=4, K=3, B=4, IPC=2):
@@ -157,14 +157,10 @@ def test_bitwise_equal_across_thread_counts():
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU instruction sets")
-@pytest.mark.parametrize("isa", ["default", "avx2"])
-@pytest.mark.parametrize("ps,pc", [(4, 4), (1, 8), (2.5, 12)])
-def test_both_cpu_instruction_sets(monkeypatch, isa, ps, pc):
-    if isa == "default":
-        monkeypatch.setenv("ATOM_FAST_CPU_ISA", "default")
-    elif _native.cpu_isa() != "avx2":
-        pytest.skip("this CPU has no AVX2 + FMA")
-    assert _native.cpu_isa() == isa
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("ps,pc", [(4, 4), (1, 8), (2.5, 12), (3.7, 3.7), (0.7, 5.3)])
+def test_every_cpu_instruction_set(monkeypatch, isa, ps, pc):
+    use_cpu_isa(monkeypatch, isa)
     for dtype_tols in ((torch.float32, 2e-5, 2e-5), (torch.float64, 1e-10, 1e-10)):
         _check_once("native", ODD, K=3, B=4, IPC=2, ps=ps, pc=pc, dtype_tols=dtype_tols)
 
@@ -249,9 +245,9 @@ def test_the_op_checks_its_own_arguments():
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU instruction sets")
 def test_bad_isa_setting(monkeypatch):
-    monkeypatch.setenv("ATOM_FAST_CPU_ISA", "avx512")
+    monkeypatch.setenv("ATOM_FAST_CPU_ISA", "avx10")
     reals, syns = make_layers(ODD, 6, 3, torch.float32, DEVICE)
-    with pytest.raises(RuntimeError, match=r"ATOM_FAST_CPU_ISA must be 'default' or 'avx2'"):
+    with pytest.raises(RuntimeError, match=r"ATOM_FAST_CPU_ISA must be 'default', 'avx2' or 'avx512'"):
         atom_fast.attention_loss(reals, syns, 3, backend="native")
 
 

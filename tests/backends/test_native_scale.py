@@ -11,7 +11,7 @@ import atom_fast
 from atom_fast import constants
 from atom_fast.backends import native as _native
 from _data import class_labels
-from conftest import DEVICE
+from conftest import CPU_ISAS, DEVICE, use_cpu_isa
 from test_fused import ODD, _check_once
 
 ops = torch.ops.atom_fast
@@ -126,15 +126,12 @@ def test_non_integer_powers_against_float64_reference(p, dtype_tols):
                 labels=True)
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2"])
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_vectorized_power_is_accurate_elementwise(monkeypatch, isa):
     # one channel: s' = |x / m|^p exactly one element each, against float64 pow
-    if isa == "default":
-        monkeypatch.setenv("ATOM_FAST_CPU_ISA", "default")
-    elif _native.cpu_isa() != "avx2":
-        pytest.skip("this CPU has no AVX2 + FMA")
     if DEVICE.type != "cpu":
         pytest.skip("CPU row kernels")
+    use_cpu_isa(monkeypatch, isa)
     x = torch.logspace(-6, 0, 4001, dtype=torch.float64)
     x = torch.cat([x, torch.rand(4000, dtype=torch.float64)]).float()
     x[0] = 1.0  # m = 1 exactly

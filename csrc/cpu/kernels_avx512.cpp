@@ -1,0 +1,180 @@
+// Row kernels for CPUs with AVX-512F: the AVX2 + FMA row kernels of kernels_avx2.cpp, except that a
+// float32 row of a non-integer power takes its |x|^p sixteen lanes at a time in float32 arithmetic
+// (pow_chunk16 below) instead of eight lanes in float64 (kernels_avx2.cpp's pow8). Every other
+// kernel is the same code compiled for the same instructions, so only that one function differs.
+// Every header is included before the target pragmas (see row_kernels.h).
+#include "kernels.h"
+
+namespace atom_fast {
+namespace cpu {
+namespace isa_avx512 {
+constexpr double kPow16MaxPower = 64.0;
+}  // namespace isa_avx512
+}  // namespace cpu
+}  // namespace atom_fast
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f")
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_ps(), which -Wmaybe-uninitialized flags
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace atom_fast {
+namespace cpu {
+namespace isa_avx512 {
+namespace {
+
+// a^p = 2^(p log2 a) for a >= 0 in float32 only, division-free, within 1 float32 ulp of the exact
+// value over the whole finite float range (subnormal inputs and results included; tests/backends/
+// test_native_pow.py sweeps it against float64 for p in -0.5 .. 64; measured 0.77 ulp at most):
+//
+// 1. a = 2^k z, z in [1, 2) (getexp/getmant, subnormal a included). The top 4 mantissa bits of z
+//    pick one of 16 intervals (a register permute is the table lookup); each has a reciprocal c
+//    with at most 5 fraction bits, chosen so that r = z c - 1 is exact in float32 (one FMA) and
+//    r in [-0.038, 1/16) (c = 1 on the interval holding 1). log2 a = k - log2 c + log2(1 + r).
+// 2. -log2 c = CHI + CLO: CHI has 16 fraction bits, so K = k + CHI is exact (|k| <= 149).
+//    log2(1 + r) = LH + LL: LH = r C1 rounded (C1 = 1/ln 2 in float32), LL = its rounding error
+//    (an FMA) + r (1/ln 2 - C1) + r^2 Q(r), Q of degree 4 (abs. error 2^-35 on the interval).
+// 3. Y = 16 p log2 a (scaled by 16 so that its integer part indexes step 4's table), with 16 p =
+//    PH + PL (two floats; the power is a double, and float32 3.7 is not 3.7): YH + YL = PH K and
+//    ZH + ZL = PH LH exactly (FMA), G = YL + ZL + PH (CLO + LL) + PL (K + LH) (small).
+//    N = round(YH + ZH + G); T = ((YH - N) + ZH) + G, the bracket exact, so |T| <= 1/2 + 2^-6
+//    with an error of a few 2^-26 for every p up to 64.
+// 4. 2^(Y/16) = 2^floor(N/16) 2^((N mod 16)/16) 2^(T/16): the middle factor from a 16-entry table
+//    as TH + TL (a permute on N's low bits); 2^(T/16) - 1 = T E(T), E of degree 2 (abs. error
+//    2^-28.5); W = TH + (TH (2^(T/16) - 1) + TL): one rounding at the end, then scalef by
+//    floor(N/16), exact unless the result is subnormal (then one more rounding, still within
+//    0.77 ulp of the subnormal spacing). a == 0 gives 0 for every p (a masked lane), NaN gives NaN.
+// About 50 instructions per 16 lanes, where pow8 takes about 80 per 8. The bound is checked up to
+// |p| = 64 (kPow16MaxPower); the error of step 3 grows with p, so larger powers take the scalar
+// float64 path (row_kernels.h's pow_chunk).
+alignas(64) constexpr float kInvC[16] = {1.0f,     0.90625f, 0.875f,  0.8125f, 0.78125f, 0.75f,
+                                         0.71875f, 0.6875f,  0.65625f, 0.625f, 0.59375f, 0.59375f,
+                                         0.5625f,  0.53125f, 0.53125f, 0.5f};
+// -log2(kInvC) = kCHi + kCLo, kCHi rounded to a multiple of 2^-16
+alignas(64) constexpr float kCHi[16] = {
+    0.0f, 0.1420135498046875f, 0.1926422119140625f, 0.299560546875f, 0.35614013671875f,
+    0.4150390625f, 0.4764404296875f, 0.5405731201171875f, 0.6076812744140625f, 0.678070068359375f,
+    0.7520751953125f, 0.7520751953125f, 0.830078125f, 0.91253662109375f, 0.91253662109375f, 1.0f};
+alignas(64) constexpr float kCLo[16] = {
+    0.0f, 5.455067821458215e-06f, 2.8660283533099573e-06f, -2.650160979555949e-07f,
+    3.6735066260007443e-06f, -1.5632211898264359e-06f, -2.3857444375607884e-06f,
+    -4.7387543418153655e-06f, 1.3028071634835214e-06f, 1.8367533130003721e-06f,
+    -2.7087560283689527e-06f, -2.7087560283689527e-06f, -3.1264423796528718e-06f,
+    5.376559215619636e-07f, 5.376559215619636e-07f, 0.0f};
+// 2^(j/16) = kT2Hi[j] + kT2Lo[j]
+alignas(64) constexpr float kT2Hi[16] = {
+    1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f, 1.1892070770263672f,
+    1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f, 1.4142135381698608f,
+    1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f, 1.6817928552627563f,
+    1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f};
+alignas(64) constexpr float kT2Lo[16] = {
+    0.0f, 4.8334701574503924e-08f, -1.3077539939843064e-08f, 5.386222312608879e-08f,
+    3.797635272917432e-08f, 4.496838101886169e-08f, -4.018999533172973e-08f,
+    -1.0123349269974824e-08f, 2.4203234971764687e-08f, -4.500898853621038e-08f,
+    8.070904833346049e-09f, 9.836217174097328e-09f, -2.4755326677450284e-08f,
+    -9.235770370707996e-09f, -1.1239277952768134e-08f, 9.845328108326612e-09f};
+constexpr float kC1 = 1.4426950216293335f;       // 1/ln 2 rounded to float32
+constexpr float kC1Lo = 1.925963033500011e-08f;  // 1/ln 2 - kC1
+// (log2(1 + r) - r/ln 2) / r^2 on [-0.0371, 1/16], lowest degree first (Chebyshev interpolation)
+constexpr float kQ[5] = {-0.7213475108146667f, 0.4808982312679291f, -0.36069273948669434f,
+                         0.2888466715812683f, -0.22830940783023834f};
+// (2^(s/16) - 1) / s on |s| <= 1/2 + 2^-6: (2^t - 1)/t on |t| <= 1/32 + 2^-10 (lowest degree
+// first), its coefficients divided by 16, 256 and 4096
+constexpr float kE[3] = {0.6931471824645996f / 16, 0.24023400247097015f / 256,
+                         0.05550514906644821f / 4096};
+
+// a^p, a >= 0 or NaN; ph + pl = 16 p
+inline __m512 pow16(__m512 a, __m512 ph, __m512 pl) {
+  const __m512 z = _mm512_getmant_ps(a, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+  const __m512 k = _mm512_getexp_ps(a);
+  const __m512i i = _mm512_srli_epi32(_mm512_castps_si512(z), 19);  // the permutes read bits 0..3
+  const __m512 invc = _mm512_permutexvar_ps(i, _mm512_load_ps(kInvC));
+  const __m512 chi = _mm512_permutexvar_ps(i, _mm512_load_ps(kCHi));
+  const __m512 clo = _mm512_permutexvar_ps(i, _mm512_load_ps(kCLo));
+  const __m512 r = _mm512_fmsub_ps(z, invc, _mm512_set1_ps(1.0f));  // exact
+  const __m512 c1 = _mm512_set1_ps(kC1);
+  const __m512 lh = _mm512_mul_ps(r, c1);
+  __m512 q = _mm512_set1_ps(kQ[4]);
+  for (int j = 3; j >= 0; --j) q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kQ[j]));
+  const __m512 ll = _mm512_fmadd_ps(
+      _mm512_mul_ps(r, r), q,
+      _mm512_fmadd_ps(r, _mm512_set1_ps(kC1Lo), _mm512_fmsub_ps(r, c1, lh)));
+  const __m512 kk = _mm512_add_ps(k, chi);  // exact
+  const __m512 yh = _mm512_mul_ps(ph, kk);
+  const __m512 yl = _mm512_fmsub_ps(ph, kk, yh);
+  const __m512 zh = _mm512_mul_ps(ph, lh);
+  const __m512 zl = _mm512_fmsub_ps(ph, lh, zh);
+  __m512 g = _mm512_add_ps(yl, zl);
+  g = _mm512_fmadd_ps(ph, _mm512_add_ps(clo, ll), g);
+  g = _mm512_fmadd_ps(pl, _mm512_add_ps(kk, lh), g);
+  // a == 0 makes these -inf or NaN: that lane is masked below
+  const __m512i n = _mm512_cvtps_epi32(_mm512_add_ps(_mm512_add_ps(yh, zh), g));  // to nearest
+  const __m512 nf = _mm512_cvtepi32_ps(n);
+  const __m512 t = _mm512_add_ps(_mm512_add_ps(_mm512_sub_ps(yh, nf), zh), g);
+  __m512 e = _mm512_fmadd_ps(_mm512_set1_ps(kE[2]), t, _mm512_set1_ps(kE[1]));
+  e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(kE[0]));
+  const __m512 u = _mm512_mul_ps(e, t);  // 2^(t/16) - 1
+  const __m512 th = _mm512_permutexvar_ps(n, _mm512_load_ps(kT2Hi));
+  const __m512 tl = _mm512_permutexvar_ps(n, _mm512_load_ps(kT2Lo));
+  const __m512 w = _mm512_add_ps(th, _mm512_fmadd_ps(th, u, tl));
+  // a != 0 ? w 2^floor(n / 16) : 0 (scalef floors its exponent; NaN stays NaN)
+  const __mmask16 nonzero = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  return _mm512_maskz_scalef_ps(nonzero, w, _mm512_mul_ps(nf, _mm512_set1_ps(0.0625f)));
+}
+
+}  // namespace
+
+void pow_chunk16(const float* __restrict x, float inv, double p, float* __restrict v, int64_t n) {
+  const double p16 = 16.0 * p;  // exact
+  const float phs = static_cast<float>(p16);
+  const __m512 ph = _mm512_set1_ps(phs);
+  const __m512 pl = _mm512_set1_ps(static_cast<float>(p16 - static_cast<double>(phs)));
+  const __m512 vinv = _mm512_set1_ps(inv);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(v + i, pow16(_mm512_mul_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), vinv), ph, pl));
+  if (i < n) {  // the tail through the same code on masked lanes, so no value depends on its position
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 a = _mm512_mul_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + i)), vinv);
+    _mm512_mask_storeu_ps(v + i, m, pow16(a, ph, pl));
+  }
+}
+
+}  // namespace isa_avx512
+}  // namespace cpu
+}  // namespace atom_fast
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define ATOM_FAST_ISA isa_avx512
+#define ATOM_FAST_POW16 1  // row_kernels.h: pow_chunk calls pow_chunk16
+#include "row_kernels.h"
+#pragma GCC pop_options
+
+
+namespace atom_fast {
+namespace cpu {
+namespace isa_avx512 {
+RowKernels<float> row_kernels_float(int s, int c) { return make_table<float>(s, c, PowerSequence{}); }
+RowKernels<double> row_kernels_double(int s, int c) { return make_table<double>(s, c, PowerSequence{}); }
+}  // namespace isa_avx512
+}  // namespace cpu
+}  // namespace atom_fast
+#else
+// Not x86-64 with GCC/Clang: the AVX-512 table is the baseline one (never selected there).
+namespace atom_fast {
+namespace cpu {
+namespace isa_avx512 {
+RowKernels<float> row_kernels_float(int s, int c) { return isa_default::row_kernels_float(s, c); }
+RowKernels<double> row_kernels_double(int s, int c) { return isa_default::row_kernels_double(s, c); }
+}  // namespace isa_avx512
+}  // namespace cpu
+}  // namespace atom_fast
+#endif

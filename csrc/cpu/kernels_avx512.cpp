@@ -1,14 +1,16 @@
-// Row kernels for CPUs with AVX-512F: the AVX2 + FMA row kernels of kernels_avx2.cpp, except that a
-// float32 row of a non-integer power takes its |x|^p sixteen lanes at a time in float32 arithmetic
-// (pow_chunk16 below) instead of eight lanes in float64 (kernels_avx2.cpp's pow8). Every other
-// kernel is the same code compiled for the same instructions, so only that one function differs.
+// Row kernels for CPUs with AVX-512F: the AVX2 + FMA row kernels of kernels_avx2.cpp, except the
+// float32 rows of a non-integer power: they take |x|^p sixteen lanes at a time in float32 arithmetic
+// (pow16 below) instead of eight lanes in float64 (kernels_avx2.cpp's pow8), in AVX-512 row loops
+// that compute the powers in the same pass as the sums (the other copies go through an L1 buffer).
+// Every other kernel is the same code compiled for the same instructions.
 // Every header is included before the target pragmas (see row_kernels.h).
 #include "kernels.h"
 
 namespace atom_fast {
 namespace cpu {
 namespace isa_avx512 {
-constexpr double kPow16MaxPower = 64.0;
+// the powers pow16 (below) is checked for; the error of its step 3 grows with |p|
+inline bool pow16_covers(double p) { return p >= -64.0 && p <= 64.0; }
 }  // namespace isa_avx512
 }  // namespace cpu
 }  // namespace atom_fast
@@ -37,21 +39,21 @@ namespace {
 //    with at most 5 fraction bits, chosen so that r = z c - 1 is exact in float32 (one FMA) and
 //    r in [-0.038, 1/16) (c = 1 on the interval holding 1). log2 a = k - log2 c + log2(1 + r).
 // 2. -log2 c = CHI + CLO: CHI has 16 fraction bits, so K = k + CHI is exact (|k| <= 149).
-//    log2(1 + r) = LH + LL: LH = r C1 rounded (C1 = 1/ln 2 in float32), LL = its rounding error
-//    (an FMA) + r (1/ln 2 - C1) + r^2 Q(r), Q of degree 4 (abs. error 2^-35 on the interval).
-// 3. Y = 16 p log2 a (scaled by 16 so that its integer part indexes step 4's table), with 16 p =
-//    PH + PL (two floats; the power is a double, and float32 3.7 is not 3.7): YH + YL = PH K and
-//    ZH + ZL = PH LH exactly (FMA), G = YL + ZL + PH (CLO + LL) + PL (K + LH) (small).
-//    N = round(YH + ZH + G); T = ((YH - N) + ZH) + G, the bracket exact, so |T| <= 1/2 + 2^-6
-//    with an error of a few 2^-26 for every p up to 64.
+//    log2(1 + r) = r / ln 2 + r^2 Q(r), Q of degree 4 (abs. error 2^-35 on the interval).
+// 3. Y = 16 p log2 a (scaled by 16 so that its integer part indexes step 4's table), with
+//    16 p = PH + PL and 16 p / ln 2 = PCH + PCL (pairs of floats: the power is a double, and
+//    float32 3.7 is not 3.7): YH + YL = PH K and ZH + ZL = PCH r exactly (FMA), and
+//    G = YL + ZL + PH (r^2 Q(r) + CLO) + PCL r + PL K (small). N = round(YH + ZH + G);
+//    T = ((YH - N) + ZH) + G, the bracket exact, so |T| <= 1/2 + 2^-6 with an error of a few
+//    2^-26 for every p up to 64.
 // 4. 2^(Y/16) = 2^floor(N/16) 2^((N mod 16)/16) 2^(T/16): the middle factor from a 16-entry table
 //    as TH + TL (a permute on N's low bits); 2^(T/16) - 1 = T E(T), E of degree 2 (abs. error
 //    2^-28.5); W = TH + (TH (2^(T/16) - 1) + TL): one rounding at the end, then scalef by
 //    floor(N/16), exact unless the result is subnormal (then one more rounding, still within
 //    0.77 ulp of the subnormal spacing). a == 0 gives 0 for every p (a masked lane), NaN gives NaN.
-// About 50 instructions per 16 lanes, where pow8 takes about 80 per 8. The bound is checked up to
-// |p| = 64 (kPow16MaxPower); the error of step 3 grows with p, so larger powers take the scalar
-// float64 path (row_kernels.h's pow_chunk).
+// About 45 instructions per 16 lanes, where pow8 takes about 80 per 8. The bound is checked up to
+// |p| = 64 (pow16_covers); the error of step 3 grows with p, so larger powers take the scalar
+// float64 path (row_kernels.h).
 alignas(64) constexpr float kInvC[16] = {1.0f,     0.90625f, 0.875f,  0.8125f, 0.78125f, 0.75f,
                                          0.71875f, 0.6875f,  0.65625f, 0.625f, 0.59375f, 0.59375f,
                                          0.5625f,  0.53125f, 0.53125f, 0.5f};
@@ -78,8 +80,6 @@ alignas(64) constexpr float kT2Lo[16] = {
     -1.0123349269974824e-08f, 2.4203234971764687e-08f, -4.500898853621038e-08f,
     8.070904833346049e-09f, 9.836217174097328e-09f, -2.4755326677450284e-08f,
     -9.235770370707996e-09f, -1.1239277952768134e-08f, 9.845328108326612e-09f};
-constexpr float kC1 = 1.4426950216293335f;       // 1/ln 2 rounded to float32
-constexpr float kC1Lo = 1.925963033500011e-08f;  // 1/ln 2 - kC1
 // (log2(1 + r) - r/ln 2) / r^2 on [-0.0371, 1/16], lowest degree first (Chebyshev interpolation)
 constexpr float kQ[5] = {-0.7213475108146667f, 0.4808982312679291f, -0.36069273948669434f,
                          0.2888466715812683f, -0.22830940783023834f};
@@ -88,8 +88,8 @@ constexpr float kQ[5] = {-0.7213475108146667f, 0.4808982312679291f, -0.360692739
 constexpr float kE[3] = {0.6931471824645996f / 16, 0.24023400247097015f / 256,
                          0.05550514906644821f / 4096};
 
-// a^p, a >= 0 or NaN; ph + pl = 16 p
-inline __m512 pow16(__m512 a, __m512 ph, __m512 pl) {
+// a^p, a >= 0 or NaN; ph + pl = 16 p, pch + pcl = 16 p / ln 2
+inline __m512 pow16(__m512 a, __m512 ph, __m512 pl, __m512 pch, __m512 pcl) {
   const __m512 z = _mm512_getmant_ps(a, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
   const __m512 k = _mm512_getexp_ps(a);
   const __m512i i = _mm512_srli_epi32(_mm512_castps_si512(z), 19);  // the permutes read bits 0..3
@@ -97,21 +97,15 @@ inline __m512 pow16(__m512 a, __m512 ph, __m512 pl) {
   const __m512 chi = _mm512_permutexvar_ps(i, _mm512_load_ps(kCHi));
   const __m512 clo = _mm512_permutexvar_ps(i, _mm512_load_ps(kCLo));
   const __m512 r = _mm512_fmsub_ps(z, invc, _mm512_set1_ps(1.0f));  // exact
-  const __m512 c1 = _mm512_set1_ps(kC1);
-  const __m512 lh = _mm512_mul_ps(r, c1);
   __m512 q = _mm512_set1_ps(kQ[4]);
   for (int j = 3; j >= 0; --j) q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kQ[j]));
-  const __m512 ll = _mm512_fmadd_ps(
-      _mm512_mul_ps(r, r), q,
-      _mm512_fmadd_ps(r, _mm512_set1_ps(kC1Lo), _mm512_fmsub_ps(r, c1, lh)));
   const __m512 kk = _mm512_add_ps(k, chi);  // exact
   const __m512 yh = _mm512_mul_ps(ph, kk);
-  const __m512 yl = _mm512_fmsub_ps(ph, kk, yh);
-  const __m512 zh = _mm512_mul_ps(ph, lh);
-  const __m512 zl = _mm512_fmsub_ps(ph, lh, zh);
-  __m512 g = _mm512_add_ps(yl, zl);
-  g = _mm512_fmadd_ps(ph, _mm512_add_ps(clo, ll), g);
-  g = _mm512_fmadd_ps(pl, _mm512_add_ps(kk, lh), g);
+  const __m512 zh = _mm512_mul_ps(pch, r);
+  __m512 g = _mm512_add_ps(_mm512_fmsub_ps(ph, kk, yh), _mm512_fmsub_ps(pch, r, zh));
+  g = _mm512_fmadd_ps(ph, _mm512_fmadd_ps(_mm512_mul_ps(r, r), q, clo), g);
+  g = _mm512_fmadd_ps(pcl, r, g);
+  g = _mm512_fmadd_ps(pl, kk, g);
   // a == 0 makes these -inf or NaN: that lane is masked below
   const __m512i n = _mm512_cvtps_epi32(_mm512_add_ps(_mm512_add_ps(yh, zh), g));  // to nearest
   const __m512 nf = _mm512_cvtepi32_ps(n);
@@ -127,22 +121,125 @@ inline __m512 pow16(__m512 a, __m512 ph, __m512 pl) {
   return _mm512_maskz_scalef_ps(nonzero, w, _mm512_mul_ps(nf, _mm512_set1_ps(0.0625f)));
 }
 
+// 16 p and 16 p / ln 2 as pairs of floats, and the row's scale
+struct Pow16 {
+  __m512 ph, pl, pch, pcl, inv;
+  Pow16(double p, float row_inv) {
+    const double p16 = 16.0 * p;  // exact
+    const double pc16 = p16 * 1.4426950408889634;  // 16 p / ln 2 (rounded once in float64)
+    const float h = static_cast<float>(p16), ch = static_cast<float>(pc16);
+    ph = _mm512_set1_ps(h);
+    pl = _mm512_set1_ps(static_cast<float>(p16 - static_cast<double>(h)));
+    pch = _mm512_set1_ps(ch);
+    pcl = _mm512_set1_ps(static_cast<float>(pc16 - static_cast<double>(ch)));
+    inv = _mm512_set1_ps(row_inv);
+  }
+  __m512 operator()(__m512 abs_x) const { return pow16(_mm512_mul_ps(abs_x, inv), ph, pl, pch, pcl); }
+};
+
+inline __mmask16 first_lanes(int64_t count) { return static_cast<__mmask16>((1u << count) - 1u); }
+
+// v with the sign bit of x (v >= 0 or NaN): copysign
+inline __m512 with_sign_of(__m512 v, __m512 x) {
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+}
+
+// The forward's row loops with the power computed in the same pass (no L1 buffer): s[i] += v[i]
+// (kS), *t = sum_i v[i] (kT), v[i] = |x[i] inv|^p; returns max_i |x[i]| (NaN ignored, as the
+// other copies' a > m ? a : m). Masked lanes of the tail hold 0 and give v = 0. The sum is one
+// 16-lane accumulator reduced in a fixed order, so it does not depend on the thread count.
+template <bool kS, bool kT>
+float stats_row(const float* __restrict x, float* __restrict s, int64_t n, double p, float inv,
+                float* __restrict t_out) {
+  const Pow16 pw(p, inv);
+  __m512 m = _mm512_setzero_ps(), t = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+    m = _mm512_max_ps(a, m);  // the second operand when a is NaN
+    const __m512 v = pw(a);
+    if constexpr (kS) _mm512_storeu_ps(s + i, _mm512_add_ps(_mm512_loadu_ps(s + i), v));
+    if constexpr (kT) t = _mm512_add_ps(t, v);
+  }
+  if (i < n) {
+    const __mmask16 k = first_lanes(n - i);
+    const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i));
+    m = _mm512_max_ps(a, m);
+    const __m512 v = pw(a);
+    if constexpr (kS) _mm512_mask_storeu_ps(s + i, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, s + i), v));
+    if constexpr (kT) t = _mm512_add_ps(t, v);
+  }
+  if constexpr (kT) *t_out = _mm512_reduce_add_ps(t);
+  return _mm512_reduce_max_ps(m);
+}
+
+// The backward's row loops, u[i] = |x[i] inv|^(p-1) sgn(x[i]) computed in the same pass:
+// kSpatial: out[i] = u[i] gs[i]; kChannel: out[i] (+)= u[i] gt; kBoth: out[i] = u[i] (gs[i] + gt).
+enum GradKind { kSpatial, kChannel, kChannelAdd, kBoth };
+template <GradKind kKind>
+void grad_row(const float* __restrict x, const float* __restrict gs, float gt, float* __restrict out,
+              int64_t n, double p, float inv) {
+  const Pow16 pw(p - 1.0, inv);
+  const __m512 vgt = _mm512_set1_ps(gt);
+  auto value = [&](__m512 xv, __m512 g, __m512 o) {
+    const __m512 u = with_sign_of(pw(_mm512_abs_ps(xv)), xv);
+    if constexpr (kKind == kSpatial) return _mm512_mul_ps(u, g);
+    if constexpr (kKind == kChannel) return _mm512_mul_ps(u, vgt);
+    if constexpr (kKind == kChannelAdd) return _mm512_add_ps(o, _mm512_mul_ps(u, vgt));
+    if constexpr (kKind == kBoth) return _mm512_mul_ps(u, _mm512_add_ps(g, vgt));
+  };
+  constexpr bool kReadsGs = kKind == kSpatial || kKind == kBoth;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = kReadsGs ? _mm512_loadu_ps(gs + i) : _mm512_setzero_ps();
+    const __m512 o = kKind == kChannelAdd ? _mm512_loadu_ps(out + i) : _mm512_setzero_ps();
+    _mm512_storeu_ps(out + i, value(_mm512_loadu_ps(x + i), g, o));
+  }
+  if (i < n) {
+    const __mmask16 k = first_lanes(n - i);
+    const __m512 g = kReadsGs ? _mm512_maskz_loadu_ps(k, gs + i) : _mm512_setzero_ps();
+    const __m512 o = kKind == kChannelAdd ? _mm512_maskz_loadu_ps(k, out + i) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(out + i, k, value(_mm512_maskz_loadu_ps(k, x + i), g, o));
+  }
+}
+
 }  // namespace
 
 void pow_chunk16(const float* __restrict x, float inv, double p, float* __restrict v, int64_t n) {
-  const double p16 = 16.0 * p;  // exact
-  const float phs = static_cast<float>(p16);
-  const __m512 ph = _mm512_set1_ps(phs);
-  const __m512 pl = _mm512_set1_ps(static_cast<float>(p16 - static_cast<double>(phs)));
-  const __m512 vinv = _mm512_set1_ps(inv);
+  const Pow16 pw(p, inv);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(v + i, pow16(_mm512_mul_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), vinv), ph, pl));
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, pw(_mm512_abs_ps(_mm512_loadu_ps(x + i))));
   if (i < n) {  // the tail through the same code on masked lanes, so no value depends on its position
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
-    const __m512 a = _mm512_mul_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + i)), vinv);
-    _mm512_mask_storeu_ps(v + i, m, pow16(a, ph, pl));
+    const __mmask16 k = first_lanes(n - i);
+    _mm512_mask_storeu_ps(v + i, k, pw(_mm512_abs_ps(_mm512_maskz_loadu_ps(k, x + i))));
   }
+}
+
+float pow16_spatial_row(const float* x, float* s, int64_t n, double p, float inv) {
+  return stats_row<true, false>(x, s, n, p, inv, nullptr);
+}
+float pow16_channel_row(const float* x, int64_t n, double p, float inv) {
+  float t;
+  stats_row<false, true>(x, nullptr, n, p, inv, &t);
+  return t;
+}
+float pow16_both_row(const float* x, float* s, int64_t n, double p, float inv, float* t_out) {
+  return stats_row<true, true>(x, s, n, p, inv, t_out);
+}
+void pow16_grad_spatial_row(const float* x, const float* gs, float* out, int64_t n, double p, float inv) {
+  grad_row<kSpatial>(x, gs, 0.0f, out, n, p, inv);
+}
+void pow16_grad_channel_row(const float* x, float gt, float* out, int64_t n, double p, float inv,
+                            bool accumulate) {
+  if (accumulate)
+    grad_row<kChannelAdd>(x, nullptr, gt, out, n, p, inv);
+  else
+    grad_row<kChannel>(x, nullptr, gt, out, n, p, inv);
+}
+void pow16_grad_both_row(const float* x, const float* gs, float gt, float* out, int64_t n, double p,
+                         float inv) {
+  grad_row<kBoth>(x, gs, gt, out, n, p, inv);
 }
 
 }  // namespace isa_avx512

@@ -154,8 +154,8 @@ inline void pow_chunk(const float* __restrict x, float inv, double p, float* __r
 #if defined(ATOM_FAST_POW16)
   // the AVX-512 copy's float32 general power, 16 lanes at a time: kernels_avx512.cpp defines it,
   // compiled for AVX-512F, before it includes this header (a call, never inlined into AVX2 code);
-  // its error bound holds for |p| <= kPow16MaxPower, larger powers take the scalar loop below
-  if (p >= -kPow16MaxPower && p <= kPow16MaxPower) {
+  // its error bound holds for |p| <= 64 (pow16_covers), larger powers take the scalar loop below
+  if (pow16_covers(p)) {
     pow_chunk16(x, inv, p, v, n);
     return;
   }
@@ -231,6 +231,9 @@ template <typename acc_t, int P>
 acc_t spatial_row(const acc_t* __restrict x, acc_t* __restrict s, int64_t n, double p, acc_t inv) {
   acc_t m = 0;
   if constexpr (kChunked<acc_t, P>) {
+#if defined(ATOM_FAST_POW16)
+    if (pow16_covers(p)) return pow16_spatial_row(x, s, n, p, inv);
+#endif
     alignas(32) float v[kPowChunk];
     for (int64_t b = 0; b < n; b += kPowChunk) {
       const int64_t len = n - b < kPowChunk ? n - b : kPowChunk;
@@ -258,6 +261,9 @@ template <typename acc_t, int P>
 acc_t channel_row(const acc_t* __restrict x, int64_t n, double p, acc_t inv) {
   acc_t t = 0;
   if constexpr (kChunked<acc_t, P>) {
+#if defined(ATOM_FAST_POW16)
+    if (pow16_covers(p)) return pow16_channel_row(x, n, p, inv);
+#endif
     alignas(32) float v[kPowChunk];
     for (int64_t b = 0; b < n; b += kPowChunk) {
       const int64_t len = n - b < kPowChunk ? n - b : kPowChunk;
@@ -280,6 +286,9 @@ acc_t both_row(const acc_t* __restrict x, acc_t* __restrict s, int64_t n, double
                acc_t* __restrict t_out) {
   acc_t t = 0, m = 0;
   if constexpr (kChunked<acc_t, P>) {
+#if defined(ATOM_FAST_POW16)
+    if (pow16_covers(p)) return pow16_both_row(x, s, n, p, inv, t_out);
+#endif
     alignas(32) float v[kPowChunk];
     for (int64_t b = 0; b < n; b += kPowChunk) {
       const int64_t len = n - b < kPowChunk ? n - b : kPowChunk;
@@ -394,6 +403,9 @@ template <typename acc_t, int P>
 void grad_spatial_row(const acc_t* __restrict x, const acc_t* __restrict gs, acc_t* __restrict out,
                       int64_t n, double p, acc_t inv) {
   if constexpr (kChunked<acc_t, P>) {
+#if defined(ATOM_FAST_POW16)
+    if (pow16_covers(p - 1.0)) return pow16_grad_spatial_row(x, gs, out, n, p, inv);
+#endif
     alignas(32) float v[kPowChunk];
     for (int64_t b = 0; b < n; b += kPowChunk) {
       const int64_t len = n - b < kPowChunk ? n - b : kPowChunk;
@@ -412,6 +424,9 @@ template <typename acc_t, int P>
 void grad_channel_row(const acc_t* __restrict x, acc_t gt, acc_t* __restrict out, int64_t n,
                       double p, acc_t inv, bool accumulate) {
   if constexpr (kChunked<acc_t, P>) {
+#if defined(ATOM_FAST_POW16)
+    if (pow16_covers(p - 1.0)) return pow16_grad_channel_row(x, gt, out, n, p, inv, accumulate);
+#endif
     alignas(32) float v[kPowChunk];
     for (int64_t b = 0; b < n; b += kPowChunk) {
       const int64_t len = n - b < kPowChunk ? n - b : kPowChunk;
@@ -441,6 +456,9 @@ template <typename acc_t, int P>
 void grad_both_row(const acc_t* __restrict x, const acc_t* __restrict gs, acc_t gt,
                    acc_t* __restrict out, int64_t n, double p, acc_t inv) {
   if constexpr (kChunked<acc_t, P>) {
+#if defined(ATOM_FAST_POW16)
+    if (pow16_covers(p - 1.0)) return pow16_grad_both_row(x, gs, gt, out, n, p, inv);
+#endif
     alignas(32) float v[kPowChunk];
     for (int64_t b = 0; b < n; b += kPowChunk) {
       const int64_t len = n - b < kPowChunk ? n - b : kPowChunk;

@@ -158,7 +158,7 @@ def test_bitwise_equal_across_thread_counts():
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU instruction sets")
 @pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("ps,pc", [(4, 4), (1, 8), (2.5, 12), (3.7, 3.7), (0.7, 5.3)])
+@pytest.mark.parametrize("ps,pc", [(4, 4), (1, 8), (2.5, 12), (3.7, 3.7), (0.7, 5.3), (3.7, 4), (4, 3.7)])
 def test_every_cpu_instruction_set(monkeypatch, isa, ps, pc):
     use_cpu_isa(monkeypatch, isa)
     for dtype_tols in ((torch.float32, 2e-5, 2e-5), (torch.float64, 1e-10, 1e-10)):

@@ -21,7 +21,6 @@ then one timed fwd+bwd call. The median over the rounds is reported with:
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable
 import torch  # noqa: E402
 
 import atom_fast  # noqa: E402
-from atom_fast import allocator  # noqa: E402
+from atom_fast import allocator, environment  # noqa: E402
 from atom_fast.backends import native  # noqa: E402
 from bench import loss_table  # noqa: E402
 
@@ -77,6 +76,17 @@ def main(argv=None):
     args = parse_args(argv)
     if not native.AVAILABLE:
         sys.exit(f"the native op is not built: {native.LOAD_ERROR}")
+    before = os.environ.get("ATOM_FAST_CPU_ISA")
+    try:
+        return _run(args, argv)
+    finally:  # the caller's instruction set setting, as it was
+        if before is None:
+            os.environ.pop("ATOM_FAST_CPU_ISA", None)
+        else:
+            os.environ["ATOM_FAST_CPU_ISA"] = before
+
+
+def _run(args, argv):
     if args.threads:
         torch.set_num_threads(args.threads)
     allocator.keep_freed_memory()  # as the loss table and a distillation run do
@@ -113,7 +123,7 @@ def main(argv=None):
     result = {
         "command": "python bench/powers_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": environment.cpu_name(),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "load_average": os.getloadavg()},
         "shape": [args.C, args.H, args.W], "classes": args.classes, "real_per_class": args.real,

@@ -75,8 +75,17 @@ TORCH_LIBRARY(atom_fast, m) {
 
 // ---- Python module: importing atom_fast._C registers the ops above --------------------------------
 
+// A plain CPython function: a C++ exception must not leave it (it would abort the interpreter), so a
+// bad ATOM_FAST_CPU_ISA becomes a RuntimeError.
 static PyObject* cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(atom_fast::cpu::selected_isa());
+  try {
+    return PyUnicode_FromString(atom_fast::cpu::selected_isa());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
 }
 
 static PyObject* has_cuda(PyObject*, PyObject*) {

@@ -284,3 +284,39 @@ def test_op_min_times_reports_every_shape_and_power(capsys):
         assert r["backward_min_s"] > 0 and r["copy_min_s"] > 0
     with pytest.raises(SystemExit):
         op_min_times.main(["--shapes", "8x4"])
+
+
+def test_powers_table_interleaves_isas_and_powers(tmp_path, monkeypatch, capsys):
+    from atom_fast.backends import native
+    if not native.AVAILABLE:
+        pytest.skip("native op not built")
+    from bench import powers_table
+    monkeypatch.setenv("ATOM_FAST_CPU_ISA", "default")
+    out = tmp_path / "p.json"
+    result = powers_table.main(["--shape", "4x3x5", "--classes", "2", "--real", "3", "--ipc", "2",
+                                "--powers", "4,3.7", "--isas", "default", "--rounds", "2",
+                                "--warmup", "0", "--json", str(out)])
+    assert os.environ["ATOM_FAST_CPU_ISA"] == "default"  # the caller's setting is restored
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["isa"], r["p"]) for r in rows] == [("default", 4.0), ("default", 3.7)]
+    assert rows[0]["vs_p4"] == 1.0 and len(rows[1]["times_s"]) == 2
+    # (2 x 3 real + 2 x 2 syn) x 60 floats read, 2 x 2 x 60 read and written back
+    assert result["bytes_moved"] == ((6 + 4) * 60 + 2 * 4 * 60) * 4
+    assert "| default | 3.7 |" in capsys.readouterr().out
+    for bad in (["--powers", "3.7"], ["--shape", "4x3"], ["--rounds", "1"]):
+        with pytest.raises(SystemExit):
+            powers_table.parse_args(bad)
+
+
+def test_pow_ulps_reports_every_power_within_the_test_bound(monkeypatch):
+    from atom_fast.backends import native
+    if not native.AVAILABLE:
+        pytest.skip("native op not built")
+    from bench import pow_ulps
+    monkeypatch.delenv("ATOM_FAST_CPU_ISA", raising=False)
+    result = pow_ulps.main(["--isas", "default,avx10"])
+    assert "ATOM_FAST_CPU_ISA" not in os.environ
+    assert "not on this CPU" in result["isas"]["avx10"]
+    rows = result["isas"]["default"]["max_ulps"]
+    assert set(rows) == {str(p) for p in pow_ulps.POWERS}
+    assert 0 < result["isas"]["default"]["worst"] <= 1.0

@@ -48,7 +48,9 @@ HAS_CUDA = AVAILABLE and _C.has_cuda()
 
 
 def cpu_isa():
-    """Instruction set of the CPU row kernels ('avx2' or 'default'), or None when not built."""
+    """Instruction set of the CPU row kernels ('avx512', 'avx2' or 'default'), or None when not
+    built. ``ATOM_FAST_CPU_ISA`` forces one; a value that is not one of these, or one this CPU
+    lacks, raises RuntimeError."""
     return _C.cpu_isa() if AVAILABLE else None
 
 

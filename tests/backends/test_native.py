@@ -249,6 +249,9 @@ def test_bad_isa_setting(monkeypatch):
     reals, syns = make_layers(ODD, 6, 3, torch.float32, DEVICE)
     with pytest.raises(RuntimeError, match=r"ATOM_FAST_CPU_ISA must be 'default', 'avx2' or 'avx512'"):
         atom_fast.attention_loss(reals, syns, 3, backend="native")
+    # the module function raises too (a C++ exception escaping it would abort the interpreter)
+    with pytest.raises(RuntimeError, match=r"ATOM_FAST_CPU_ISA must be 'default', 'avx2' or 'avx512'"):
+        _native.cpu_isa()
 
 
 def test_auto_prefers_native_on_cpu(monkeypatch):

@@ -1,0 +1,95 @@
+"""The native CPU op's non-integer power |x|^p against float64, per instruction set: the largest
+error in float32 ulps over the same inputs as tests/backends/test_native_pow.py (every 4099th finite
+non-negative float32, subnormals included, the edges, and the inputs whose power lies next to the
+largest float), through the test hook ``atom_fast::_general_power``. Prints JSON (the test holds every
+power to 1 ulp; this reports how far below it each is).
+
+    python bench/pow_ulps.py --isas default,avx2,avx512 --json bench/results/cpu-pow-ulps-2026-12-04.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+POWERS = [0.5, 0.75, 1.5, 2.5, 3.7, 7.3, 15.5, 24.5, 33.3, 63.9, 64.0, 64.5, 100.3,
+          -0.5, -0.25, 2.7, 1.0, 2.0, 4.0, 16.0]
+FLOAT_MAX = float(torch.finfo(torch.float32).max)
+
+
+def magnitudes():
+    step = np.arange(0, 0x7F800000, 4099, dtype=np.int64)
+    edges = np.array([0, 1, 2, 3, 0x007FFFFF, 0x00800000, 0x00800001, 0x3F7FFFFF, 0x3F800000,
+                      0x3F800001, 0x7F7FFFFE, 0x7F7FFFFF], dtype=np.int64)
+    bits = np.concatenate([step, edges]).astype(np.uint32).view(np.int32)
+    return torch.from_numpy(bits.view(np.float32).copy())
+
+
+def near_overflow(p):
+    edge = torch.tensor(FLOAT_MAX, dtype=torch.float64).pow(1 / p).float()
+    return (edge.view(torch.int32) + torch.arange(-64, 65, dtype=torch.int32)).view(torch.float32)
+
+
+def max_ulps(x, p):
+    got = torch.ops.atom_fast._general_power(x, p)
+    want = x.double().pow(p)
+    want[x == 0] = 0
+    finite = ~torch.isinf(want.float())
+    mag = want[finite].abs().clamp_min(2.0 ** -126)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 23)
+    return ((got[finite].double() - want[finite]).abs() / ulp).max().item()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--isas", default="default,avx2,avx512")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    from atom_fast.backends import native
+    if not native.AVAILABLE:
+        sys.exit(f"the native op is not built: {native.LOAD_ERROR}")
+    x = magnitudes()
+    before = os.environ.get("ATOM_FAST_CPU_ISA")
+    try:
+        result = _run(args, argv, x)
+    finally:  # the caller's instruction set setting, as it was
+        if before is None:
+            os.environ.pop("ATOM_FAST_CPU_ISA", None)
+        else:
+            os.environ["ATOM_FAST_CPU_ISA"] = before
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+def _run(args, argv, x):
+    from atom_fast.backends import native
+    result = {"command": "python bench/pow_ulps.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "isas": {}}
+    for isa in args.isas.split(","):
+        os.environ["ATOM_FAST_CPU_ISA"] = isa
+        try:
+            native.cpu_isa()
+        except RuntimeError as exc:
+            result["isas"][isa] = f"not on this CPU: {exc}"
+            continue
+        rows = {}
+        for p in POWERS:
+            worst = max_ulps(x, p)
+            if p > 1:
+                worst = max(worst, max_ulps(near_overflow(p), p))
+            rows[str(p)] = worst
+        result["isas"][isa] = {"max_ulps": rows, "worst": max(rows.values())}
+        print(f"{isa}: worst {max(rows.values()):.4f} ulp", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -6,13 +6,16 @@ class, one layer of ``--shape``, spatial and channel power both p, only the synt
 requiring a gradient), ``backend="native"``, for every instruction set given by ``--isas`` (the row
 kernels are chosen per call from ``ATOM_FAST_CPU_ISA``).
 
-Each round runs, for every (instruction set, power) in turn, one ``copy_`` of the real features and
-then one timed fwd+bwd call. The median over the rounds is reported with:
+Each round runs, for every (instruction set, power) in turn, one ``copy_`` of the real features, one
+``real.sum()`` and then one timed fwd+bwd call. The median over the rounds is reported with:
 
 - ``vs_p4``: the median over that of p = 4 on the same instruction set;
 - ``copy_fraction``: the bytes that must move (forward reads every feature once, backward reads the
   synthetic features and writes their gradient) over the median time, divided by the 80th percentile
-  of the GB/s of all the run's copies (:func:`bench.loss_table.copy_reference`).
+  of the GB/s of all the run's copies (:func:`bench.loss_table.copy_reference`);
+- ``read_fraction``: the same over the 80th percentile of the GB/s of ``real.sum()`` calls, also
+  one per call (a copy counts the bytes it reads and writes, so a pass that mostly reads can stay
+  well below it when the machine writes as fast as it reads; a sum only reads).
 
     python bench/powers_table.py --shape 128x32x32 --powers 4,2.5,1.5,3.7 --isas avx2,avx512 \\
         --json bench/results/cpu-native-powers-avx512-2026-12-04-32.json
@@ -65,6 +68,18 @@ def parse_args(argv=None):
     return args
 
 
+def paired_sum(x):
+    """A callable timing one ``x.sum()`` (a read of every byte, the floor of a pass that reads the
+    features); returns GB/s (bytes read)."""
+    def once():
+        t0 = time.perf_counter()
+        x.sum()
+        return x.numel() * x.element_size() / (time.perf_counter() - t0) / 1e9
+
+    once()
+    return once
+
+
 def _use_isa(isa):
     os.environ["ATOM_FAST_CPU_ISA"] = isa
     got = native.cpu_isa()  # raises if this CPU lacks it
@@ -99,19 +114,22 @@ def _run(args, argv):
     fns = {case: loss_table.loss_fn("native", args.classes, case[1], case[1], 1.0, 1.0)
            for case in cases}
     copy = loss_table.paired_copy(real)
+    read = paired_sum(real)
     for case in cases:
         _use_isa(case[0])
         for _ in range(args.warmup):
             loss_table.run_once(fns[case], real, syn, "fwd+bwd")
     times = {case: [] for case in cases}
-    copies = []
+    copies, reads = [], []
     for _ in range(args.rounds):
         for case in cases:
             _use_isa(case[0])
             copies.append(copy())
+            reads.append(read())
             times[case].append(loss_table.run_once(fns[case], real, syn, "fwd+bwd"))
     moved = loss_table.bytes_moved(real, syn, "fwd+bwd")
     copy_p80 = loss_table.copy_reference(copies)
+    read_p80 = loss_table.copy_reference(reads)
     rows = []
     for isa, p in cases:
         med = statistics.median(times[(isa, p)])
@@ -119,6 +137,7 @@ def _run(args, argv):
         rows.append({"isa": isa, "p": p, "median_ms": med * 1e3,
                      "min_ms": min(times[(isa, p)]) * 1e3, "max_ms": max(times[(isa, p)]) * 1e3,
                      "vs_p4": med / ref, "copy_fraction": moved / med / 1e9 / copy_p80,
+                     "read_fraction": moved / med / 1e9 / read_p80,
                      "times_s": times[(isa, p)]})
     result = {
         "command": "python bench/powers_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -128,15 +147,17 @@ def _run(args, argv):
                     "load_average": os.getloadavg()},
         "shape": [args.C, args.H, args.W], "classes": args.classes, "real_per_class": args.real,
         "ipc": args.ipc, "warmup": args.warmup, "rounds": args.rounds,
-        "bytes_moved": moved, "copy_p80_gbs": copy_p80, "copy_gbs": copies, "rows": rows,
+        "bytes_moved": moved, "copy_p80_gbs": copy_p80, "copy_gbs": copies,
+        "read_p80_gbs": read_p80, "read_gbs": reads, "rows": rows,
     }
     print(f"{args.C}x{args.H}x{args.W}, {args.classes} classes x {args.real} real, IPC {args.ipc}, "
-          f"fwd+bwd, {torch.get_num_threads()} threads; copy p80 {copy_p80:.1f} GB/s")
-    print("| isa | p | median ms (min-max) | of copy | vs p = 4 |")
-    print("|---|---:|---:|---:|---:|")
+          f"fwd+bwd, {torch.get_num_threads()} threads; copy p80 {copy_p80:.1f} GB/s, "
+          f"read (sum) p80 {read_p80:.1f} GB/s")
+    print("| isa | p | median ms (min-max) | of copy | of read | vs p = 4 |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['isa']} | {r['p']:g} | {r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f}) "
-              f"| {100 * r['copy_fraction']:.0f}% | {r['vs_p4']:.2f} |")
+              f"| {100 * r['copy_fraction']:.0f}% | {100 * r['read_fraction']:.0f}% | {r['vs_p4']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,6 +1,6 @@
 // Row kernels for CPUs with AVX-512F: the AVX2 + FMA row kernels of kernels_avx2.cpp, except the
-// float32 rows of a non-integer power: they take |x|^p sixteen lanes at a time in float32 arithmetic
-// (pow16 below) instead of eight lanes in float64 (kernels_avx2.cpp's pow8), in AVX-512 row loops
+// float32 rows of a non-integer power up to |p| = 64: they take |x|^p sixteen lanes at a time in
+// float32 arithmetic (pow16 below) instead of eight lanes in float64 (row_kernels.h's pow8), in AVX-512 row loops
 // that compute the powers in the same pass as the sums (the other copies go through an L1 buffer).
 // Every other kernel is the same code compiled for the same instructions.
 // Every header is included before the target pragmas (see row_kernels.h).
@@ -42,18 +42,20 @@ namespace {
 //    log2(1 + r) = r / ln 2 + r^2 Q(r), Q of degree 4 (abs. error 2^-35 on the interval).
 // 3. Y = 16 p log2 a (scaled by 16 so that its integer part indexes step 4's table), with
 //    16 p = PH + PL and 16 p / ln 2 = PCH + PCL (pairs of floats: the power is a double, and
-//    float32 3.7 is not 3.7): YH + YL = PH K and ZH + ZL = PCH r exactly (FMA), and
-//    G = YL + ZL + PH (r^2 Q(r) + CLO) + PCL r + PL K (small). N = round(YH + ZH + G);
-//    T = ((YH - N) + ZH) + G, the bracket exact, so |T| <= 1/2 + 2^-6 with an error of a few
-//    2^-26 for every p up to 64.
+//    float32 3.7 is not 3.7): YH + YL = PH K and ZH + ZL = PCH r exactly (FMA),
+//    G = YL + ZL + PCL r + PL K (small) and H = r^2 Q(r) + CLO. N = round(YH + ZH + (PH H + G));
+//    T = PH H + (((YH - N) + ZH) + G), the inner bracket exact and PH H (up to ~2.5 at |p| = 64)
+//    added in the one rounding of an FMA, so |T| <= 1/2 + 2^-6 with an error of a few 2^-26 for
+//    every p up to 64.
 // 4. 2^(Y/16) = 2^floor(N/16) 2^((N mod 16)/16) 2^(T/16): the middle factor from a 16-entry table
 //    as TH + TL (a permute on N's low bits); 2^(T/16) - 1 = T E(T), E of degree 2 (abs. error
 //    2^-28.5); W = TH + (TH (2^(T/16) - 1) + TL): one rounding at the end, then scalef by
 //    floor(N/16), exact unless the result is subnormal (then one more rounding, still within
 //    0.77 ulp of the subnormal spacing). a == 0 gives 0 for every p (a masked lane), NaN gives NaN.
 // About 45 instructions per 16 lanes, where pow8 takes about 80 per 8. The bound is checked up to
-// |p| = 64 (pow16_covers); the error of step 3 grows with p, so larger powers take the scalar
-// float64 path (row_kernels.h).
+// |p| = 64 (pow16_covers); the error of step 3 grows with p, so larger powers take the AVX2 copy's
+// float64 pow8 (row_kernels.h). An infinite input gives NaN (the row kernels never pass one: a row
+// is scaled by 1/max|x|, and an infinite max makes every x' NaN already).
 alignas(64) constexpr float kInvC[16] = {1.0f,     0.90625f, 0.875f,  0.8125f, 0.78125f, 0.75f,
                                          0.71875f, 0.6875f,  0.65625f, 0.625f, 0.59375f, 0.59375f,
                                          0.5625f,  0.53125f, 0.53125f, 0.5f};
@@ -102,14 +104,16 @@ inline __m512 pow16(__m512 a, __m512 ph, __m512 pl, __m512 pch, __m512 pcl) {
   const __m512 kk = _mm512_add_ps(k, chi);  // exact
   const __m512 yh = _mm512_mul_ps(ph, kk);
   const __m512 zh = _mm512_mul_ps(pch, r);
+  // the small terms, then h: PH h reaches ~2.5 at |p| = 64, so it enters T last, in one FMA
   __m512 g = _mm512_add_ps(_mm512_fmsub_ps(ph, kk, yh), _mm512_fmsub_ps(pch, r, zh));
-  g = _mm512_fmadd_ps(ph, _mm512_fmadd_ps(_mm512_mul_ps(r, r), q, clo), g);
   g = _mm512_fmadd_ps(pcl, r, g);
   g = _mm512_fmadd_ps(pl, kk, g);
+  const __m512 h = _mm512_fmadd_ps(_mm512_mul_ps(r, r), q, clo);
   // a == 0 makes these -inf or NaN: that lane is masked below
-  const __m512i n = _mm512_cvtps_epi32(_mm512_add_ps(_mm512_add_ps(yh, zh), g));  // to nearest
+  const __m512i n = _mm512_cvtps_epi32(
+      _mm512_add_ps(_mm512_add_ps(yh, zh), _mm512_fmadd_ps(ph, h, g)));  // to nearest
   const __m512 nf = _mm512_cvtepi32_ps(n);
-  const __m512 t = _mm512_add_ps(_mm512_add_ps(_mm512_sub_ps(yh, nf), zh), g);
+  const __m512 t = _mm512_fmadd_ps(ph, h, _mm512_add_ps(_mm512_add_ps(_mm512_sub_ps(yh, nf), zh), g));
   __m512 e = _mm512_fmadd_ps(_mm512_set1_ps(kE[2]), t, _mm512_set1_ps(kE[1]));
   e = _mm512_fmadd_ps(e, t, _mm512_set1_ps(kE[0]));
   const __m512 u = _mm512_mul_ps(e, t);  // 2^(t/16) - 1
@@ -251,7 +255,8 @@ void pow16_grad_both_row(const float* x, const float* gs, float gt, float* out, 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define ATOM_FAST_ISA isa_avx512
-#define ATOM_FAST_POW16 1  // row_kernels.h: pow_chunk calls pow_chunk16
+#define ATOM_FAST_POW16 1  // row_kernels.h: pow_chunk calls pow_chunk16 for |p| <= 64
+#define ATOM_FAST_POW8 1   // and the AVX2 pow8 for larger powers
 #include "row_kernels.h"
 #pragma GCC pop_options
 

@@ -154,12 +154,13 @@ inline void pow_chunk(const float* __restrict x, float inv, double p, float* __r
 #if defined(ATOM_FAST_POW16)
   // the AVX-512 copy's float32 general power, 16 lanes at a time: kernels_avx512.cpp defines it,
   // compiled for AVX-512F, before it includes this header (a call, never inlined into AVX2 code);
-  // its error bound holds for |p| <= 64 (pow16_covers), larger powers take the scalar loop below
+  // its error bound holds for |p| <= 64 (pow16_covers), larger powers take pow8 below
   if (pow16_covers(p)) {
     pow_chunk16(x, inv, p, v, n);
     return;
   }
-#elif defined(ATOM_FAST_POW8)
+#endif
+#if defined(ATOM_FAST_POW8)
   const __m256d pd = _mm256_set1_pd(p);
   const __m256 vinv = _mm256_set1_ps(inv);
   const __m256 sign = _mm256_set1_ps(-0.0f);

@@ -79,6 +79,37 @@ def test_power_within_one_ulp_over_the_float_range(isa, p):
     torch.testing.assert_close(ops._general_power(-x, p), ops._general_power(x, p), rtol=0, atol=0)
 
 
+# Inputs an independent check found over 1 ulp on the AVX-512 path at |p| ~ 60-63 (1.003 and 1.004
+# ulp) before its T took PH (r^2 Q(r) + CLO), up to ~2.5 there, in the one rounding of an FMA.
+HARD_CASES = [(0x3E87B932, 62.670293357213126), (0x3F0799BF, 60.00783332380685)]
+
+
+def test_large_powers_near_the_bound(isa):
+    for bits, p in HARD_CASES:
+        _check(torch.tensor([bits], dtype=torch.int32).view(torch.float32), p)
+    # the top of the first reduction interval (mantissas 0x070000..0x07ffff: r near 1/16, where the
+    # r^2 term is largest) and random mantissas, every exponent, at random powers 56..64 of either
+    # sign and 0.5..56
+    g = np.random.default_rng(0)
+    for p in list(g.uniform(56, 64, 4)) + list(-g.uniform(56, 64, 4)) + list(g.uniform(0.5, 56, 4)):
+        m = g.integers(0, 0x800000, 8000)
+        m[:4000] = g.integers(0x070000, 0x080000, 4000)
+        bits = (g.integers(1, 254, 8000) << 23) | m
+        _check(torch.from_numpy(bits.astype(np.int32)).view(torch.float32), float(p))
+
+
+def test_a_result_at_the_overflow_threshold(isa):
+    # x^p = FLT_MAX (1 + 2.80e-8), 0.06 ulp below the point from which float32 rounds to inf
+    # (FLT_MAX (1 + 2.98e-8)): FLT_MAX is the rounded value and inf is one step above it, so both
+    # are within the 1-ulp bound (the AVX-512 path, off by ~0.1 ulp before its last rounding, gives
+    # inf; the float64 paths give FLT_MAX). The row kernels never get here: their x' are <= 1.
+    x = torch.tensor([0x4087B6F7], dtype=torch.int32).view(torch.float32)
+    got = ops._general_power(x, 61.407579131593174).item()
+    assert got == FLOAT_MAX or got == float("inf")
+    if isa != "avx512":
+        assert got == FLOAT_MAX
+
+
 def test_zero_nan_and_integer_powers(isa):
     x = torch.tensor([0.0, -0.0, float("nan"), 1.0, 2.0, 0.5])
     for p in (0.5, 2.5, -0.5):

@@ -4,7 +4,8 @@ non-negative float32, subnormals included, the edges, and the inputs whose power
 largest float), through the test hook ``atom_fast::_general_power``. Prints JSON (the test holds every
 power to 1 ulp; this reports how far below it each is).
 
-    python bench/pow_ulps.py --isas default,avx2,avx512 --json bench/results/cpu-pow-ulps-2026-12-04.json
+    python bench/pow_ulps.py --isas default,avx2,avx512 --random-powers 300 \\
+        --json bench/results/cpu-pow-ulps-2026-12-04.json
 """
 
 import argparse
@@ -44,9 +45,31 @@ def max_ulps(x, p):
     return ((got[finite].double() - want[finite]).abs() / ulp).max().item()
 
 
+def random_powers(count, seed=0):
+    """The worst error over ``count`` random powers (the same ones for every instruction set)."""
+    g = np.random.default_rng(seed)
+    worst, at = 0.0, None
+    for trial in range(count):
+        if trial % 3 == 2:
+            p = float(g.uniform(0.5, 56))
+        else:
+            p = float(g.uniform(56, 64)) * (1 if trial % 3 == 0 else -1)
+        m = g.integers(0, 0x800000, 20000)
+        m[:10000] = g.integers(0x070000, 0x080000, 10000)  # r near 1/16, the r^2 term largest
+        bits = (g.integers(1, 254, 20000) << 23) | m
+        x = torch.from_numpy(bits.astype(np.int32)).view(torch.float32)
+        err = max_ulps(x, p)
+        if err > worst:
+            worst, at = err, p
+    return worst, at
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--isas", default="default,avx2,avx512")
+    ap.add_argument("--random-powers", type=int, default=0,
+                    help="also N random powers (2/3 in +-[56, 64], 1/3 in [0.5, 56]), each on 20000 "
+                         "floats of every exponent, half at the top of the first reduction interval")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     from atom_fast.backends import native
@@ -87,6 +110,10 @@ def _run(args, argv, x):
                 worst = max(worst, max_ulps(near_overflow(p), p))
             rows[str(p)] = worst
         result["isas"][isa] = {"max_ulps": rows, "worst": max(rows.values())}
+        if args.random_powers:
+            worst, at = random_powers(args.random_powers)
+            result["isas"][isa]["random_powers"] = {"count": args.random_powers, "worst": worst,
+                                                    "at_p": at}
         print(f"{isa}: worst {max(rows.values()):.4f} ulp", file=sys.stderr)
     return result
 

@@ -99,10 +99,27 @@ void advise_huge_pages(void* data, int64_t bytes) {
 #endif
 }
 
-// Software prefetch of the next row, [p, p + bytes): the hardware streamer stops at every 4 KiB
-// page, i.e. at every row of a 32x32 layer, so the next row's read would otherwise start only when
-// the current row's powers are done (measured: +3-7 points of copy bandwidth at 16x16 and 32x32).
-// A prefetch never faults, so running past the end of F is harmless.
+// Software prefetch of the next rows, [p, p + bytes), before their powers are taken: off by default.
+// It was added (2026-12-03) because the hardware streamer stops at every 4 KiB page, i.e. at every
+// row of a 32x32 layer, and measured then to gain 3-7 points of copy bandwidth at 16x16 and 32x32.
+// On a quiet 2-core AMD EPYC it costs instead: loss fwd+bwd at p = 4 took 16.7 / 38.9 / 149.3 ms at
+// 16x16 / 32x32 / 64x64 with it and 14.3 / 35.4 / 115.0 without (bench/results/
+// cpu-prefetch-2026-12-04.json, bench/prefetch_table.py). ATOM_FAST_CPU_PREFETCH=all turns it back
+// on for every row, =rows for rows shorter than a page (a group of four such rows is one page), for
+// machines whose memory system differs. A prefetch never faults, so running past the end of F is
+// harmless.
+constexpr int64_t kPrefetchBelowBytes = 4096;
+
+enum class Prefetch { kNone, kRows, kAll };
+
+Prefetch prefetch_setting() {
+  const char* v = std::getenv("ATOM_FAST_CPU_PREFETCH");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "none") == 0) return Prefetch::kNone;
+  if (std::strcmp(v, "all") == 0) return Prefetch::kAll;
+  TORCH_CHECK(std::strcmp(v, "rows") == 0,
+              "ATOM_FAST_CPU_PREFETCH must be 'none', 'rows' or 'all' (or unset), got '", v, "'");
+  return Prefetch::kRows;
+}
 // Spatial tile of the forward's statistics for maps with H*W > 2 * kSpatialTile (see side_stats).
 constexpr int64_t kSpatialTile = 1024;
 
@@ -184,6 +201,7 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
   const scalar_t* f = F.data_ptr<scalar_t>();
   acc_t* out = stats.data_ptr<acc_t>();
   const auto k = cpu::row_kernels<acc_t>(ps, pc);
+  const Prefetch setting = prefetch_setting();
   const bool same = has_s && has_t && ps == pc;
   // rows taken four at a time: s summed into and each row's powers needed once (float rows,
   // read in place)
@@ -207,11 +225,14 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
       // is zero, and t[c] sums over the tiles done.
       const int64_t tile = HW > kSpatialTile * 2 ? kSpatialTile : HW;
       const int64_t tiles = (HW + tile - 1) / tile;
+      const bool prefetch_rows =
+          setting == Prefetch::kAll ||
+          (setting == Prefetch::kRows && tile * static_cast<int64_t>(sizeof(scalar_t)) < kPrefetchBelowBytes);
       for (int64_t r = 0; r < tiles * C && (has_s || has_t);) {
         const int64_t c = r % C, lo = (r / C) * tile, len = std::min(tile, HW - lo);
         // four channel rows at once where s is summed into (s loaded and stored once for the four)
         const int64_t g = (quad && c % 4 == 0 && c + 4 <= C) ? 4 : 1;
-        for (int64_t j = 0; j < g; ++j) {
+        for (int64_t j = 0; j < (prefetch_rows ? g : 0); ++j) {
           const int64_t q = r + g + j;
           prefetch(q < tiles * C ? fn + (q % C) * HW + (q / C) * tile : fn + stride_n,
                    std::min(tile, HW) * sizeof(scalar_t));

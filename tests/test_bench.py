@@ -320,3 +320,23 @@ def test_pow_ulps_reports_every_power_within_the_test_bound(monkeypatch):
     rows = result["isas"]["default"]["max_ulps"]
     assert set(rows) == {str(p) for p in pow_ulps.POWERS}
     assert 0 < result["isas"]["default"]["worst"] <= 1.0
+
+
+def test_prefetch_table_times_every_setting(tmp_path, monkeypatch):
+    from atom_fast.backends import native
+    if not native.AVAILABLE:
+        pytest.skip("native op not built")
+    from bench import prefetch_table
+    monkeypatch.delenv("ATOM_FAST_CPU_PREFETCH", raising=False)
+    out = tmp_path / "p.json"
+    result = prefetch_table.main(["--shapes", "4x3x5,2x40x30", "--powers", "4,3.7", "--classes", "2",
+                                  "--real", "3", "--ipc", "1", "--rounds", "2", "--warmup", "0",
+                                  "--json", str(out)])
+    assert "ATOM_FAST_CPU_PREFETCH" not in os.environ  # the caller's setting is restored
+    assert json.loads(out.read_text())["shapes"][1]["shape"] == [2, 40, 30]
+    for sh in result["shapes"]:
+        assert [(r["setting"], r["p"]) for r in sh["rows"]] == [
+            (s, p) for s in ("none", "rows", "all") for p in (4.0, 3.7)]
+        assert all(r["vs_all"] == 1.0 for r in sh["rows"] if r["setting"] == "all")
+    with pytest.raises(SystemExit):
+        prefetch_table.parse_args(["--shapes", "4x3"])

@@ -254,6 +254,29 @@ def test_bad_isa_setting(monkeypatch):
         _native.cpu_isa()
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU row prefetch")
+def test_prefetch_setting_changes_no_value(monkeypatch):
+    # ATOM_FAST_CPU_PREFETCH picks which rows are prefetched (a hint to the memory system): the
+    # loss and its gradient are bitwise the same under every setting, at a map shorter than a page
+    # (5x6) and at one of a page or more (33x32)
+    for shapes in ([(8, 5, 6)], [(6, 33, 32)]):
+        got = []
+        for setting in ("none", "rows", "all"):
+            monkeypatch.setenv("ATOM_FAST_CPU_PREFETCH", setting)
+            torch.manual_seed(3)
+            reals, syns = make_layers(shapes, 6, 3, torch.float32, DEVICE)
+            syns = [s.requires_grad_() for s in syns]
+            loss = atom_fast.attention_loss(reals, syns, 3, backend="native")
+            loss.backward()
+            got.append((loss.detach(), syns[0].grad))
+        for other in got[1:]:
+            assert torch.equal(got[0][0], other[0]) and torch.equal(got[0][1], other[1])
+    monkeypatch.setenv("ATOM_FAST_CPU_PREFETCH", "some")
+    reals, syns = make_layers(ODD, 6, 3, torch.float32, DEVICE)
+    with pytest.raises(RuntimeError, match=r"ATOM_FAST_CPU_PREFETCH must be 'none', 'rows' or 'all'"):
+        atom_fast.attention_loss(reals, syns, 3, backend="native")
+
+
 def test_auto_prefers_native_on_cpu(monkeypatch):
     monkeypatch.delenv(loss_module.BACKEND_ENV, raising=False)
     assert loss_module.resolve_backend("auto", torch.device("cpu")) == "native"

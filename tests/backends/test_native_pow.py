@@ -20,8 +20,8 @@ ops = torch.ops.atom_fast
 POWERS = [0.5, 0.75, 1.5, 2.5, 3.7, 7.3, 15.5, 24.5, 33.3, 63.9, 64.0, 64.5, 100.3]
 GRAD_POWERS = [-0.5, -0.25, 0.5, 2.7]  # p - 1 of the gradient, for p = 0.5, 0.75, 1.5, 3.7
 ULP_BOUND = 1.0  # measured: 0.531 ulp at most in float64 inside (one float64 -> float32 rounding
-# plus ~0.03 ulp), 0.76 in float32 (AVX-512: 0.5 + a few 2^-30 for normal results, and the second
-# rounding of a subnormal result)
+# plus ~0.03 ulp), 0.773 in float32 (AVX-512: its last rounding plus up to ~0.27 ulp from the steps
+# before it, or the second rounding of a subnormal result); bench/results/cpu-pow-ulps-2026-12-04.json
 FLOAT_MAX = float(torch.finfo(torch.float32).max)
 
 

@@ -102,8 +102,8 @@ void advise_huge_pages(void* data, int64_t bytes) {
 // Software prefetch of the next rows, [p, p + bytes), before their powers are taken: off by default.
 // It was added (2026-12-03) because the hardware streamer stops at every 4 KiB page, i.e. at every
 // row of a 32x32 layer, and measured then to gain 3-7 points of copy bandwidth at 16x16 and 32x32.
-// On a quiet 2-core AMD EPYC it costs instead: loss fwd+bwd at p = 4 took 16.7 / 38.9 / 149.3 ms at
-// 16x16 / 32x32 / 64x64 with it and 14.3 / 35.4 / 115.0 without (bench/results/
+// On a quiet 2-core AMD EPYC it costs instead: loss fwd+bwd at p = 4 took 6.2 / 32.5 / 144.8 ms at
+// 16x16 / 32x32 / 64x64 with it and 5.7 / 21.4 / 115.8 without (bench/results/
 // cpu-prefetch-2026-12-04.json, bench/prefetch_table.py). ATOM_FAST_CPU_PREFETCH=all turns it back
 // on for every row, =rows for rows shorter than a page (a group of four such rows is one page), for
 // machines whose memory system differs. A prefetch never faults, so running past the end of F is
@@ -120,8 +120,8 @@ Prefetch prefetch_setting() {
               "ATOM_FAST_CPU_PREFETCH must be 'none', 'rows' or 'all' (or unset), got '", v, "'");
   return Prefetch::kRows;
 }
-// Spatial tile of the forward's statistics for maps with H*W > 2 * kSpatialTile (see side_stats).
-constexpr int64_t kSpatialTile = 1024;
+// Largest map (H*W) whose statistics take four channel rows at once (see side_stats).
+constexpr int64_t kQuadMaxMap = 64;
 
 inline void prefetch(const void* p, size_t bytes) {
   const char* a = static_cast<const char*>(p);
@@ -190,9 +190,17 @@ Classes read_classes(const at::Tensor& offsets_t, const c10::optional<at::Tensor
 // of random data has ~ln(C) records, so a few O(H*W + C) rescales per sample). Only when a row
 // exceeds m by so much that (m_new / m_old)^p could overflow the sums is the sample redone with its
 // full max taken first. (Taking every row's max in a separate pass cost ~15% of the forward's
-// bandwidth, a scratch row of powers ~10%, on the 2-core machine.) Where the rows are summed into
-// the spatial vector (float rows; both terms at one power, or the spatial term alone), four channel
-// rows go at once on one scale: the spatial vector is read and written once per four rows.
+// bandwidth, a scratch row of powers ~10%, on the 2-core machine.) The rows are read in order, one
+// after the other, as one stream the hardware prefetcher follows. Only small maps (H*W <= 64,
+// where a row is a few vectors) take four channel rows at once when the rows are summed into the
+// spatial vector (float rows; both terms at one power, or the spatial term alone): the spatial
+// vector is read and written once per four rows. On larger maps the four interleaved streams cost
+// more than that saves once the features come from memory: loss fwd+bwd at p = 4 and 32x32 took
+// 40.2 ms four rows at a time and 21.4 one at a time on the 2-core AMD EPYC (2026-12-04). 64x64
+// maps went through spatial tiles of 1024 as well; without them p = 4 took 119.6-154.2 ms against
+// 113.5 and p = 3.7 276-288 against 329 (bench/results/cpu-native-powers-avx512-2026-12-04-32.json
+// and -64.json before, cpu-native-powers-2026-12-04-rows-32.json, -rows-64.json and
+// -rows-64-second.json after).
 template <typename scalar_t, typename acc_t>
 void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bool has_s,
                 bool has_t) {
@@ -205,7 +213,7 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
   const bool same = has_s && has_t && ps == pc;
   // rows taken four at a time: s summed into and each row's powers needed once (float rows,
   // read in place)
-  const bool quad = std::is_same_v<scalar_t, acc_t> && (same || (has_s && !has_t));
+  const bool quad = std::is_same_v<scalar_t, acc_t> && (same || (has_s && !has_t)) && HW <= kQuadMaxMap;
   const double p_max = std::max(has_s ? ps : 0.0, has_t ? pc : 0.0);
   // largest log2 of a rescale factor (m_new / m_old)^p that keeps C * H * W such terms finite
   const double log2_limit = std::is_same_v<acc_t, float> ? 80.0 : 900.0;
@@ -219,27 +227,21 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
       std::fill(s, s + L, acc_t(0));
       acc_t m = 0;        // running max |F| of the rows so far (0: none above `tiny` yet)
       bool fixed = false;  // m is the sample's max (after a restart)
-      // Large maps go tile by tile (all C rows of one spatial tile, then the next), so the running
-      // spatial vector of one tile and the rows stay in L1 (at 64x64 a whole row and the whole
-      // spatial vector are 16 KB each). Rescaling covers all of s and t: what is not reached yet
-      // is zero, and t[c] sums over the tiles done.
-      const int64_t tile = HW > kSpatialTile * 2 ? kSpatialTile : HW;
-      const int64_t tiles = (HW + tile - 1) / tile;
+      // Rescaling covers all of s and t: what is not reached yet is zero.
       const bool prefetch_rows =
           setting == Prefetch::kAll ||
-          (setting == Prefetch::kRows && tile * static_cast<int64_t>(sizeof(scalar_t)) < kPrefetchBelowBytes);
-      for (int64_t r = 0; r < tiles * C && (has_s || has_t);) {
-        const int64_t c = r % C, lo = (r / C) * tile, len = std::min(tile, HW - lo);
+          (setting == Prefetch::kRows && HW * static_cast<int64_t>(sizeof(scalar_t)) < kPrefetchBelowBytes);
+      const int64_t len = HW;
+      for (int64_t c = 0; c < C && (has_s || has_t);) {
         // four channel rows at once where s is summed into (s loaded and stored once for the four)
         const int64_t g = (quad && c % 4 == 0 && c + 4 <= C) ? 4 : 1;
         for (int64_t j = 0; j < (prefetch_rows ? g : 0); ++j) {
-          const int64_t q = r + g + j;
-          prefetch(q < tiles * C ? fn + (q % C) * HW + (q / C) * tile : fn + stride_n,
-                   std::min(tile, HW) * sizeof(scalar_t));
+          const int64_t q = c + g + j;
+          prefetch(q < C ? fn + q * HW : fn + stride_n, HW * sizeof(scalar_t));
         }
         const acc_t* rows[4];
-        rows[0] = load_row<scalar_t, acc_t>(fn + c * HW + lo, buf.data(), len);
-        for (int64_t j = 1; j < g; ++j) rows[j] = reinterpret_cast<const acc_t*>(fn + (c + j) * HW + lo);
+        rows[0] = load_row<scalar_t, acc_t>(fn + c * HW, buf.data(), len);
+        for (int64_t j = 1; j < g; ++j) rows[j] = reinterpret_cast<const acc_t*>(fn + (c + j) * HW);
         const acc_t* x = rows[0];
         if (m == 0) {  // no scale yet (first row, or all rows so far zero)
           acc_t first = 0;
@@ -251,21 +253,21 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
         if (g == 4) {
           if (same) {
             acc_t parts[4];
-            row_m = k.both4(rows, s + lo, len, ps, inv, parts);
-            for (int j = 0; j < 4; ++j) t[c + j] = lo == 0 ? parts[j] : t[c + j] + parts[j];
+            row_m = k.both4(rows, s, len, ps, inv, parts);
+            for (int j = 0; j < 4; ++j) t[c + j] = parts[j];
           } else {
-            row_m = k.spatial4(rows, s + lo, len, ps, inv);
+            row_m = k.spatial4(rows, s, len, ps, inv);
           }
         } else {
           if (same) {
-            row_m = k.both(x, s + lo, len, ps, inv, &part);
+            row_m = k.both(x, s, len, ps, inv, &part);
           } else {
-            row_m = has_s ? k.spatial(x, s + lo, len, ps, inv) : k.row_max(x, len);
+            row_m = has_s ? k.spatial(x, s, len, ps, inv) : k.row_max(x, len);
             if (has_t) part = k.channel(x, len, pc, inv);
           }
-          if (has_t) t[c] = lo == 0 ? part : t[c] + part;
+          if (has_t) t[c] = part;
         }
-        r += g;
+        c += g;
         if (row_m > m && row_m >= tiny && !fixed) {  // these rows raised the max (then m > 0)
           const double ratio = static_cast<double>(m) / static_cast<double>(row_m);
           if (-p_max * std::log2(ratio) > log2_limit) {
@@ -278,7 +280,7 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
             std::fill(s, s + HW + C, acc_t(0));
             m = full;
             fixed = true;
-            r = 0;
+            c = 0;
             continue;
           }
           if (has_s) k.scale(s, HW, static_cast<acc_t>(std::pow(ratio, ps)));

@@ -231,7 +231,6 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
       const bool prefetch_rows =
           setting == Prefetch::kAll ||
           (setting == Prefetch::kRows && HW * static_cast<int64_t>(sizeof(scalar_t)) < kPrefetchBelowBytes);
-      const int64_t len = HW;
       for (int64_t c = 0; c < C && (has_s || has_t);) {
         // four channel rows at once where s is summed into (s loaded and stored once for the four)
         const int64_t g = (quad && c % 4 == 0 && c + 4 <= C) ? 4 : 1;
@@ -240,12 +239,12 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
           prefetch(q < C ? fn + q * HW : fn + stride_n, HW * sizeof(scalar_t));
         }
         const acc_t* rows[4];
-        rows[0] = load_row<scalar_t, acc_t>(fn + c * HW, buf.data(), len);
+        rows[0] = load_row<scalar_t, acc_t>(fn + c * HW, buf.data(), HW);
         for (int64_t j = 1; j < g; ++j) rows[j] = reinterpret_cast<const acc_t*>(fn + (c + j) * HW);
         const acc_t* x = rows[0];
         if (m == 0) {  // no scale yet (first row, or all rows so far zero)
           acc_t first = 0;
-          for (int64_t j = 0; j < g; ++j) first = std::max(first, k.row_max(rows[j], len));
+          for (int64_t j = 0; j < g; ++j) first = std::max(first, k.row_max(rows[j], HW));
           if (first >= tiny) m = first;
         }
         const acc_t inv = m > 0 ? acc_t(1) / m : acc_t(1);
@@ -253,17 +252,17 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
         if (g == 4) {
           if (same) {
             acc_t parts[4];
-            row_m = k.both4(rows, s, len, ps, inv, parts);
+            row_m = k.both4(rows, s, HW, ps, inv, parts);
             for (int j = 0; j < 4; ++j) t[c + j] = parts[j];
           } else {
-            row_m = k.spatial4(rows, s, len, ps, inv);
+            row_m = k.spatial4(rows, s, HW, ps, inv);
           }
         } else {
           if (same) {
-            row_m = k.both(x, s, len, ps, inv, &part);
+            row_m = k.both(x, s, HW, ps, inv, &part);
           } else {
-            row_m = has_s ? k.spatial(x, s, len, ps, inv) : k.row_max(x, len);
-            if (has_t) part = k.channel(x, len, pc, inv);
+            row_m = has_s ? k.spatial(x, s, HW, ps, inv) : k.row_max(x, HW);
+            if (has_t) part = k.channel(x, HW, pc, inv);
           }
           if (has_t) t[c] = part;
         }

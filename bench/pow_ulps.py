@@ -1,7 +1,7 @@
 """The native CPU op's non-integer power |x|^p against float64, per instruction set: the largest
-error in float32 ulps over the same inputs as tests/backends/test_native_pow.py (every 4099th finite
-non-negative float32, subnormals included, the edges, and the inputs whose power lies next to the
-largest float), through the test hook ``atom_fast::_general_power``. Prints JSON (the test holds every
+error in float32 ulps over the inputs that tests/backends/test_native_pow.py takes from here (every
+4099th finite non-negative float32, subnormals included, the edges, and the inputs whose power lies
+next to the largest float), through the test hook ``atom_fast::_general_power``. Prints JSON (the test holds every
 power to 1 ulp; this reports how far below it each is).
 
     python bench/pow_ulps.py --isas default,avx2,avx512 --random-powers 300 \\
@@ -23,6 +23,9 @@ FLOAT_MAX = float(torch.finfo(torch.float32).max)
 
 
 def magnitudes():
+    """Every 4099th non-negative finite float32 bit pattern (all binades, subnormals included) and
+    the edges: 0, the smallest and largest subnormal, the smallest normal, 1 and its neighbours,
+    the largest float (tests/backends/test_native_pow.py sweeps these too)."""
     step = np.arange(0, 0x7F800000, 4099, dtype=np.int64)
     edges = np.array([0, 1, 2, 3, 0x007FFFFF, 0x00800000, 0x00800001, 0x3F7FFFFF, 0x3F800000,
                       0x3F800001, 0x7F7FFFFE, 0x7F7FFFFF], dtype=np.int64)
@@ -31,8 +34,16 @@ def magnitudes():
 
 
 def near_overflow(p):
+    """Inputs whose p-th power lies within a few ulp of the largest float, on both sides."""
     edge = torch.tensor(FLOAT_MAX, dtype=torch.float64).pow(1 / p).float()
     return (edge.view(torch.int32) + torch.arange(-64, 65, dtype=torch.int32)).view(torch.float32)
+
+
+def ulps(got, want):
+    """|got - want| in float32 ulps of want (float64), subnormal spacing below the normals."""
+    mag = want.abs().clamp_min(2.0 ** -126)
+    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 23)
+    return (got.double() - want).abs() / ulp
 
 
 def max_ulps(x, p):
@@ -40,9 +51,7 @@ def max_ulps(x, p):
     want = x.double().pow(p)
     want[x == 0] = 0
     finite = ~torch.isinf(want.float())
-    mag = want[finite].abs().clamp_min(2.0 ** -126)
-    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 23)
-    return ((got[finite].double() - want[finite]).abs() / ulp).max().item()
+    return ulps(got[finite], want[finite]).max().item()
 
 
 def random_powers(count, seed=0):

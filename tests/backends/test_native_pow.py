@@ -5,6 +5,9 @@ float64 inside; AVX2: 8 lanes, float64 inside; AVX-512: 16 lanes, float32 only):
 ulp over the whole float32 range (subnormal inputs and results, zero, overflow to inf) for powers
 0.5..100 and the gradient's p - 1."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,48 +15,31 @@ import torch
 from atom_fast.backends import native as _native
 from conftest import CPU_ISAS, use_cpu_isa
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `pytest` without `python -m`: the repository root is not on sys.path
+    sys.path.insert(0, str(ROOT))
+# the sweep's inputs and its ulp measure, shared with the benchmark that reports the errors
+from bench.pow_ulps import FLOAT_MAX  # noqa: E402
+from bench.pow_ulps import magnitudes as _magnitudes  # noqa: E402
+from bench.pow_ulps import near_overflow as _near_overflow  # noqa: E402
+from bench.pow_ulps import ulps as _ulps  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not _native.AVAILABLE, reason="native op not built")
 
 ops = torch.ops.atom_fast
 
-# (AVX-512: above p = 64 the scalar path)
+# (AVX-512: above |p| = 64, the AVX2 copy's pow8)
 POWERS = [0.5, 0.75, 1.5, 2.5, 3.7, 7.3, 15.5, 24.5, 33.3, 63.9, 64.0, 64.5, 100.3]
 GRAD_POWERS = [-0.5, -0.25, 0.5, 2.7]  # p - 1 of the gradient, for p = 0.5, 0.75, 1.5, 3.7
 ULP_BOUND = 1.0  # measured: 0.531 ulp at most in float64 inside (one float64 -> float32 rounding
 # plus ~0.03 ulp), 0.773 in float32 (AVX-512: its last rounding plus up to ~0.27 ulp from the steps
 # before it, or the second rounding of a subnormal result); bench/results/cpu-pow-ulps-2026-12-04.json
-FLOAT_MAX = float(torch.finfo(torch.float32).max)
 
 
 @pytest.fixture(params=CPU_ISAS)
 def isa(request, monkeypatch):
     use_cpu_isa(monkeypatch, request.param)
     return request.param
-
-
-def _magnitudes():
-    """Every 4099th non-negative finite float32 bit pattern (all binades, subnormals included) and
-    the edges: 0, the smallest and largest subnormal, the smallest normal, 1 and its neighbours,
-    the largest float."""
-    step = np.arange(0, 0x7F800000, 4099, dtype=np.int64)
-    edges = np.array([0, 1, 2, 3, 0x007FFFFF, 0x00800000, 0x00800001, 0x3F7FFFFF, 0x3F800000,
-                      0x3F800001, 0x7F7FFFFE, 0x7F7FFFFF], dtype=np.int64)
-    bits = np.concatenate([step, edges]).astype(np.uint32).view(np.int32)
-    return torch.from_numpy(bits.view(np.float32).copy())
-
-
-def _near_overflow(p):
-    """Inputs whose p-th power lies within a few ulp of the largest float, on both sides."""
-    edge = torch.tensor(FLOAT_MAX, dtype=torch.float64).pow(1 / p).float()
-    bits = edge.view(torch.int32) + torch.arange(-64, 65, dtype=torch.int32)
-    return bits.view(torch.float32)
-
-
-def _ulps(got, want):
-    """|got - want| in float32 ulps of want (float64), subnormal spacing below the normals."""
-    mag = want.abs().clamp_min(2.0 ** -126)
-    ulp = torch.exp2(torch.floor(torch.log2(mag)) - 23)
-    return (got.double() - want).abs() / ulp
 
 
 def _check(x, p):

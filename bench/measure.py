@@ -10,6 +10,7 @@ Peak memory:
   calls :func:`glibc_return_to_os`.
 """
 
+import contextlib
 import ctypes
 import os
 import statistics
@@ -19,6 +20,21 @@ import torch
 
 import atom_fast
 from atom_fast import environment
+
+@contextlib.contextmanager
+def env_restored(name):
+    """Run the block, then put the environment variable ``name`` back as it was (unset if it was):
+    for the scripts that switch a setting the native op reads per call (``ATOM_FAST_CPU_ISA``,
+    ``ATOM_FAST_CPU_PREFETCH``) and are also called from the tests."""
+    before = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
 
 # glibc: serve every block >= 64 KiB with mmap and return freed memory at once (a child's environment)
 RETURN_TO_OS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}

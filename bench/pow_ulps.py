@@ -14,8 +14,14 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
+if __package__ in (None, ""):  # run as a file: make `bench` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from atom_fast.backends import native  # noqa: E402
+from bench import measure  # noqa: E402
 
 POWERS = [0.5, 0.75, 1.5, 2.5, 3.7, 7.3, 15.5, 24.5, 33.3, 63.9, 64.0, 64.5, 100.3,
           -0.5, -0.25, 2.7, 1.0, 2.0, 4.0, 16.0]
@@ -81,18 +87,11 @@ def main(argv=None):
                          "floats of every exponent, half at the top of the first reduction interval")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from atom_fast.backends import native
     if not native.AVAILABLE:
         sys.exit(f"the native op is not built: {native.LOAD_ERROR}")
     x = magnitudes()
-    before = os.environ.get("ATOM_FAST_CPU_ISA")
-    try:
+    with measure.env_restored("ATOM_FAST_CPU_ISA"):  # the caller's setting, as it was
         result = _run(args, argv, x)
-    finally:  # the caller's instruction set setting, as it was
-        if before is None:
-            os.environ.pop("ATOM_FAST_CPU_ISA", None)
-        else:
-            os.environ["ATOM_FAST_CPU_ISA"] = before
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:
@@ -102,7 +101,6 @@ def main(argv=None):
 
 
 def _run(args, argv, x):
-    from atom_fast.backends import native
     result = {"command": "python bench/pow_ulps.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "isas": {}}
     for isa in args.isas.split(","):

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import atom_fast  # noqa: E402
 from atom_fast import allocator, environment  # noqa: E402
 from atom_fast.backends import native  # noqa: E402
-from bench import loss_table  # noqa: E402
+from bench import loss_table, measure  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -91,14 +91,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not native.AVAILABLE:
         sys.exit(f"the native op is not built: {native.LOAD_ERROR}")
-    before = os.environ.get("ATOM_FAST_CPU_ISA")
-    try:
+    with measure.env_restored("ATOM_FAST_CPU_ISA"):  # the caller's setting, as it was
         return _run(args, argv)
-    finally:  # the caller's instruction set setting, as it was
-        if before is None:
-            os.environ.pop("ATOM_FAST_CPU_ISA", None)
-        else:
-            os.environ["ATOM_FAST_CPU_ISA"] = before
 
 
 def _run(args, argv):

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from atom_fast import allocator, environment  # noqa: E402
 from atom_fast.backends import native  # noqa: E402
-from bench import loss_table, powers_table  # noqa: E402
+from bench import loss_table, measure, powers_table  # noqa: E402
 
 SETTINGS = ("none", "rows", "all")
 
@@ -58,14 +58,8 @@ def main(argv=None):
     if not native.AVAILABLE:
         sys.exit(f"the native op is not built: {native.LOAD_ERROR}")
     allocator.keep_freed_memory()
-    before = os.environ.get("ATOM_FAST_CPU_PREFETCH")
-    try:
+    with measure.env_restored("ATOM_FAST_CPU_PREFETCH"):  # the caller's setting, as it was
         shapes = [_shape(args, shape) for shape in args.shape_list]
-    finally:  # the caller's setting, as it was
-        if before is None:
-            os.environ.pop("ATOM_FAST_CPU_PREFETCH", None)
-        else:
-            os.environ["ATOM_FAST_CPU_PREFETCH"] = before
     result = {
         "command": "python bench/prefetch_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -210,6 +210,9 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
   acc_t* out = stats.data_ptr<acc_t>();
   const auto k = cpu::row_kernels<acc_t>(ps, pc);
   const Prefetch setting = prefetch_setting();
+  const bool prefetch_rows =
+      setting == Prefetch::kAll ||
+      (setting == Prefetch::kRows && HW * static_cast<int64_t>(sizeof(scalar_t)) < kPrefetchBelowBytes);
   const bool same = has_s && has_t && ps == pc;
   // rows taken four at a time: s summed into and each row's powers needed once (float rows,
   // read in place)
@@ -228,9 +231,6 @@ void side_stats(const at::Tensor& F, at::Tensor& stats, double ps, double pc, bo
       acc_t m = 0;        // running max |F| of the rows so far (0: none above `tiny` yet)
       bool fixed = false;  // m is the sample's max (after a restart)
       // Rescaling covers all of s and t: what is not reached yet is zero.
-      const bool prefetch_rows =
-          setting == Prefetch::kAll ||
-          (setting == Prefetch::kRows && HW * static_cast<int64_t>(sizeof(scalar_t)) < kPrefetchBelowBytes);
       for (int64_t c = 0; c < C && (has_s || has_t);) {
         // four channel rows at once where s is summed into (s loaded and stored once for the four)
         const int64_t g = (quad && c % 4 == 0 && c + 4 <= C) ? 4 : 1;

@@ -10,9 +10,9 @@
 // |x'| <= 1 and no power overflows. Integer powers 1..kMaxUnrolledPower are template parameters
 // (the multiplications unroll and the loops vectorize), half-integer ones k + 1/2 too (sqrt x' times
 // x'^k: one more instruction per element); any other power (P == 0) is
-// 2^(p log2 x') (pow_general below: AVX2 intrinsics in the AVX2 copy, AVX-512 ones in the AVX-512
-// copy (kernels_avx512.cpp), scalar code in the baseline one; float64 keeps std::pow), computed a
-// chunk of the row at a time into an L1 buffer.
+// 2^(p log2 x') (pow_general below: AVX2 intrinsics in the AVX2 copy, scalar code in the baseline
+// one; float64 keeps std::pow), computed a chunk of the row at a time into an L1 buffer; the AVX-512
+// copy computes it inside its own row loops instead (kernels_avx512.cpp, for |p| <= 64).
 
 #ifndef ATOM_FAST_ISA
 #error "define ATOM_FAST_ISA before including row_kernels.h"

@@ -4,6 +4,7 @@
 // that compute the powers in the same pass as the sums (the other copies go through an L1 buffer).
 // Every other kernel is the same code compiled for the same instructions.
 // Every header is included before the target pragmas (see row_kernels.h).
+#include <algorithm>
 #include <limits>
 
 #include "kernels.h"
@@ -33,33 +34,40 @@ namespace isa_avx512 {
 namespace {
 
 // a^p = 2^(p log2 a) for a >= 0 in float32 only, division-free, within 1 float32 ulp of the exact
-// value over the whole finite float range (subnormal inputs and results included; tests/backends/
-// test_native_pow.py sweeps it against float64 for p in -0.5 .. 64; measured 0.77 ulp at most):
+// value on every input tested over the whole finite float range (subnormal inputs and results
+// included; tests/backends/test_native_pow.py sweeps it against float64 for p in -0.5 .. 64):
 //
 // 1. a = 2^k z, z in [1, 2) (getexp/getmant, subnormal a included). The top 4 mantissa bits of z
 //    pick one of 16 intervals j (a register permute is the table lookup); each has a reciprocal c_j
 //    with at most 5 fraction bits, chosen so that r = z c_j - 1 is exact in float32 (one FMA) and
 //    r in [-0.038, 1/16) (c = 1 on the interval holding 1). log2 a = k - log2 c_j + log2(1 + r).
-// 2. y = p log2 a = S + B with S = PH k + DH_j exact: PH is p rounded to 15 significant bits, so
-//    PH k (|k| <= 149) and DH_j (p (-log2 c_j) rounded to PH's last bit) lie on one grid and their
-//    sum has at most 24 bits. The rest is small: B = PC r + M, M = PL k + DL_j + r (PCL + r R(r))
-//    with PL = p - PH, DL_j = p (-log2 c_j) - DH_j, p / ln 2 = PC + PCL (floats) and
-//    log2(1 + r) = r / ln 2 + r^2 Q(r), R = p Q of degree 4 (abs. error 2^-35 on the interval).
+// 2. y = p log2 a = S + PC r + M with S = PH k + DH_j exact: PH is p rounded to 15 significant
+//    bits, so PH k (|k| <= 149) and DH_j (p (-log2 c_j) rounded to PH's last bit) lie on one grid
+//    and their sum has at most 24 bits. The rest: M = PL k + DL_j + r (PCL + r R(r)) with
+//    PL = p - PH, DL_j = p (-log2 c_j) - DH_j, p / ln 2 = PC + PCL (floats) and
+//    log2(1 + r) = r / ln 2 + r^2 Q(r), R = p Q of degree 4 (Q's abs. error 2^-35 on the interval).
 //    The per-power constants (DH, DL, R, ...) are made once per thread and power (pow16_tables).
-// 3. N = y rounded to a multiple of 1/16 (adding 1.5 * 2^19 leaves it in the low mantissa bits);
-//    T = (PC r + (S - N)) + M: S - N is exact and the FMA rounds once a value of at most ~1/2, so
-//    |T| <= 1/32 + 2^-10 with an error of a few 2^-30 for every p up to 64 (y itself, up to ~9600,
-//    is never rounded where it matters).
+// 3. N = y rounded to a multiple of 1/16 (adding 1.5 * 2^19 leaves it in the low mantissa bits;
+//    |y| <= ~9600 here); T = (PC r + (S - N)) + M: S - N is exact and the FMA rounds once a value
+//    of at most ~1/4, so |T| <= 1/32 + 2^-10.
 // 4. 2^y = 2^floor(N) 2^(frac(N)) 2^T: the middle factor from a 16-entry table as TH + TL (a
-//    permute on N's low 4 bits); 2^T - 1 = T E(T), E of degree 2 (abs. error 2^-28.5);
-//    W = TH + (TH (2^T - 1) + TL): one rounding at the end, then scalef by floor(N), exact unless
-//    the result is subnormal (then one more rounding, still within 0.77 ulp of the subnormal
-//    spacing). a == 0 gives 0 for every p (a masked lane), NaN gives NaN.
-// About 33 instructions per 16 lanes (0.44 ns per power on one Zen 4 core at ~3.3 GHz; the
-// previous form, with the double-float products formed in the loop, took 40 and 0.55 ns), where
-// pow8 takes about 80 per 8. The bound is checked up to |p| = 64 (pow16_covers); larger powers
-// take the AVX2 copy's float64 pow8 (row_kernels.h). An infinite input gives NaN (the row kernels
-// never pass one: a row is scaled by 1/max|x|, and an infinite max makes every x' NaN already).
+//    permute on N's low 4 bits, 16 frac(N) for negative N too); 2^T - 1 = T E(T), E of degree 2
+//    (abs. error 2^-28.5); W = TH + (TH (2^T - 1) + TL): one rounding at the end, then scalef by
+//    floor(N), exact unless the result is subnormal (then a second rounding, to the subnormal
+//    spacing).
+// The error before the last rounding is mostly the roundings of the terms of y of size up to
+// ~|p| r^2 |Q| (about 0.18 at |p| = 64 and r near 1/16): R's coefficients, the last Horner steps, M
+// and the FMA of step 3, each within 2^-27 of y there. Their worst cases added up come to ~1.03 ulp
+// at |p| ~ 64; the largest error found (a search at |p| in 40..64 and r near 1/16, 300 random powers,
+// the test's sweep) is 0.86 ulp for normal results and 0.87 for subnormal ones (0.79 and 0.86 with
+// the terms formed exactly in the loop, 7 more instructions), 0.77 on the sweep's inputs
+// (bench/results/cpu-pow-ulps-2026-12-04-b.json); below |p| = 40 the largest is 0.70.
+// a == 0 gives 0 for every p (a masked lane), NaN gives NaN.
+// About 33 instructions per 16 lanes (0.48 ns per power on one Zen 4 core at ~3.3 GHz; with the
+// double-float products formed in the loop it took 40 and 0.59 ns), where pow8 takes about 80 per
+// 8. The bound is checked up to |p| = 64 (pow16_covers); larger powers take the AVX2 copy's
+// float64 pow8 (row_kernels.h). An infinite input gives NaN (the row kernels never pass one: a row
+// is scaled by 1/max|x|, and an infinite max makes every x' NaN already).
 alignas(64) constexpr float kInvC[16] = {1.0f,     0.90625f, 0.875f,  0.8125f, 0.78125f, 0.75f,
                                          0.71875f, 0.6875f,  0.65625f, 0.625f, 0.59375f, 0.59375f,
                                          0.5625f,  0.53125f, 0.53125f, 0.5f};
@@ -90,7 +98,9 @@ Pow16Tables make_pow16_tables(double p) {
   Pow16Tables t;
   int e;
   std::frexp(p, &e);  // |p| in [2^(e-1), 2^e)
-  const double grid = std::ldexp(1.0, e - 15);  // the last bit of PH
+  // the last bit of PH; for |p| < 2^-100 PH = 0 and p is all PL (y is ~0 then; a grid of
+  // 2^(e - 15) itself would underflow to 0 for |p| < 2^-1060 and make every table entry NaN)
+  const double grid = std::ldexp(1.0, std::max(e, -100) - 15);
   const double ph = std::nearbyint(p / grid) * grid;
   t.ph = static_cast<float>(ph);  // exact: 15 significant bits
   t.pl = static_cast<float>(p - ph);

@@ -32,8 +32,10 @@ ops = torch.ops.atom_fast
 POWERS = [0.5, 0.75, 1.5, 2.5, 3.7, 7.3, 15.5, 24.5, 33.3, 63.9, 64.0, 64.5, 100.3]
 GRAD_POWERS = [-0.5, -0.25, 0.5, 2.7]  # p - 1 of the gradient, for p = 0.5, 0.75, 1.5, 3.7
 ULP_BOUND = 1.0  # measured: 0.531 ulp at most in float64 inside (one float64 -> float32 rounding
-# plus ~0.03 ulp), 0.773 in float32 (AVX-512: its last rounding plus up to ~0.27 ulp from the steps
-# before it, or the second rounding of a subnormal result); bench/results/cpu-pow-ulps-2026-12-04.json
+# plus ~0.03 ulp), 0.77 in float32 on these inputs and over 300 random powers (AVX-512: its last
+# rounding plus up to ~0.27 ulp from the steps before it, or the second rounding of a subnormal
+# result; bench/results/cpu-pow-ulps-2026-12-04-b.json), 0.87 at most in a search at |p| 40..64
+# with r near 1/16 (HARD_CASES below)
 
 
 @pytest.fixture(params=CPU_ISAS)
@@ -66,8 +68,11 @@ def test_power_within_one_ulp_over_the_float_range(isa, p):
 
 
 # Inputs an independent check found over 1 ulp on the AVX-512 path at |p| ~ 60-63 (1.003 and 1.004
-# ulp) before its T took PH (r^2 Q(r) + CLO), up to ~2.5 there, in the one rounding of an FMA.
-HARD_CASES = [(0x3E87B932, 62.670293357213126), (0x3F0799BF, 60.00783332380685)]
+# ulp) before its T took PH (r^2 Q(r) + CLO), up to ~2.5 there, in the one rounding of an FMA; then
+# the largest errors a search found once p's constants moved out of the loop (0.863 ulp, and 0.872
+# for a subnormal result).
+HARD_CASES = [(0x3E87B932, 62.670293357213126), (0x3F0799BF, 60.00783332380685),
+              (0x3F87E70F, 56.872836821153761), (0x4086F337, -60.723778494074942)]
 
 
 def test_large_powers_near_the_bound(isa):
@@ -84,11 +89,18 @@ def test_large_powers_near_the_bound(isa):
         _check(torch.from_numpy(bits.astype(np.int32)).view(torch.float32), float(p))
 
 
+@pytest.mark.parametrize("p", [5e-324, 1e-35, -1e-35, 1e-9])
+def test_tiny_powers(isa, p):
+    # |p| below 2^-1060 made the AVX-512 path's per-power tables NaN (its grid for p underflowed)
+    _check(_magnitudes(), p)
+
+
 def test_a_result_at_the_overflow_threshold(isa):
     # x^p = FLT_MAX (1 + 2.80e-8), 0.06 ulp below the point from which float32 rounds to inf
     # (FLT_MAX (1 + 2.98e-8)): FLT_MAX is the rounded value and inf is one step above it, so both
-    # are within the 1-ulp bound (the AVX-512 path, off by ~0.1 ulp before its last rounding, gives
-    # inf; the float64 paths give FLT_MAX). The row kernels never get here: their x' are <= 1.
+    # are within the 1-ulp bound (the AVX-512 path, whose value before its last rounding can be off
+    # by a few tenths of an ulp, may give either; the float64 paths give FLT_MAX). The row kernels
+    # never get here: their x' are <= 1.
     x = torch.tensor([0x4087B6F7], dtype=torch.int32).view(torch.float32)
     got = ops._general_power(x, 61.407579131593174).item()
     assert got == FLOAT_MAX or got == float("inf")

@@ -63,9 +63,10 @@ namespace {
 // the terms formed exactly in the loop, 7 more instructions), 0.77 on the sweep's inputs
 // (bench/results/cpu-pow-ulps-2026-12-04-b.json); below |p| = 40 the largest is 0.70.
 // a == 0 gives 0 for every p (a masked lane), NaN gives NaN.
-// About 33 instructions per 16 lanes (0.48 ns per power on one Zen 4 core at ~3.3 GHz; with the
-// double-float products formed in the loop it took 40 and 0.59 ns), where pow8 takes about 80 per
-// 8. The bound is checked up to |p| = 64 (pow16_covers); larger powers take the AVX2 copy's
+// About 33 instructions per 16 lanes, where the double-float products formed in the loop took 40
+// and pow8 takes about 80 per 8 (the forward's statistics pass at p = 3.7: 0.55 ns per element on
+// one Zen 4 core, 0.65 before, bench/results/cpu-op-min-times-avx512-2026-12-04-b.json and
+// -2026-12-04.json). The bound is checked up to |p| = 64 (pow16_covers); larger powers take the AVX2 copy's
 // float64 pow8 (row_kernels.h). An infinite input gives NaN (the row kernels never pass one: a row
 // is scaled by 1/max|x|, and an infinite max makes every x' NaN already).
 alignas(64) constexpr float kInvC[16] = {1.0f,     0.90625f, 0.875f,  0.8125f, 0.78125f, 0.75f,

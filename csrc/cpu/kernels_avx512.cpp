@@ -12,7 +12,8 @@
 namespace atom_fast {
 namespace cpu {
 namespace isa_avx512 {
-// the powers pow16 (below) is checked for; the error of its step 3 grows with |p|
+// the powers Pow16 (below) is checked for: the rounding errors of its ~|p| r^2 Q terms grow
+// with |p|
 inline bool pow16_covers(double p) { return p >= -64.0 && p <= 64.0; }
 }  // namespace isa_avx512
 }  // namespace cpu
@@ -58,17 +59,17 @@ namespace {
 // The error before the last rounding is mostly the roundings of the terms of y of size up to
 // ~|p| r^2 |Q| (about 0.18 at |p| = 64 and r near 1/16): R's coefficients, the last Horner steps, M
 // and the FMA of step 3, each within 2^-27 of y there. Their worst cases added up come to ~1.03 ulp
-// at |p| ~ 64; the largest error found (a search at |p| in 40..64 and r near 1/16, 300 random powers,
-// the test's sweep) is 0.86 ulp for normal results and 0.87 for subnormal ones (0.79 and 0.86 with
-// the terms formed exactly in the loop, 7 more instructions), 0.77 on the sweep's inputs
-// (bench/results/cpu-pow-ulps-2026-12-04-b.json); below |p| = 40 the largest is 0.70.
+// at |p| ~ 64; the largest error found (a search at |p| in 40..64 and r near 1/16, 300 random
+// powers, the test's sweep) is 0.86 ulp for normal results and 0.87 for subnormal ones (0.79 and
+// 0.86 with the terms formed exactly in the loop, 7 more instructions), 0.77 on the sweep's
+// inputs (bench/results/cpu-pow-ulps-2026-12-04-b.json); below |p| = 40 the largest is 0.70.
 // a == 0 gives 0 for every p (a masked lane), NaN gives NaN.
 // About 33 instructions per 16 lanes, where the double-float products formed in the loop took 40
 // and pow8 takes about 80 per 8 (the forward's statistics pass at p = 3.7: 0.55 ns per element on
 // one Zen 4 core, 0.65 before, bench/results/cpu-op-min-times-avx512-2026-12-04-b.json and
-// -2026-12-04.json). The bound is checked up to |p| = 64 (pow16_covers); larger powers take the AVX2 copy's
-// float64 pow8 (row_kernels.h). An infinite input gives NaN (the row kernels never pass one: a row
-// is scaled by 1/max|x|, and an infinite max makes every x' NaN already).
+// -2026-12-04.json). The bound is checked up to |p| = 64 (pow16_covers); larger powers take the
+// AVX2 copy's float64 pow8 (row_kernels.h). An infinite input gives NaN (the row kernels never
+// pass one: a row is scaled by 1/max|x|, and an infinite max makes every x' NaN already).
 alignas(64) constexpr float kInvC[16] = {1.0f,     0.90625f, 0.875f,  0.8125f, 0.78125f, 0.75f,
                                          0.71875f, 0.6875f,  0.65625f, 0.625f, 0.59375f, 0.59375f,
                                          0.5625f,  0.53125f, 0.53125f, 0.5f};
@@ -102,7 +103,8 @@ Pow16Tables make_pow16_tables(double p) {
   // the last bit of PH; for |p| < 2^-100 PH = 0 and p is all PL (y is ~0 then; a grid of
   // 2^(e - 15) itself would underflow to 0 for |p| < 2^-1060 and make every table entry NaN)
   const double grid = std::ldexp(1.0, std::max(e, -100) - 15);
-  const double ph = std::nearbyint(p / grid) * grid;
+  const auto on_grid = [grid](double x) { return std::nearbyint(x / grid) * grid; };
+  const double ph = on_grid(p);
   t.ph = static_cast<float>(ph);  // exact: 15 significant bits
   t.pl = static_cast<float>(p - ph);
   const double pc = p * 1.4426950408889634;
@@ -110,7 +112,7 @@ Pow16Tables make_pow16_tables(double p) {
   t.pcl = static_cast<float>(pc - static_cast<double>(t.pch));
   for (int j = 0; j < 16; ++j) {
     const double d = -p * std::log2(static_cast<double>(kInvC[j]));
-    const double h = std::nearbyint(d / grid) * grid;  // |h| <= |p|: on the grid, 15 bits
+    const double h = on_grid(d);  // |h| <= |p|: on the grid, 15 bits
     t.dh[j] = static_cast<float>(h);
     t.dl[j] = static_cast<float>(d - h);
   }
@@ -156,7 +158,8 @@ struct Pow16 {
     const __m512 z = _mm512_getmant_ps(a, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
     const __m512 k = _mm512_getexp_ps(a);
     const __m512i j = _mm512_srli_epi32(_mm512_castps_si512(z), 19);  // the permutes read bits 0..3
-    const __m512 r = _mm512_fmsub_ps(z, _mm512_permutexvar_ps(j, invc), _mm512_set1_ps(1.0f));  // exact
+    const __m512 c = _mm512_permutexvar_ps(j, invc);
+    const __m512 r = _mm512_fmsub_ps(z, c, _mm512_set1_ps(1.0f));  // exact
     __m512 rq = q[4];
     for (int i = 3; i >= 0; --i) rq = _mm512_fmadd_ps(rq, r, q[i]);
     rq = _mm512_fmadd_ps(rq, r, pcl);                                       // PCL + r R(r)
